@@ -1,0 +1,29 @@
+# mergemix: the Merge to Mix study as a Snakemake workflow.
+#   snakemake --cores 2                                  # embedded digits study (config/config.yaml)
+#   snakemake --profile workflow/profiles/default --configfile config/<study>.yaml
+# Every rule runs one `mergemix <stage>` command; all logic lives in the installable package.
+
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/mixture.smk"
+include: "workflow/rules/analysis.smk"
+
+
+rule all:
+    input:
+        rules.analyze.output,
+    default_target: True
+
+
+onsuccess:
+    sel = Path(R) / "selection.csv"
+    if sel.exists():
+        print(f"\nSelection table ({sel}):", flush=True)
+        shell(f"mergemix show {sel}")

@@ -1,0 +1,108 @@
+"""The backend interface and its registry.
+
+A backend is one model family. The pipeline needs exactly these operations from it:
+
+* ``create()``                    a randomly initialised model (for the ``pretrain`` stage)
+* ``pretrain(data, hp)``          train it from scratch (only backends with ``can_pretrain``)
+* ``load_pretrained(path)``       the pre-trained model ``theta_0``
+* ``finetune(model, data, hp)``   fine-tune in place on a list of training datasets (a mixture)
+* ``merge_params(model)``         the live tensors that are fine-tuned, saved and merged
+* ``evaluate(model, data)``       accuracy on a split of a target dataset
+* ``embed(model, data)``          one vector per sample, for the similarity baselines
+
+Saved models hold only ``merge_params`` (a full model for a small convnet, the image encoder for
+CLIP, the adapter for IA3); loading a fine-tuned model is ``load_pretrained`` plus writing the
+saved tensors into those parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence, Type
+
+import numpy as np
+import torch
+
+from mergemix.data.prepared import PreparedDataset
+
+
+class Backend:
+    name: str = ""
+    can_pretrain: bool = False
+    defaults: dict = {}
+
+    def __init__(self, params: dict | None = None, threads: int = 1, device: str | None = None):
+        self.params = {**self.defaults, **(params or {})}
+        unknown = set(self.params) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"backend {self.name!r}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                f"allowed: {', '.join(sorted(self.defaults))}"
+            )
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # --- to implement -------------------------------------------------------------------------
+    def create(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def pretrain(self, model: torch.nn.Module, data: Sequence[PreparedDataset], hp: dict) -> dict:
+        raise NotImplementedError(f"backend {self.name!r} loads a pre-trained model; it has no pretrain stage")
+
+    def load_pretrained(self, path) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def finetune(self, model: torch.nn.Module, data: Sequence[PreparedDataset], hp: dict) -> dict:
+        raise NotImplementedError
+
+    def merge_params(self, model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, data: PreparedDataset, split: str) -> float:
+        raise NotImplementedError
+
+    def embed(self, model: torch.nn.Module, data: PreparedDataset, split: str) -> np.ndarray:
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------------
+    def state_to_save(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.merge_params(model).items()}
+
+    def load_state(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+        params = self.merge_params(model)
+        missing = set(params) - set(state)
+        extra = set(state) - set(params)
+        if missing or extra:
+            raise ValueError(
+                f"saved state does not fit backend {self.name!r} with params {self.params}: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}; was it trained with another "
+                "backend configuration? Rerun the fine-tune stages after changing the backend."
+            )
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k].to(p.device, p.dtype))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "params": self.params}
+
+
+BACKENDS: Dict[str, Type[Backend]] = {}
+
+
+def register_backend(cls: Type[Backend]) -> Type[Backend]:
+    if not cls.name:
+        raise ValueError("a backend class needs a non-empty name")
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(spec: dict, threads: int = 1, device: str | None = None) -> Backend:
+    """Instantiate the backend described by ``{"name": ..., "params": {...}}``."""
+    _load_builtin()
+    name = spec.get("name")
+    if name not in BACKENDS:
+        raise KeyError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name](spec.get("params", {}), threads=threads, device=device)
+
+
+def _load_builtin() -> None:
+    from mergemix.backends import smallcnn  # noqa: F401

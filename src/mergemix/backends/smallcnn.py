@@ -1,0 +1,117 @@
+"""``smallcnn``: a small convnet for small images, pre-trained by the pipeline itself.
+
+It is the model of the embedded ``digits`` study. All its parameters are fine-tuned and merged
+(it has no normalisation buffers, so a merged state is fully described by its parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mergemix.backends.base import Backend, register_backend
+from mergemix.backends.training import fit
+from mergemix.data.prepared import PreparedDataset
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, in_channels: int, image_size: int, channels: int, hidden: int, num_classes: int):
+        super().__init__()
+        c = channels
+        self.conv1 = nn.Conv2d(in_channels, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, 2 * c, 3, padding=1)
+        self.conv3 = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        side = image_size // 4
+        self.fc = nn.Linear(2 * c * side * side, hidden)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv3(x)), 2)
+        return F.relu(self.fc(x.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_backend
+class SmallCNNBackend(Backend):
+    name = "smallcnn"
+    can_pretrain = True
+    defaults = {"in_channels": 1, "image_size": 16, "channels": 16, "hidden": 64, "num_classes": 10, "init_seed": 0}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tensors: dict = {}
+
+    def create(self) -> nn.Module:
+        torch.manual_seed(int(self.params["init_seed"]))
+        p = self.params
+        return SmallCNN(p["in_channels"], p["image_size"], p["channels"], p["hidden"], p["num_classes"]).to(self.device)
+
+    def load_pretrained(self, path) -> nn.Module:
+        from mergemix import io
+
+        model = self.create()
+        state, manifest = io.load_model(path)
+        self.load_state(model, state)
+        return model
+
+    def merge_params(self, model: nn.Module) -> Dict[str, nn.Parameter]:
+        return dict(model.named_parameters())
+
+    # data -------------------------------------------------------------------------------------
+    def _split(self, data: PreparedDataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(data), split)
+        if key not in self._tensors:
+            x, y = data.split(split)
+            self._tensors[key] = (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
+        return self._tensors[key]
+
+    def _concat(self, data: Sequence[PreparedDataset], split: str):
+        xs, ys = zip(*(self._split(d, split) for d in data))
+        return torch.cat(xs), torch.cat(ys)
+
+    # training ---------------------------------------------------------------------------------
+    def _train(self, model: nn.Module, data: Sequence[PreparedDataset], hp: dict, name: str) -> dict:
+        x, y = self._concat(data, "train")
+        model.train()
+
+        def step_loss(idx):
+            return F.cross_entropy(model(x[idx]), y[idx])
+
+        metrics = fit(model.parameters(), len(y), step_loss, hp, log_name=name)
+        model.eval()
+        metrics["train_acc"] = self._accuracy(model, x, y)
+        metrics["val_acc"] = self._accuracy(model, *self._concat(data, "val"))
+        metrics["n_train"] = int(len(y))
+        return metrics
+
+    def pretrain(self, model, data, hp):
+        return self._train(model, data, hp, "pretrain")
+
+    def finetune(self, model, data, hp):
+        return self._train(model, data, hp, "finetune " + "+".join(d.name for d in data))
+
+    # evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _accuracy(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 4096) -> float:
+        model.eval()
+        correct = 0
+        for s in range(0, len(y), bs):
+            correct += (model(x[s : s + bs]).argmax(1) == y[s : s + bs]).sum().item()
+        return correct / max(1, len(y))
+
+    def evaluate(self, model, data, split):
+        return self._accuracy(model, *self._split(data, split))
+
+    @torch.no_grad()
+    def embed(self, model, data, split):
+        model.eval()
+        x, _ = self._split(data, split)
+        return model.features(x).cpu().numpy().astype(np.float32)

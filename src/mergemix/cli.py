@@ -1,0 +1,198 @@
+"""``mergemix <stage>``: one subcommand per pipeline stage, each with explicit paths and specs.
+
+Specs (backend, hyperparameters, split settings) are JSON strings, exactly the slices of the
+study config the stage depends on, so Snakemake sees them as params and reruns on change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:80]!r}") from None
+
+
+def _pairs(items: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"mergemix: expected NAME=PATH, got {item!r}")
+        out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergemix", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"mergemix {__import__('mergemix').__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    def stage(name, help):
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--threads", type=int, default=1)
+        return s
+
+    s = stage("check-config", "validate a study config and print what the study will run")
+    s.add_argument("configfile")
+    s.add_argument("--schema", default=None)
+
+    s = stage("prepare", "build one dataset and its deterministic splits")
+    s.add_argument("--name", required=True)
+    s.add_argument("--spec", type=_json, required=True)
+    s.add_argument("--split", type=_json, required=True)
+    s.add_argument("--out", required=True, help="output folder")
+
+    s = stage("pretrain", "pre-train the built-in model (smallcnn)")
+    s.add_argument("--backend", type=_json, required=True)
+    s.add_argument("--hparams", type=_json, required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+
+    s = stage("finetune", "fine-tune the pre-trained model on one dataset or a mixture")
+    s.add_argument("--backend", type=_json, required=True)
+    s.add_argument("--hparams", type=_json, required=True)
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--data", nargs="+", required=True, help="prepared dataset folders (several = a mixture)")
+    s.add_argument("--out", required=True)
+
+    s = stage("final-finetune", "fine-tune on the mixture selected by merge-eval and test it")
+    s.add_argument("--backend", type=_json, required=True)
+    s.add_argument("--hparams", type=_json, required=True)
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--merge-eval", required=True)
+    s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate")
+    s.add_argument("--target", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--eval-out", required=True)
+
+    s = stage("merge-eval", "evaluate the merged models of one chunk of subsets")
+    s.add_argument("--backend", type=_json, required=True)
+    s.add_argument("--merge", type=_json, required=True)
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
+    s.add_argument("--target", required=True)
+    s.add_argument("--chunk", type=int, required=True)
+    s.add_argument("--chunks", type=int, required=True)
+    s.add_argument("--out", required=True)
+
+    s = stage("gather", "join a target's merge-eval chunks and check coverage")
+    s.add_argument("--candidates", nargs="+", required=True)
+    s.add_argument("--chunks", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+
+    s = stage("eval-models", "evaluate saved (mixture) models on a target")
+    s.add_argument("--backend", type=_json, required=True)
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--models", nargs="+", required=True, help="SUBSET=MODEL")
+    s.add_argument("--target", required=True)
+    s.add_argument("--out", required=True)
+
+    s = stage("eval-pretrained", "evaluate the pre-trained model on every target")
+    s.add_argument("--backend", type=_json, required=True)
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--targets", nargs="+", required=True, help="NAME=FOLDER")
+    s.add_argument("--out", required=True)
+
+    s = stage("embed", "embed a split of a dataset with the pre-trained model")
+    s.add_argument("--backend", type=_json, required=True)
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", default="val")
+    s.add_argument("--out", required=True)
+
+    s = stage("similarity", "the six similarity scores of every subset for one target")
+    s.add_argument("--target", required=True, help="target embeddings")
+    s.add_argument("--candidates", nargs="+", required=True, help="NAME=EMBEDDINGS")
+    s.add_argument("--out", required=True)
+
+    s = stage("analyze", "correlations, baselines, the selection table and figures")
+    s.add_argument("--targets", type=_json, required=True, help='{"target": [candidates]}')
+    s.add_argument("--pretrained-csv", required=True)
+    s.add_argument("--merge-eval", nargs="+", required=True, help="TARGET=CSV")
+    s.add_argument("--mixture", nargs="*", default=[], help="TARGET=CSV")
+    s.add_argument("--similarity", nargs="+", required=True, help="TARGET=CSV")
+    s.add_argument("--final", nargs="+", required=True, help="TARGET=JSON")
+    s.add_argument("--options", type=_json, default={})
+    s.add_argument("--out-dir", required=True)
+
+    s = stage("show", "print a selection table")
+    s.add_argument("csv")
+    return p
+
+
+def run(args) -> None:
+    from mergemix import stages
+
+    t = args.threads
+    if args.stage == "check-config":
+        from mergemix.config import candidates_of, load_yaml, targets_of, validate_config
+
+        cfg = validate_config(load_yaml(args.configfile), args.schema)
+        for tgt in targets_of(cfg):
+            c = candidates_of(cfg, tgt)
+            print(f"{tgt}: {len(c)} candidates, {2 ** len(c) - 1} merged models")
+    elif args.stage == "prepare":
+        stages.prepare(args.name, args.spec, args.split, args.out)
+    elif args.stage == "pretrain":
+        stages.pretrain(args.backend, args.hparams, args.data, args.out, t)
+    elif args.stage == "finetune":
+        stages.finetune(args.backend, args.hparams, args.pretrained, args.data, args.out, t)
+    elif args.stage == "final-finetune":
+        r = stages.final_finetune(
+            args.backend, args.hparams, args.pretrained, args.merge_eval, _pairs(args.data), args.target, args.out, args.eval_out, t
+        )
+        logging.getLogger("mergemix").info("final model: %s", r)
+    elif args.stage == "merge-eval":
+        stages.merge_eval(args.backend, args.merge, args.pretrained, _pairs(args.models), args.target, args.chunk, args.chunks, args.out, t)
+    elif args.stage == "gather":
+        stages.gather(args.chunks, args.candidates, args.out)
+    elif args.stage == "eval-models":
+        stages.eval_models(args.backend, args.pretrained, _pairs(args.models), args.target, args.out, t)
+    elif args.stage == "eval-pretrained":
+        stages.eval_pretrained(args.backend, args.pretrained, _pairs(args.targets), args.out, t)
+    elif args.stage == "embed":
+        stages.embed(args.backend, args.pretrained, args.data, args.split, args.out, t)
+    elif args.stage == "similarity":
+        stages.similarity(args.target, _pairs(args.candidates), args.out)
+    elif args.stage == "analyze":
+        from mergemix.analysis import analyze
+
+        opts = args.options
+        analyze(
+            args.targets, args.pretrained_csv, _pairs(args.merge_eval), _pairs(args.mixture), _pairs(args.similarity),
+            _pairs(args.final), args.out_dir, eps=opts.get("logit_eps", 1e-4), figure_formats=opts.get("figure_formats", ["png", "pdf"]),
+        )
+    elif args.stage == "show":
+        import pandas as pd
+
+        from mergemix.analysis import format_table
+
+        print(format_table(pd.read_csv(args.csv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    from mergemix.config import ConfigError
+    from mergemix.io import ModelFileError
+
+    try:
+        run(args)
+    except (ConfigError, ModelFileError, ValueError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mergemix {args.stage}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0

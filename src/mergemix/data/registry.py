@@ -1,0 +1,80 @@
+"""Registry of dataset sources.
+
+A source turns a dataset spec (a dict from the study config, ``source`` naming the source) into
+a :class:`RawDataset`. Register a new source with::
+
+    @register_source("my_source")
+    def my_source(spec: dict, seed: int) -> RawDataset: ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+
+@dataclass
+class RawDataset:
+    x: np.ndarray  # samples, e.g. float32 images [N, C, H, W]
+    y: np.ndarray  # int64 labels [N]
+    classes: list[str]
+    # Samples that share a group id always land in the same split (e.g. several transformed views
+    # of one source image). Defaults to one group per sample.
+    groups: Optional[np.ndarray] = None
+    # Fixed splits given by the source (name -> indices); missing ones are carved by the splitter.
+    splits: Dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+SourceFn = Callable[[dict, int], RawDataset]
+SOURCES: Dict[str, SourceFn] = {}
+SOURCE_PARAMS: Dict[str, dict] = {}
+
+
+def register_source(name: str, params: dict | None = None):
+    """Register a source. ``params`` maps each allowed spec key to its allowed values (or None for any)."""
+
+    def deco(fn: SourceFn) -> SourceFn:
+        if name in SOURCES:
+            raise ValueError(f"dataset source {name!r} is already registered")
+        SOURCES[name] = fn
+        SOURCE_PARAMS[name] = dict(params or {})
+        return fn
+
+    return deco
+
+
+def get_source(name: str) -> SourceFn:
+    _load_builtin()
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset source {name!r}; available: {', '.join(sorted(SOURCES))}") from None
+
+
+def check_spec(name: str, spec: dict) -> list[str]:
+    """Problems with a dataset spec, as messages naming the key and what is allowed."""
+    _load_builtin()
+    src = spec.get("source")
+    if src not in SOURCES:
+        return [f"datasets.{name}.source: unknown source {src!r}; allowed: {', '.join(sorted(SOURCES))}"]
+    problems = []
+    allowed = SOURCE_PARAMS[src]
+    for key, value in spec.items():
+        if key == "source":
+            continue
+        if key not in allowed:
+            problems.append(
+                f"datasets.{name}.{key}: not a parameter of source {src!r}; allowed: {', '.join(sorted(allowed)) or 'none'}"
+            )
+        elif allowed[key] is not None and value not in allowed[key]:
+            problems.append(
+                f"datasets.{name}.{key}: {value!r} is not allowed; allowed: {', '.join(map(str, allowed[key]))}"
+            )
+    return problems
+
+
+def _load_builtin() -> None:
+    from mergemix.data import digits  # noqa: F401  (registers itself)

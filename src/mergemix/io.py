@@ -1,0 +1,117 @@
+"""File I/O: atomic writes, JSON, CSV, tensors and models (safetensors + JSON manifest).
+
+Every write goes to a temporary file in the destination folder and is renamed into place, so a
+killed job never leaves a half-written output that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+MANIFEST_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_csv(path, df) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_arrays(path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=dict(metadata or {}))
+
+
+def load_arrays(path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def manifest_path(model_path) -> Path:
+    """``.../model.safetensors`` -> ``.../model.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def save_model(path, state: Mapping[str, "torch.Tensor"], manifest: Mapping[str, Any]) -> dict:  # noqa: F821
+    """Save a state dict as safetensors and write its manifest (with the file's sha256) beside it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+        digest = sha256_file(tmp)
+    full = dict(manifest)
+    full.update(format_version=MANIFEST_VERSION, tensors=path.name, sha256=digest)
+    write_json(manifest_path(path), full)
+    return full
+
+
+class ModelFileError(RuntimeError):
+    pass
+
+
+def load_model(path, verify: bool = True) -> tuple[dict, dict]:
+    """Load a model saved by :func:`save_model`. Returns (state dict, manifest)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    mpath = manifest_path(path)
+    if not path.exists() or not mpath.exists():
+        raise ModelFileError(
+            f"model {path} or its manifest {mpath} is missing; rerun the stage that writes it"
+        )
+    manifest = read_json(mpath)
+    if verify and manifest.get("sha256") != sha256_file(path):
+        raise ModelFileError(
+            f"{path} does not match the sha256 in {mpath}: the file was changed or truncated; "
+            "delete both files and rerun the stage that writes them"
+        )
+    return load_file(str(path)), manifest

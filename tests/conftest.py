@@ -1,0 +1,33 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def default_config():
+    return copy.deepcopy(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+
+
+def tiny_config(results_dir, study="tiny", n=4, mixture=True, chunks=3, epochs=1):
+    """A small real study: n digits domains, 1 epoch, for workflow tests."""
+    domains = ["rotate", "noise", "mirror", "squeeze", "thin"][:n]
+    return {
+        "study": study,
+        "results_dir": str(results_dir),
+        "backend": {"name": "smallcnn", "params": {"channels": 4, "hidden": 16}},
+        "pretrain": {
+            "data": {"source": "digits", "domain": "clean"},
+            "hparams": {"epochs": 2, "lr": 0.003, "batch_size": 64},
+        },
+        "split": {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 150, "max_val": 80, "max_test": 120},
+        "datasets": {d: {"source": "digits", "domain": d} for d in domains},
+        "targets": "all",
+        "finetune": {"epochs": epochs, "lr": 0.002, "batch_size": 32, "schedule": "cosine", "seed": 0},
+        "merge_eval": {"chunks": chunks},
+        "mixture": {"enabled": mixture, "max_candidates": 4},
+        "analysis": {"figure_formats": ["png", "pdf"]},
+    }

@@ -1,0 +1,89 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_config
+from mergemix.config import ConfigError, candidates_of, targets_of, validate_config
+
+
+def test_default_config_is_valid_and_leave_one_out(default_config):
+    cfg = validate_config(default_config)
+    targets = targets_of(cfg)
+    assert len(targets) == len(cfg["datasets"]) == 7
+    for t in targets:
+        assert candidates_of(cfg, t) == sorted(set(cfg["datasets"]) - {t})
+    assert cfg["finetune"]["optimizer"] == "adamw"  # default filled in
+
+
+def _error(cfg):
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    return str(e.value)
+
+
+def test_unknown_dataset_as_target(default_config):
+    default_config["targets"] = ["rotate", "cifar"]
+    msg = _error(default_config)
+    assert "targets" in msg and "'cifar'" in msg and "rotate" in msg  # names the allowed ones
+
+
+def test_unknown_dataset_source_and_domain(default_config):
+    default_config["datasets"]["x"] = {"source": "imagenet"}
+    default_config["datasets"]["rotate"]["domain"] = "sheared"
+    msg = _error(default_config)
+    assert "datasets.x.source" in msg and "digits" in msg
+    assert "datasets.rotate.domain" in msg and "'sheared'" in msg and "mirror" in msg
+
+
+def test_target_among_its_own_candidates(default_config):
+    default_config["candidates"] = {"rotate": ["rotate", "noise"]}
+    msg = _error(default_config)
+    assert "candidates.rotate" in msg and "own candidates" in msg
+
+
+def test_too_many_candidates_for_exhaustive_search(default_config):
+    default_config["merge_eval"]["max_candidates"] = 5
+    msg = _error(default_config)
+    assert "merge_eval.max_candidates=5" in msg and "63 merged models" in msg
+
+
+def test_too_many_candidates_for_mixture_fine_tunes(default_config):
+    default_config["mixture"]["max_candidates"] = 4
+    msg = _error(default_config)
+    assert "mixture.max_candidates=4" in msg and "mixture.enabled: false" in msg
+
+
+def test_missing_key(default_config):
+    del default_config["finetune"]["lr"]
+    msg = _error(default_config)
+    assert "finetune" in msg and "'lr' is a required property" in msg
+
+
+def test_mistyped_value_and_misspelled_key(default_config):
+    default_config["finetune"]["epochs"] = "five"
+    default_config["merge_eval"]["chunk"] = 2
+    msg = _error(default_config)
+    assert "finetune.epochs: expected integer, got str 'five'" in msg
+    assert "merge_eval" in msg and "'chunk' was unexpected" in msg and "chunks" in msg
+
+
+def test_unknown_backend_param(default_config):
+    default_config["backend"]["params"]["width"] = 3
+    assert "backend.params" in _error(default_config)
+
+
+@pytest.mark.workflow
+def test_snakemake_refuses_a_bad_config_at_start(tmp_path):
+    cfg = tiny_config(tmp_path / "results")
+    cfg["candidates"] = {"rotate": ["rotate", "noise"]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert r.returncode != 0
+    assert "candidates.rotate" in r.stdout + r.stderr
+    assert not (tmp_path / "results").exists()

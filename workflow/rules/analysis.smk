@@ -1,0 +1,81 @@
+rule embed:
+    """Embeddings of a dataset's split from the pre-trained model (appendix A.4)."""
+    input:
+        pretrained=PRETRAINED,
+        data=lambda wc: data_file(wc.dataset),
+    output:
+        f"{R}/embeddings/{{dataset}}.safetensors",
+    params:
+        backend=BACKEND,
+        data=lambda wc: data_dir(wc.dataset),
+        split=config["analysis"]["similarity_split"],
+    log:
+        f"{R}/logs/embed/{{dataset}}.log",
+    threads: RES["threads"]
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime"],
+    shell:
+        "mergemix embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
+        "--data {params.data} --split {params.split} --out {output} 2> {log}"
+
+
+rule similarity:
+    """The six similarity scores of every subset of a target's candidates."""
+    input:
+        target=f"{R}/embeddings/{{target}}.safetensors",
+        candidates=lambda wc: [f"{R}/embeddings/{c}.safetensors" for c in CANDIDATES[wc.target]],
+    output:
+        f"{R}/similarity/{{target}}.csv",
+    params:
+        candidates=lambda wc: " ".join(f"{c}={R}/embeddings/{c}.safetensors" for c in CANDIDATES[wc.target]),
+    log:
+        f"{R}/logs/similarity/{{target}}.log",
+    threads: 1
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime"],
+    shell:
+        "mergemix similarity --target {input.target} --candidates {params.candidates} --out {output} 2> {log}"
+
+
+FIG_FORMATS = config["analysis"]["figure_formats"]
+FIGURES = ["merged_vs_mixture"] + [
+    f"similarity_{m}" for m in ("avg_max_cos", "avg_min_l2", "avg_avg_cos", "avg_avg_l2", "max_max_cos", "min_min_l2")
+]
+
+
+rule analyze:
+    """Correlations (section 4.2), baselines and the Table 1 layout, and Figure 1 style plots."""
+    input:
+        pretrained=f"{R}/pretrained.csv",
+        merge_eval=expand(f"{R}/merge_eval/{{target}}.csv", target=TARGETS),
+        mixture=expand(f"{R}/mixture/{{target}}.csv", target=TARGETS),
+        similarity=expand(f"{R}/similarity/{{target}}.csv", target=TARGETS),
+        final=expand(f"{R}/final/{{target}}.json", target=TARGETS),
+    output:
+        correlation=report(f"{R}/correlation.csv", caption="../report/correlation.rst", category="Tables"),
+        selection=report(f"{R}/selection.csv", caption="../report/selection.rst", category="Tables"),
+        similarity_selection=f"{R}/similarity_selection.csv",
+        figures=report(
+            expand(f"{R}/figures/{{fig}}.{{fmt}}", fig=FIGURES, fmt=FIG_FORMATS),
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+    params:
+        targets=js(CANDIDATES),
+        options=js(config["analysis"]),
+        merge_eval=" ".join(f"{t}={R}/merge_eval/{t}.csv" for t in TARGETS),
+        mixture=" ".join(f"{t}={R}/mixture/{t}.csv" for t in TARGETS),
+        similarity=" ".join(f"{t}={R}/similarity/{t}.csv" for t in TARGETS),
+        final=" ".join(f"{t}={R}/final/{t}.json" for t in TARGETS),
+    log:
+        f"{R}/logs/analyze.log",
+    threads: 1
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime"],
+    shell:
+        "mergemix analyze --targets {params.targets:q} --options {params.options:q} "
+        "--pretrained-csv {input.pretrained} --merge-eval {params.merge_eval} --mixture {params.mixture} "
+        "--similarity {params.similarity} --final {params.final} --out-dir {R} 2> {log}"

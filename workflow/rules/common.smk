@@ -1,0 +1,75 @@
+# Shared helpers: config loading and validation, paths, and the per-stage params.
+import json
+import sys
+from pathlib import Path
+
+from mergemix.config import ConfigError, candidates_of, load_yaml, targets_of, validate_config
+from mergemix.subsets import all_subsets, parse_subset, subset_id
+
+# The embedded study is the default; a --configfile replaces it (it is not merged into it).
+if not config:
+    config.update(load_yaml(Path(workflow.basedir) / "config" / "config.yaml"))
+try:
+    _checked = validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+except ConfigError as e:
+    raise ValueError(f"{e}\n(config file(s): {', '.join(map(str, workflow.configfiles)) or 'config/config.yaml'})") from None
+config.clear()
+config.update(_checked)
+
+STUDY = config["study"]
+R = f"{config['results_dir']}/{STUDY}"
+DATASETS = sorted(config["datasets"])
+TARGETS = targets_of(config)
+CANDIDATES = {t: candidates_of(config, t) for t in TARGETS}
+MIXTURE_ON = config["mixture"]["enabled"]
+CHUNKS = config["merge_eval"]["chunks"]
+RES = config["resources"]
+PRETRAIN = "_pretrain"
+
+
+def js(obj):
+    """Deterministic JSON, so unchanged config slices never look changed to Snakemake."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+DATA_SPECS = dict(config["datasets"])
+if "pretrain" in config:
+    DATA_SPECS[PRETRAIN] = config["pretrain"]["data"]
+
+BACKEND = js(config["backend"])
+FINETUNE_HP = js(config["finetune"])
+
+
+def data_dir(name):
+    return f"{R}/data/{name}"
+
+
+def data_file(name):
+    return f"{data_dir(name)}/splits.json"
+
+
+def finetuned(name):
+    return f"{R}/models/finetuned/{name}/model.safetensors"
+
+
+def mixture_model(sid):
+    """A one-dataset mixture is that dataset's fine-tuned model: it is trained once."""
+    names = parse_subset(sid)
+    return finetuned(names[0]) if len(names) == 1 else f"{R}/models/mixture/{sid}/model.safetensors"
+
+
+def mixtures_of(target):
+    """Mixtures fine-tuned for a target: all subsets with the oracle on, else only all candidates."""
+    if MIXTURE_ON:
+        return [subset_id(s) for s in all_subsets(CANDIDATES[target])]
+    return [subset_id(CANDIDATES[target])]
+
+
+PRETRAINED = f"{R}/models/pretrained/model.safetensors"
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_][A-Za-z0-9_-]*",
+    target="[A-Za-z0-9][A-Za-z0-9_-]*",
+    subset="[A-Za-z0-9][A-Za-z0-9_+-]*",
+    chunk="[0-9]+",

@@ -1,0 +1,91 @@
+rule pretrain:
+    """The built-in model's pre-training (smallcnn); hub backends load weights instead."""
+    input:
+        data_file(PRETRAIN),
+    output:
+        model=PRETRAINED,
+        manifest=PRETRAINED.replace(".safetensors", ".json"),
+    params:
+        backend=BACKEND,
+        hp=js(config.get("pretrain", {}).get("hparams", {})),
+        data=data_dir(PRETRAIN),
+    log:
+        f"{R}/logs/pretrain.log",
+    threads: RES["threads"]
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime"],
+    shell:
+        "mergemix pretrain --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+        "--data {params.data} --out {output.model} 2> {log}"
+
+
+rule finetune:
+    """theta_i: the pre-trained model fine-tuned on one dataset (identical hyperparameters for all)."""
+    input:
+        pretrained=PRETRAINED,
+        data=lambda wc: data_file(wc.dataset),
+    output:
+        model=f"{R}/models/finetuned/{{dataset}}/model.safetensors",
+        manifest=f"{R}/models/finetuned/{{dataset}}/model.json",
+    params:
+        backend=BACKEND,
+        hp=FINETUNE_HP,
+        data=lambda wc: data_dir(wc.dataset),
+    log:
+        f"{R}/logs/finetune/{{dataset}}.log",
+    threads: RES["threads"]
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime"],
+    shell:
+        "mergemix finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+        "--pretrained {input.pretrained} --data {params.data} --out {output.model} 2> {log}"
+
+
+rule eval_pretrained:
+    """theta_0 on every target's val and test splits (the baseline of every logit delta)."""
+    input:
+        pretrained=PRETRAINED,
+        data=[data_file(t) for t in TARGETS],
+    output:
+        f"{R}/pretrained.csv",
+    params:
+        backend=BACKEND,
+        targets=" ".join(f"{t}={data_dir(t)}" for t in TARGETS),
+    log:
+        f"{R}/logs/eval_pretrained.log",
+    threads: RES["threads"]
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime"],
+    shell:
+        "mergemix eval-pretrained --threads {threads} --backend {params.backend:q} "
+        "--pretrained {input.pretrained} --targets {params.targets} --out {output} 2> {log}"
+
+
+rule final_finetune:
+    """Algorithm 1's deployed model: fine-tuned on the mixture selected by merged val accuracy."""
+    input:
+        pretrained=PRETRAINED,
+        merge_eval=f"{R}/merge_eval/{{target}}.csv",
+        data=lambda wc: [data_file(c) for c in CANDIDATES[wc.target]] + [data_file(wc.target)],
+    output:
+        model=f"{R}/models/final/{{target}}/model.safetensors",
+        manifest=f"{R}/models/final/{{target}}/model.json",
+        result=f"{R}/final/{{target}}.json",
+    params:
+        backend=BACKEND,
+        hp=FINETUNE_HP,
+        data=lambda wc: " ".join(f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]),
+        target=lambda wc: data_dir(wc.target),
+    log:
+        f"{R}/logs/final_finetune/{{target}}.log",
+    threads: RES["threads"]
+    resources:
+        mem_mb=RES["mem_mb"],
+        runtime=RES["runtime"],
+    shell:
+        "mergemix final-finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+        "--pretrained {input.pretrained} --merge-eval {input.merge_eval} --data {params.data} "
+        "--target {params.target} --out {output.model} --eval-out {output.result} 2> {log}"
