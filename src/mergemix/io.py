@@ -51,7 +51,7 @@ def read_json(path) -> Any:
 
 def write_csv(path, df) -> None:
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
+        df.to_csv(tmp, index=False, float_format="%.10g")
 
 
 def sha256_file(path) -> str:

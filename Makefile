@@ -1,0 +1,34 @@
+# Quick start:  make run   (sets up .venv and runs the embedded digits study)
+#               make test  (sets up .venv and runs the test suite)
+VENV    ?= .venv
+PYTHON  ?= python3
+CORES   ?= 2
+CONFIG  ?= config/config.yaml
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.mergemix-installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install run test test-fast dry-run clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile $(CONFIG)
+
+dry-run: $(STAMP)
+	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile $(CONFIG) -n
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not workflow"
+
+clean:
+	rm -rf results .snakemake

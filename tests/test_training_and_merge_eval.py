@@ -1,0 +1,130 @@
+"""Small real runs of the stages in-process: a tiny convnet really trained, merged and evaluated."""
+
+import pandas as pd
+import pytest
+import torch
+
+from mergemix import io, stages
+from mergemix.backends import get_backend
+from mergemix.data.prepared import load_prepared
+from mergemix.merge_eval import MergeEvaluator
+
+BACKEND = {"name": "smallcnn", "params": {"channels": 4, "hidden": 16}}
+SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 300}
+HP = {"epochs": 4, "lr": 0.005, "batch_size": 32, "schedule": "cosine", "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    for name, domain in [("clean", "clean"), ("rotate", "rotate"), ("mirror", "mirror"), ("thin", "thin")]:
+        stages.prepare(name, {"source": "digits", "domain": domain}, SPLIT, d / "data" / name)
+    stages.pretrain(BACKEND, {"epochs": 10, "lr": 0.01, "batch_size": 32}, d / "data/clean", d / "pre/model.safetensors")
+    for name in ["rotate", "mirror", "thin"]:
+        stages.finetune(BACKEND, HP, d / "pre/model.safetensors", [d / "data" / name], d / f"ft/{name}/model.safetensors")
+    return d
+
+
+def test_finetuning_beats_the_pretrained_model_on_its_own_domain(trained):
+    b = get_backend(BACKEND)
+    pre = b.load_pretrained(trained / "pre/model.safetensors")
+    mirror = load_prepared(trained / "data/mirror")
+    before = b.evaluate(pre, mirror, "val")
+    ft = b.load_pretrained(trained / "pre/model.safetensors")
+    b.load_state(ft, io.load_model(trained / "ft/mirror/model.safetensors")[0])
+    after = b.evaluate(ft, mirror, "val")
+    assert after > before + 0.1
+
+
+def test_finetuning_is_reproducible(trained, tmp_path):
+    stages.finetune(BACKEND, HP, trained / "pre/model.safetensors", [trained / "data/thin"], tmp_path / "again.safetensors")
+    a = io.load_model(trained / "ft/thin/model.safetensors")[0]
+    b = io.load_model(tmp_path / "again.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merged_states_are_the_average_and_singletons_are_the_finetuned_models(trained):
+    b = get_backend(BACKEND)
+    paths = {n: trained / f"ft/{n}/model.safetensors" for n in ["mirror", "rotate", "thin"]}
+    ev = MergeEvaluator(b, trained / "pre/model.safetensors", paths)
+    assert ev.names == ["mirror", "rotate", "thin"]
+    states = {n: io.load_model(p)[0] for n, p in paths.items()}
+    ev.load_subset(0b101)  # mirror + thin
+    for k, p in ev.model.named_parameters():
+        assert torch.allclose(p, (states["mirror"][k] + states["thin"][k]) / 2, atol=1e-7)
+    target = load_prepared(trained / "data/rotate")
+    df = ev.run(target, range(1, 8))
+    assert len(df) == 7
+    # single subsets: exactly the fine-tuned model
+    ft = b.load_pretrained(trained / "pre/model.safetensors")
+    b.load_state(ft, states["thin"])
+    row = df.set_index("subset").loc["thin"]
+    assert row["val_acc"] == b.evaluate(ft, target, "val") and row["test_acc"] == b.evaluate(ft, target, "test")
+
+
+def test_gather_rejects_incomplete_or_duplicated_chunks(trained, tmp_path):
+    paths = {n: str(trained / f"ft/{n}/model.safetensors") for n in ["mirror", "thin"]}
+    for k in range(2):
+        stages.merge_eval(BACKEND, {"method": "uniform"}, trained / "pre/model.safetensors", paths,
+                          trained / "data/rotate", k, 2, tmp_path / f"c{k}.csv")
+    out = stages.gather([tmp_path / "c0.csv", tmp_path / "c1.csv"], ["mirror", "thin"], tmp_path / "all.csv")
+    assert list(out["subset"]) == ["mirror", "thin", "mirror+thin"]
+    with pytest.raises(ValueError, match="missing"):
+        stages.gather([tmp_path / "c0.csv"], ["mirror", "thin"], tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="duplicated"):
+        stages.gather([tmp_path / "c0.csv"] * 2 + [tmp_path / "c1.csv"], ["mirror", "thin"], tmp_path / "bad.csv")
+    assert not (tmp_path / "bad.csv").exists()
+
+
+def test_a_corrupted_model_file_is_refused_with_the_fix(trained, tmp_path):
+    import shutil
+
+    src = trained / "ft/thin"
+    dst = tmp_path / "thin"
+    shutil.copytree(src, dst)
+    data = bytearray((dst / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (dst / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(io.ModelFileError, match="sha256.*rerun"):
+        io.load_model(dst / "model.safetensors")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "x.json"
+    io.write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("killed")
+    assert io.read_json(target) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_select_best_breaks_ties_towards_the_smallest_subset():
+    df = pd.DataFrame({"subset": ["a+b", "c", "a", "a+b+c"], "val_acc": [0.9, 0.9, 0.5, 0.9], "test_acc": [1, 2, 3, 4]})
+    assert stages.select_best(df)["subset"] == "c"
+    assert stages.select_best(df, "val_acc", maximize=False)["subset"] == "a"
+
+
+@pytest.mark.parametrize("name,cls,kw", [
+    ("adamw", "AdamW", {"weight_decay": 0.1}),
+    ("adam", "Adam", {"weight_decay": 0.01}),
+    ("sgd", "SGD", {"weight_decay": 0.01, "momentum": 0.9}),
+])
+def test_optimizer_matches_torch_optim(name, cls, kw):
+    from mergemix.backends.training import Optimizer
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(5, 3)
+    b = torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    ours = Optimizer(a.parameters(), name, lr=0.01, **kw)
+    ref = getattr(torch.optim, cls)(b.parameters(), lr=0.01, **kw)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for _ in range(5):
+        for m, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
