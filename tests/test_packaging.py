@@ -30,7 +30,7 @@ def test_every_module_imports_on_its_own():
 def test_rules_are_thin_calls_of_the_cli():
     for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
         text = smk.read_text()
-        for rule in re.findall(r"^rule (\w+):", text, re.M):
-            body = text.split(f"rule {rule}:")[1].split("\nrule ")[0]
+        for rule in re.findall(r"^\s*rule (\w+):", text, re.M):
+            body = re.split(r"\n\s*rule \w+:|\nelse:", text.split(f"rule {rule}:")[1])[0]
             assert "log:" in body and "resources:" in body and "threads:" in body, (smk.name, rule)
             assert re.search(r'shell:\s*\n\s*"mergemix [a-z-]+ ', body), (smk.name, rule)

@@ -45,11 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("configfile")
     s.add_argument("--schema", default=None)
 
+    s = stage("download", "fetch a dataset's files (local rule; the only data step that may download)")
+    s.add_argument("--name", required=True)
+    s.add_argument("--spec", type=_json, required=True)
+    s.add_argument("--out", required=True, help="output folder")
+
     s = stage("prepare", "build one dataset and its deterministic splits")
     s.add_argument("--name", required=True)
     s.add_argument("--spec", type=_json, required=True)
     s.add_argument("--split", type=_json, required=True)
+    s.add_argument("--local", default=None, help="folder written by the download stage, if any")
     s.add_argument("--out", required=True, help="output folder")
+
+    s = stage("fetch-pretrained", "get a backend's published pre-trained weights (local rule)")
+    s.add_argument("--backend", type=_json, required=True)
+    s.add_argument("--out", required=True)
 
     s = stage("pretrain", "pre-train the built-in model (smallcnn)")
     s.add_argument("--backend", type=_json, required=True)
@@ -140,8 +150,12 @@ def run(args) -> None:
         for tgt in targets_of(cfg):
             c = candidates_of(cfg, tgt)
             print(f"{tgt}: {len(c)} candidates, {2 ** len(c) - 1} merged models")
+    elif args.stage == "download":
+        stages.download(args.name, args.spec, args.out)
     elif args.stage == "prepare":
-        stages.prepare(args.name, args.spec, args.split, args.out)
+        stages.prepare(args.name, args.spec, args.split, args.out, args.local)
+    elif args.stage == "fetch-pretrained":
+        stages.fetch_pretrained(args.backend, args.out, t)
     elif args.stage == "pretrain":
         stages.pretrain(args.backend, args.hparams, args.data, args.out, t)
     elif args.stage == "finetune":

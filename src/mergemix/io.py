@@ -49,6 +49,18 @@ def read_json(path) -> Any:
         return json.load(f)
 
 
+def write_jsonl(path, records) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def write_csv(path, df) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.10g")

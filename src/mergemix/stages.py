@@ -16,8 +16,20 @@ from mergemix.data.prepared import load_prepared, prepare_dataset
 log = logging.getLogger("mergemix")
 
 
-def prepare(name: str, spec: dict, split_cfg: dict, out_dir) -> dict:
-    info = prepare_dataset(name, spec, split_cfg, out_dir)
+def download(name: str, spec: dict, out_dir) -> dict:
+    """Fetch what a dataset's source needs into ``out_dir`` (the only data step that may use the network)."""
+    from mergemix.data.registry import DOWNLOADERS, get_source
+
+    get_source(spec["source"])
+    if spec["source"] not in DOWNLOADERS:
+        raise ValueError(f"source {spec['source']!r} of dataset {name!r} has no download step")
+    info = DOWNLOADERS[spec["source"]](spec, Path(out_dir))
+    io.write_json(Path(out_dir) / "download.json", {"name": name, "spec": spec, "info": info})
+    return info
+
+
+def prepare(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=None) -> dict:
+    info = prepare_dataset(name, spec, split_cfg, out_dir, local_dir)
     log.info("prepared %s: %s", name, info["sizes"])
     return info
 
@@ -42,6 +54,11 @@ def pretrain(backend_spec: dict, hp: dict, data_dir, out_path, threads: int = 1)
     metrics = backend.pretrain(model, [data], hp)
     log.info("pretrained: %s", metrics)
     return io.save_model(out_path, backend.state_to_save(model), _manifest(backend, "pretrained", [data.name], hp, metrics))
+
+
+def fetch_pretrained(backend_spec: dict, out_path, threads: int = 1) -> dict:
+    backend = get_backend(backend_spec, threads=threads)
+    return backend.fetch_pretrained(out_path)
 
 
 def _finetune(backend, hp: dict, pretrained, data_dirs: Sequence, out_path):

@@ -3,7 +3,9 @@ import json
 import sys
 from pathlib import Path
 
+from mergemix.backends.base import backend_class
 from mergemix.config import ConfigError, candidates_of, load_yaml, targets_of, validate_config
+from mergemix.data.registry import needs_download
 from mergemix.subsets import all_subsets, parse_subset, subset_id
 
 # The embedded study is the default; a --configfile replaces it (it is not merged into it).
@@ -37,6 +39,9 @@ if "pretrain" in config:
     DATA_SPECS[PRETRAIN] = config["pretrain"]["data"]
 
 BACKEND = js(config["backend"])
+BACKEND_CLASS = backend_class(config["backend"]["name"])
+# datasets whose source fetches files first (a local rule; later jobs read local files only)
+DOWNLOADED = sorted(n for n, spec in DATA_SPECS.items() if needs_download(spec))
 FINETUNE_HP = js(config["finetune"])
 
 
@@ -46,6 +51,10 @@ def data_dir(name):
 
 def data_file(name):
     return f"{data_dir(name)}/splits.json"
+
+
+def download_dir(name):
+    return f"{R}/downloads/{name}"
 
 
 def finetuned(name):

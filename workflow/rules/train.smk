@@ -1,23 +1,48 @@
-rule pretrain:
-    """The built-in model's pre-training (smallcnn); hub backends load weights instead."""
-    input:
-        data_file(PRETRAIN),
-    output:
-        model=PRETRAINED,
-        manifest=PRETRAINED.replace(".safetensors", ".json"),
-    params:
-        backend=BACKEND,
-        hp=js(config.get("pretrain", {}).get("hparams", {})),
-        data=data_dir(PRETRAIN),
-    log:
-        f"{R}/logs/pretrain.log",
-    threads: RES["threads"]
-    resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
-    shell:
-        "mergemix pretrain --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
-        "--data {params.data} --out {output.model} 2> {log}"
+if BACKEND_CLASS.can_pretrain:
+
+    rule pretrain:
+        """The built-in model's pre-training (smallcnn); hub backends fetch weights instead."""
+        input:
+            data_file(PRETRAIN),
+        output:
+            model=PRETRAINED,
+            manifest=PRETRAINED.replace(".safetensors", ".json"),
+        params:
+            backend=BACKEND,
+            hp=js(config.get("pretrain", {}).get("hparams", {})),
+            data=data_dir(PRETRAIN),
+        log:
+            f"{R}/logs/pretrain.log",
+        threads: RES["threads"]
+        resources:
+            mem_mb=RES["mem_mb"],
+            runtime=RES["runtime"],
+        shell:
+            "mergemix pretrain --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+            "--data {params.data} --out {output.model} 2> {log}"
+
+
+else:
+
+    localrules:
+        fetch_pretrained,
+
+    rule fetch_pretrained:
+        """Published pre-trained weights (hub or local path) saved in mergemix's format. A local
+        rule, the only one that may download model weights."""
+        output:
+            model=PRETRAINED,
+            manifest=PRETRAINED.replace(".safetensors", ".json"),
+        params:
+            backend=BACKEND,
+        log:
+            f"{R}/logs/fetch_pretrained.log",
+        threads: 1
+        resources:
+            mem_mb=RES["mem_mb"],
+            runtime=RES["runtime"],
+        shell:
+            "mergemix fetch-pretrained --backend {params.backend:q} --out {output.model} 2> {log}"
 
 
 rule finetune:

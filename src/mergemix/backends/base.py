@@ -4,7 +4,10 @@ A backend is one model family. The pipeline needs exactly these operations from 
 
 * ``create()``                    a randomly initialised model (for the ``pretrain`` stage)
 * ``pretrain(data, hp)``          train it from scratch (only backends with ``can_pretrain``)
-* ``load_pretrained(path)``       the pre-trained model ``theta_0``
+* ``fetch_pretrained(out)``       or: get published weights (hub or local file) and save them in
+                                  mergemix's format (only backends without ``can_pretrain``); the
+                                  workflow runs this as a local rule, the only step that may download
+* ``load_pretrained(path)``       the pre-trained model ``theta_0``, from the file written above
 * ``finetune(model, data, hp)``   fine-tune in place on a list of training datasets (a mixture)
 * ``merge_params(model)``         the live tensors that are fine-tuned, saved and merged
 * ``evaluate(model, data)``       accuracy on a split of a target dataset
@@ -28,6 +31,7 @@ from mergemix.data.prepared import PreparedDataset
 class Backend:
     name: str = ""
     can_pretrain: bool = False
+    needs_gpu: bool = False  # whether the study's heavy rules should request GPUs on a cluster
     defaults: dict = {}
 
     def __init__(self, params: dict | None = None, threads: int = 1, device: str | None = None):
@@ -47,6 +51,9 @@ class Backend:
 
     def pretrain(self, model: torch.nn.Module, data: Sequence[PreparedDataset], hp: dict) -> dict:
         raise NotImplementedError(f"backend {self.name!r} loads a pre-trained model; it has no pretrain stage")
+
+    def fetch_pretrained(self, out_path) -> dict:
+        raise NotImplementedError(f"backend {self.name!r} is pre-trained by the pipeline; use its pretrain stage")
 
     def load_pretrained(self, path) -> torch.nn.Module:
         raise NotImplementedError
@@ -95,13 +102,16 @@ def register_backend(cls: Type[Backend]) -> Type[Backend]:
     return cls
 
 
-def get_backend(spec: dict, threads: int = 1, device: str | None = None) -> Backend:
-    """Instantiate the backend described by ``{"name": ..., "params": {...}}``."""
+def backend_class(name: str) -> Type[Backend]:
     _load_builtin()
-    name = spec.get("name")
     if name not in BACKENDS:
         raise KeyError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](spec.get("params", {}), threads=threads, device=device)
+    return BACKENDS[name]
+
+
+def get_backend(spec: dict, threads: int = 1, device: str | None = None) -> Backend:
+    """Instantiate the backend described by ``{"name": ..., "params": {...}}``."""
+    return backend_class(spec.get("name"))(spec.get("params", {}), threads=threads, device=device)
 
 
 def _load_builtin() -> None:

@@ -97,7 +97,7 @@ DOMAINS = {
 
 
 @register_source("digits", params={"domain": sorted(DOMAINS), "strength": None})
-def digits(spec: dict, seed: int) -> RawDataset:
+def digits(spec: dict, seed: int, local_dir=None) -> RawDataset:
     domain = spec.get("domain", "clean")
     strength = float(spec.get("strength", 1.0))
     if domain not in DOMAINS:

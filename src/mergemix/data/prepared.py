@@ -40,7 +40,8 @@ def split_groups(groups: np.ndarray, fractions: dict, seed: int) -> dict[str, np
 
 
 def make_splits(raw: RawDataset, split_cfg: dict, subsample_seed: int) -> dict[str, np.ndarray]:
-    groups = raw.groups if raw.groups is not None else np.arange(len(raw.y))
+    n = len(raw.x)
+    groups = raw.groups if raw.groups is not None else np.arange(n)
     splits = {k: np.asarray(v, dtype=np.int64) for k, v in raw.splits.items()}
     missing = [s for s in SPLITS if s not in splits]
     if missing:
@@ -52,8 +53,7 @@ def make_splits(raw: RawDataset, split_cfg: dict, subsample_seed: int) -> dict[s
             perm = rng.permutation(tr)
             splits["val"], splits["train"] = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         else:
-            pool = np.arange(len(raw.y))
-            splits = split_groups(groups[pool], split_cfg, split_cfg["seed"])
+            splits = split_groups(groups, split_cfg, split_cfg["seed"])
     rng = np.random.default_rng(subsample_seed)
     for name in SPLITS:
         cap = split_cfg.get(f"max_{name}")
@@ -62,19 +62,31 @@ def make_splits(raw: RawDataset, split_cfg: dict, subsample_seed: int) -> dict[s
     return splits
 
 
-def prepare_dataset(name: str, spec: dict, split_cfg: dict, out_dir) -> dict:
-    """Build dataset ``name`` from its spec and write it under ``out_dir``. Returns the split info."""
+def prepare_dataset(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=None) -> dict:
+    """Build dataset ``name`` from its spec and write it under ``out_dir``. Returns the split info.
+
+    ``local_dir`` is where the source's download step put its files, for sources that have one.
+    """
     out_dir = Path(out_dir)
     seed = int(split_cfg["seed"])
     # the dataset's own randomness (transforms, subsampling) is seeded from the study seed and its name
     own_seed = _name_seed(name, seed)
-    raw = get_source(spec["source"])(spec, own_seed)
+    raw = get_source(spec["source"])(spec, own_seed, Path(local_dir) if local_dir else None)
     splits = make_splits(raw, split_cfg, own_seed + 1)
     for a in SPLITS:
         for b in SPLITS:
             if a < b and np.intersect1d(splits[a], splits[b]).size:
                 raise AssertionError(f"splits {a} and {b} of {name} overlap")
-    io.save_arrays(out_dir / "arrays.safetensors", {"x": raw.x, "y": raw.y.astype(np.int64)})
+    if isinstance(raw.x, np.ndarray):
+        arrays = {"x": raw.x}
+        if raw.y is not None:
+            arrays["y"] = np.asarray(raw.y, dtype=np.int64)
+        io.save_arrays(out_dir / "arrays.safetensors", arrays)
+    else:
+        records = list(raw.x)
+        if raw.y is not None:
+            records = [{**r, "label": int(l)} for r, l in zip(records, raw.y)]
+        io.write_jsonl(out_dir / "samples.jsonl", records)
     info = {
         "name": name,
         "spec": spec,
@@ -97,24 +109,35 @@ def _name_seed(name: str, seed: int) -> int:
 @dataclass
 class PreparedDataset:
     name: str
-    x: np.ndarray
-    y: np.ndarray
+    x: "np.ndarray | list"  # array samples, or a list of records (JSON lines)
+    y: "np.ndarray | None"
     classes: list[str]
     indices: dict[str, np.ndarray]
+    spec: dict = None
+    path: Path = None
 
-    def split(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+    def split(self, which: str):
+        """(samples, labels) of a split; labels are None for record datasets without labels."""
         idx = self.indices[which]
-        return self.x[idx], self.y[idx]
+        x = self.x[idx] if isinstance(self.x, np.ndarray) else [self.x[i] for i in idx]
+        return x, (self.y[idx] if self.y is not None else None)
 
 
 def load_prepared(data_dir) -> PreparedDataset:
     data_dir = Path(data_dir)
     meta = io.read_json(data_dir / "splits.json")
-    arrays = io.load_arrays(data_dir / "arrays.safetensors")
+    if (data_dir / "arrays.safetensors").exists():
+        arrays = io.load_arrays(data_dir / "arrays.safetensors")
+        x, y = arrays["x"], arrays.get("y")
+    else:
+        x = io.read_jsonl(data_dir / "samples.jsonl")
+        y = np.asarray([r["label"] for r in x], dtype=np.int64) if x and "label" in x[0] else None
     return PreparedDataset(
         name=meta["name"],
-        x=arrays["x"],
-        y=arrays["y"],
+        x=x,
+        y=y,
         classes=meta["classes"],
         indices={k: np.asarray(v, dtype=np.int64) for k, v in meta["indices"].items()},
+        spec=meta["spec"],
+        path=data_dir,
     )

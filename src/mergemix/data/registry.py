@@ -10,6 +10,7 @@ a :class:`RawDataset`. Register a new source with::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -17,8 +18,10 @@ import numpy as np
 
 @dataclass
 class RawDataset:
-    x: np.ndarray  # samples, e.g. float32 images [N, C, H, W]
-    y: np.ndarray  # int64 labels [N]
+    # samples: an array (e.g. float32 or uint8 images [N, C, H, W]), stored as safetensors, or a
+    # list of JSON-serialisable records (e.g. chat examples), stored as JSON lines
+    x: "np.ndarray | list"
+    y: Optional[np.ndarray]  # int64 labels [N], or None where the records carry their own targets
     classes: list[str]
     # Samples that share a group id always land in the same split (e.g. several transformed views
     # of one source image). Defaults to one group per sample.
@@ -28,22 +31,39 @@ class RawDataset:
     info: dict = field(default_factory=dict)
 
 
-SourceFn = Callable[[dict, int], RawDataset]
+# fn(spec, seed, local_dir) -> RawDataset; local_dir is the folder the source's download step
+# wrote (None for sources without one). Sources never touch the network: downloads are separate.
+SourceFn = Callable[[dict, int, Optional[Path]], RawDataset]
+DownloadFn = Callable[[dict, Path], dict]
 SOURCES: Dict[str, SourceFn] = {}
 SOURCE_PARAMS: Dict[str, dict] = {}
+DOWNLOADERS: Dict[str, DownloadFn] = {}
 
 
-def register_source(name: str, params: dict | None = None):
-    """Register a source. ``params`` maps each allowed spec key to its allowed values (or None for any)."""
+def register_source(name: str, params: dict | None = None, download: DownloadFn | None = None):
+    """Register a source.
+
+    ``params`` maps each allowed spec key to its allowed values (or None for any value).
+    ``download(spec, out_dir) -> info`` (optional) fetches what the source needs into ``out_dir``;
+    the workflow runs it as a local rule (login nodes have internet, compute nodes often not) and
+    every later job reads only local files.
+    """
 
     def deco(fn: SourceFn) -> SourceFn:
         if name in SOURCES:
             raise ValueError(f"dataset source {name!r} is already registered")
         SOURCES[name] = fn
         SOURCE_PARAMS[name] = dict(params or {})
+        if download is not None:
+            DOWNLOADERS[name] = download
         return fn
 
     return deco
+
+
+def needs_download(spec: dict) -> bool:
+    _load_builtin()
+    return spec.get("source") in DOWNLOADERS
 
 
 def get_source(name: str) -> SourceFn:
