@@ -11,10 +11,9 @@ rule embed:
         split=config["analysis"]["similarity_split"],
     log:
         f"{R}/logs/embed/{{dataset}}.log",
-    threads: RES["threads"]
+    threads: GPU_THREADS
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **GPU_RES,
     shell:
         "mergemix embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
         "--data {params.data} --split {params.split} --out {output} 2> {log}"
@@ -33,8 +32,7 @@ rule similarity:
         f"{R}/logs/similarity/{{target}}.log",
     threads: 1
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **CPU_RES,
     shell:
         "mergemix similarity --target {input.target} --candidates {params.candidates} --out {output} 2> {log}"
 
@@ -73,8 +71,7 @@ rule analyze:
         f"{R}/logs/analyze.log",
     threads: 1
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **CPU_RES,
     shell:
         "mergemix analyze --targets {params.targets:q} --options {params.options:q} "
         "--pretrained-csv {input.pretrained} --merge-eval {params.merge_eval} --mixture {params.mixture} "

@@ -40,6 +40,24 @@ if "pretrain" in config:
 
 BACKEND = js(config["backend"])
 BACKEND_CLASS = backend_class(config["backend"]["name"])
+# Resources. CPU_RES for light rules; GPU_RES for the rules that train, merge, evaluate or embed:
+# they ask for GPUs (and the GPU partition) only when the study's backend needs them, or when
+# resources.gpu says so, so the embedded study runs on CPU nodes.
+GPUS = RES["gpu"] if RES["gpu"] is not None else (1 if BACKEND_CLASS.needs_gpu else 0)
+CPU_RES = {"mem_mb": RES["mem_mb"], "runtime": RES["runtime"]}
+if RES["partition"]:
+    CPU_RES["slurm_partition"] = RES["partition"]
+if GPUS:
+    GPU_RES = {
+        "mem_mb": RES["gpu_mem_mb"] or RES["mem_mb"],
+        "runtime": RES["gpu_runtime"] or RES["runtime"],
+        "gpu": GPUS,
+        "slurm_partition": RES["gpu_partition"],
+    }
+    GPU_THREADS = RES["gpu_threads"] or RES["threads"]
+else:
+    GPU_RES = CPU_RES
+    GPU_THREADS = RES["threads"]
 # datasets whose source fetches files first (a local rule; later jobs read local files only)
 DOWNLOADED = sorted(n for n, spec in DATA_SPECS.items() if needs_download(spec))
 FINETUNE_HP = js(config["finetune"])

@@ -14,8 +14,7 @@ rule download_data:
         f"{R}/logs/download_data/{{dataset}}.log",
     threads: 1
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **CPU_RES,
     shell:
         "mergemix download --name {wildcards.dataset} --spec {params.spec:q} --out {params.out} 2> {log}"
 
@@ -36,8 +35,7 @@ rule prepare_data:
         f"{R}/logs/prepare_data/{{dataset}}.log",
     threads: 1
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **CPU_RES,
     shell:
         "mergemix prepare --name {wildcards.dataset} --spec {params.spec:q} --split {params.split:q} "
         "{params.local} --out {params.out} 2> {log}"

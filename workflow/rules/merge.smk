@@ -14,10 +14,9 @@ rule merge_eval:
         chunks=CHUNKS,
     log:
         f"{R}/logs/merge_eval/{{target}}/{{chunk}}.log",
-    threads: RES["threads"]
+    threads: GPU_THREADS
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **GPU_RES,
     shell:
         "mergemix merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--pretrained {input.pretrained} --models {params.models} --target {params.target} "
@@ -36,7 +35,6 @@ rule gather_merge_eval:
         f"{R}/logs/gather_merge_eval/{{target}}.log",
     threads: 1
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **CPU_RES,
     shell:
         "mergemix gather --candidates {params.candidates} --chunks {input} --out {output} 2> {log}"

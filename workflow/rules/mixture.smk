@@ -13,10 +13,9 @@ rule mixture_finetune:
         data=lambda wc: " ".join(data_dir(n) for n in parse_subset(wc.subset)),
     log:
         f"{R}/logs/mixture_finetune/{{subset}}.log",
-    threads: RES["threads"]
+    threads: GPU_THREADS
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **GPU_RES,
     shell:
         "mergemix finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained} --data {params.data} --out {output.model} 2> {log}"
@@ -36,10 +35,9 @@ rule mixture_eval:
         target=lambda wc: data_dir(wc.target),
     log:
         f"{R}/logs/mixture_eval/{{target}}.log",
-    threads: RES["threads"]
+    threads: GPU_THREADS
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **GPU_RES,
     shell:
         "mergemix eval-models --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
         "--models {params.models} --target {params.target} --out {output} 2> {log}"

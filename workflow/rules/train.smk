@@ -13,10 +13,9 @@ if BACKEND_CLASS.can_pretrain:
             data=data_dir(PRETRAIN),
         log:
             f"{R}/logs/pretrain.log",
-        threads: RES["threads"]
+        threads: GPU_THREADS
         resources:
-            mem_mb=RES["mem_mb"],
-            runtime=RES["runtime"],
+            **GPU_RES,
         shell:
             "mergemix pretrain --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
             "--data {params.data} --out {output.model} 2> {log}"
@@ -39,8 +38,7 @@ else:
             f"{R}/logs/fetch_pretrained.log",
         threads: 1
         resources:
-            mem_mb=RES["mem_mb"],
-            runtime=RES["runtime"],
+            **CPU_RES,
         shell:
             "mergemix fetch-pretrained --backend {params.backend:q} --out {output.model} 2> {log}"
 
@@ -59,10 +57,9 @@ rule finetune:
         data=lambda wc: data_dir(wc.dataset),
     log:
         f"{R}/logs/finetune/{{dataset}}.log",
-    threads: RES["threads"]
+    threads: GPU_THREADS
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **GPU_RES,
     shell:
         "mergemix finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained} --data {params.data} --out {output.model} 2> {log}"
@@ -80,10 +77,9 @@ rule eval_pretrained:
         targets=" ".join(f"{t}={data_dir(t)}" for t in TARGETS),
     log:
         f"{R}/logs/eval_pretrained.log",
-    threads: RES["threads"]
+    threads: GPU_THREADS
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **GPU_RES,
     shell:
         "mergemix eval-pretrained --threads {threads} --backend {params.backend:q} "
         "--pretrained {input.pretrained} --targets {params.targets} --out {output} 2> {log}"
@@ -106,10 +102,9 @@ rule final_finetune:
         target=lambda wc: data_dir(wc.target),
     log:
         f"{R}/logs/final_finetune/{{target}}.log",
-    threads: RES["threads"]
+    threads: GPU_THREADS
     resources:
-        mem_mb=RES["mem_mb"],
-        runtime=RES["runtime"],
+        **GPU_RES,
     shell:
         "mergemix final-finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained} --merge-eval {input.merge_eval} --data {params.data} "
