@@ -11,6 +11,7 @@ min_version("8.0")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/clip.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/mixture.smk"
 include: "workflow/rules/analysis.smk"

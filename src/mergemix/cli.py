@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", type=_json, required=True)
     s.add_argument("--out", required=True)
 
+    s = stage("head", "a dataset's frozen classification head from the pre-trained model (clip)")
+    s.add_argument("--backend", type=_json, required=True)
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--data", required=True, help="prepared dataset folder")
+    s.add_argument("--out", required=True)
+
     s = stage("pretrain", "pre-train the built-in model (smallcnn)")
     s.add_argument("--backend", type=_json, required=True)
     s.add_argument("--hparams", type=_json, required=True)
@@ -156,6 +162,8 @@ def run(args) -> None:
         stages.prepare(args.name, args.spec, args.split, args.out, args.local)
     elif args.stage == "fetch-pretrained":
         stages.fetch_pretrained(args.backend, args.out, t)
+    elif args.stage == "head":
+        stages.head(args.backend, args.pretrained, args.data, args.out, t)
     elif args.stage == "pretrain":
         stages.pretrain(args.backend, args.hparams, args.data, args.out, t)
     elif args.stage == "finetune":

@@ -87,6 +87,34 @@ def load_arrays(path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
+_ST_DTYPES = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
+              "F16": np.float16, "F32": np.float32, "F64": np.float64, "BOOL": np.bool_}
+
+
+def map_arrays(path) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors file as read-only memory maps (nothing is read until sliced).
+
+    Large prepared datasets (e.g. uint8 images at 224 px, 147 KiB each) are sliced per batch and
+    per split instead of being read into memory whole by every job.
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    out = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        dtype, shape = np.dtype(_ST_DTYPES[meta["dtype"]]).newbyteorder("<"), tuple(meta["shape"])
+        begin, end = meta["data_offsets"]
+        if end == begin:
+            out[key] = np.empty(shape, dtype=dtype)
+        else:
+            out[key] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+    return out
+
+
 def manifest_path(model_path) -> Path:
     """``.../model.safetensors`` -> ``.../model.json``."""
     return Path(model_path).with_suffix(".json")

@@ -93,6 +93,13 @@ def mixtures_of(target):
 
 
 PRETRAINED = f"{R}/models/pretrained/model.safetensors"
+# per-dataset frozen heads (clip's zero-shot heads) live beside the pre-trained model
+HEADS = f"{R}/models/pretrained/heads"
+
+
+def head_files(names):
+    """The head files a job on these datasets needs: none unless the backend has per-dataset heads."""
+    return [f"{HEADS}/{n}.safetensors" for n in names] if getattr(BACKEND_CLASS, "has_heads", False) else []
 
 
 wildcard_constraints:

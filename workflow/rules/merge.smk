@@ -4,6 +4,7 @@ rule merge_eval:
         pretrained=PRETRAINED,
         models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
         target=lambda wc: data_file(wc.target),
+        heads=lambda wc: head_files([wc.target]),
     output:
         f"{R}/merge_eval/chunks/{{target}}/{{chunk}}.csv",
     params:

@@ -4,6 +4,7 @@ rule mixture_finetune:
     input:
         pretrained=PRETRAINED,
         data=lambda wc: [data_file(n) for n in parse_subset(wc.subset)],
+        heads=lambda wc: head_files(parse_subset(wc.subset)),
     output:
         model=f"{R}/models/mixture/{{subset}}/model.safetensors",
         manifest=f"{R}/models/mixture/{{subset}}/model.json",
@@ -27,6 +28,7 @@ rule mixture_eval:
         pretrained=PRETRAINED,
         models=lambda wc: [mixture_model(s) for s in mixtures_of(wc.target)],
         target=lambda wc: data_file(wc.target),
+        heads=lambda wc: head_files([wc.target]),
     output:
         f"{R}/mixture/{{target}}.csv",
     params:

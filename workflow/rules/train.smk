@@ -48,6 +48,7 @@ rule finetune:
     input:
         pretrained=PRETRAINED,
         data=lambda wc: data_file(wc.dataset),
+        heads=lambda wc: head_files([wc.dataset]),
     output:
         model=f"{R}/models/finetuned/{{dataset}}/model.safetensors",
         manifest=f"{R}/models/finetuned/{{dataset}}/model.json",
@@ -70,6 +71,7 @@ rule eval_pretrained:
     input:
         pretrained=PRETRAINED,
         data=[data_file(t) for t in TARGETS],
+        heads=head_files(TARGETS),
     output:
         f"{R}/pretrained.csv",
     params:
@@ -91,6 +93,7 @@ rule final_finetune:
         pretrained=PRETRAINED,
         merge_eval=f"{R}/merge_eval/{{target}}.csv",
         data=lambda wc: [data_file(c) for c in CANDIDATES[wc.target]] + [data_file(wc.target)],
+        heads=lambda wc: head_files(CANDIDATES[wc.target] + [wc.target]),
     output:
         model=f"{R}/models/final/{{target}}/model.safetensors",
         manifest=f"{R}/models/final/{{target}}/model.json",

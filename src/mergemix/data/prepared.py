@@ -119,7 +119,7 @@ class PreparedDataset:
     def split(self, which: str):
         """(samples, labels) of a split; labels are None for record datasets without labels."""
         idx = self.indices[which]
-        x = self.x[idx] if isinstance(self.x, np.ndarray) else [self.x[i] for i in idx]
+        x = np.asarray(self.x[idx]) if isinstance(self.x, np.ndarray) else [self.x[i] for i in idx]
         return x, (self.y[idx] if self.y is not None else None)
 
 
@@ -127,8 +127,9 @@ def load_prepared(data_dir) -> PreparedDataset:
     data_dir = Path(data_dir)
     meta = io.read_json(data_dir / "splits.json")
     if (data_dir / "arrays.safetensors").exists():
-        arrays = io.load_arrays(data_dir / "arrays.safetensors")
-        x, y = arrays["x"], arrays.get("y")
+        arrays = io.map_arrays(data_dir / "arrays.safetensors")  # memory-mapped: splits are sliced, not read whole
+        x = arrays["x"]
+        y = np.array(arrays["y"]) if "y" in arrays else None
     else:
         x = io.read_jsonl(data_dir / "samples.jsonl")
         y = np.asarray([r["label"] for r in x], dtype=np.int64) if x and "label" in x[0] else None

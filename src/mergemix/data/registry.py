@@ -98,3 +98,4 @@ def check_spec(name: str, spec: dict) -> list[str]:
 
 def _load_builtin() -> None:
     from mergemix.data import digits  # noqa: F401  (registers itself)
+    from mergemix.data import images  # noqa: F401  (image_folder, hf_images)

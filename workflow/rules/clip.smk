@@ -1,0 +1,26 @@
+# Per-dataset frozen heads, for backends that classify with one (clip: zero-shot heads). Each head
+# is computed once from the pre-trained model and the dataset's class names and templates; the
+# rules that train or evaluate on a dataset take its head as an input (head_files, common.smk).
+if getattr(BACKEND_CLASS, "has_heads", False):
+
+    rule zeroshot_head:
+        """A dataset's zero-shot head: class names x templates through the text tower, averaged,
+        scaled by the logit scale. Never trained or merged."""
+        input:
+            pretrained=PRETRAINED,
+            data=lambda wc: data_file(wc.dataset),
+        output:
+            head=f"{HEADS}/{{dataset}}.safetensors",
+            manifest=f"{HEADS}/{{dataset}}.json",
+        params:
+            backend=BACKEND,
+            data=lambda wc: data_dir(wc.dataset),
+        log:
+            f"{R}/logs/zeroshot_head/{{dataset}}.log",
+        threads: RES["threads"]
+        resources:
+            mem_mb=RES["mem_mb"],
+            runtime=RES["runtime"],
+        shell:
+            "mergemix head --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
+            "--data {params.data} --out {output.head} 2> {log}"
