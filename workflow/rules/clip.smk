@@ -19,8 +19,7 @@ if getattr(BACKEND_CLASS, "has_heads", False):
             f"{R}/logs/zeroshot_head/{{dataset}}.log",
         threads: RES["threads"]
         resources:
-            mem_mb=RES["mem_mb"],
-            runtime=RES["runtime"],
+            **CPU_RES,  # a few thousand prompts through the text tower: minutes on CPU, no GPU queue
         shell:
             "mergemix head --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
             "--data {params.data} --out {output.head} 2> {log}"
