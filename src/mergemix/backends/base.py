@@ -116,4 +116,5 @@ def get_backend(spec: dict, threads: int = 1, device: str | None = None) -> Back
 
 def _load_builtin() -> None:
     from mergemix.backends import smallcnn  # noqa: F401
+    from mergemix.backends import causal_lm  # noqa: F401  (imports transformers/peft lazily)
     from mergemix.backends import clip  # noqa: F401  (open_clip is imported only when used)

@@ -95,9 +95,12 @@ def fit(
     step_loss: Callable[[torch.Tensor], torch.Tensor],
     hp: dict,
     log_name: str = "",
+    backward_done: bool = False,
 ) -> dict:
     """Minimise ``step_loss(batch_indices)`` over seeded shuffled mini-batches.
 
+    With ``backward_done``, ``step_loss`` computes the gradients itself (e.g. accumulated over
+    micro-batches) and returns the batch loss as a plain number; gradients are zeroed before it.
     Returns the mean training loss of the last epoch and the number of steps taken.
     """
     params = [p for p in params if p.requires_grad]
@@ -116,13 +119,17 @@ def fit(
         for s in range(steps_per_epoch):
             opt.lr = opt.base_lr * lr_factor(epoch * steps_per_epoch + s, total, hp)
             idx = order[s * bs : (s + 1) * bs]
-            loss = step_loss(idx)
-            opt.zero_grad()
-            loss.backward()
+            if backward_done:
+                opt.zero_grad()
+                loss = step_loss(idx)
+            else:
+                loss = step_loss(idx)
+                opt.zero_grad()
+                loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, float(clip))
             opt.step()
-            losses.append(loss.item())
+            losses.append(float(loss))
         last = float(np.mean(losses))
         log.info("%s epoch %d/%d loss %.4f (%.1fs)", log_name, epoch + 1, epochs, last, time.time() - t0)
     return {"train_loss": last, "steps": total, "train_seconds": round(time.time() - t0, 3)}

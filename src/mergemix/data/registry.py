@@ -98,4 +98,5 @@ def check_spec(name: str, spec: dict) -> list[str]:
 
 def _load_builtin() -> None:
     from mergemix.data import digits  # noqa: F401  (registers itself)
+    from mergemix.data import text  # noqa: F401  (chat data and benchmark targets)
     from mergemix.data import images  # noqa: F401  (image_folder, hf_images)

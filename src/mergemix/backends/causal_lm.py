@@ -1,0 +1,446 @@
+"""``causal_lm``: a causal language model with an IA3 (or LoRA) adapter, the paper's language study.
+
+* The base model and its tokenizer come from a hub id or a local folder (default
+  ``meta-llama/Meta-Llama-3-8B-Instruct``). ``fetch_pretrained`` (a local rule, the only step
+  that downloads) puts them in ``models/pretrained/base/`` and saves the freshly initialised
+  adapter as theta_0; every other job loads the base from that folder with the hubs offline.
+* Only the adapter is fine-tuned, saved (safetensors) and merged. A job loads the base model once;
+  merge-eval writes each merged adapter into the one live model.
+* Training examples are chats rendered with the tokenizer's chat template; the loss covers the
+  assistant turns only (their content and end-of-turn tokens), averaged over those tokens of the
+  whole batch (gradient accumulation over micro-batches gives the same gradient as one batch).
+* Targets are benchmark groups (``mergemix.data.text``): batched greedy generation with left
+  padding and a generation-length limit per benchmark, each benchmark's metric, and their mean.
+  This score is what the ``val_acc``/``test_acc`` columns hold in a language study.
+* Embeddings (appendix A.4): the mean of the last hidden layer over tokens that are neither
+  special nor padding, over the full sample (assistant turns included).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from mergemix.backends.base import Backend, register_backend
+from mergemix.backends.training import fit
+from mergemix.data.prepared import PreparedDataset
+
+log = logging.getLogger("mergemix.causal_lm")
+IGNORE = -100
+
+
+def set_offline() -> None:
+    """Every job after fetch_pretrained/download_data reads local files only."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[var] = "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenisation with an assistant-only loss mask
+# ---------------------------------------------------------------------------------------------
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            "the tokenizer has no chat template; use an instruction-tuned model (e.g. *-Instruct) or set "
+            "tokenizer.chat_template in the local model folder"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of its assistant turns.
+
+    A turn's span runs from the end of the prompt that asks for it (the chat up to it, rendered
+    with the generation prompt) to the end of the chat including it, so it covers the turn's
+    content and its end-of-turn marker, and none of the template's header tokens.
+    """
+    text = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        if not text.startswith(upto) or not upto.startswith(prefix):
+            raise ValueError(
+                "the chat template does not render a chat as a prefix of its continuation (it rewrites earlier "
+                "turns), so assistant tokens cannot be located; use a template without per-turn rewriting"
+            )
+        spans.append((len(prefix), len(upto)))
+    return text, spans
+
+
+def encode_chat(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of a chat and its labels (the ids on assistant tokens, -100 elsewhere)."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = []
+    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+        inside = any(s <= a and b <= e and b > a for s, e in spans)
+        labels.append(tok if inside else IGNORE)
+    return ids[:max_length], labels[:max_length]
+
+
+def special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+    return ids
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, labels: Sequence[Sequence[int]] | None = None):
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    lab = torch.full((len(seqs), n), IGNORE, dtype=torch.long) if labels is not None else None
+    for i, s in enumerate(seqs):
+        sl = slice(n - len(s), n) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+        if lab is not None:
+            lab[i, sl] = torch.tensor(labels[i], dtype=torch.long)
+    return ids, mask, lab
+
+
+def _rel_or_abs(path: Path, start: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve(), start.resolve())
+    except ValueError:
+        return str(path.resolve())
+
+
+@register_backend
+class CausalLMBackend(Backend):
+    name = "causal_lm"
+    can_pretrain = False
+    needs_gpu = True
+    defaults = {
+        "model": "meta-llama/Meta-Llama-3-8B-Instruct",  # hub id or local folder
+        "revision": None,
+        "adapter": "ia3",  # ia3 | lora
+        "target_modules": ["k_proj", "v_proj", "down_proj"],
+        "feedforward_modules": ["down_proj"],  # ia3 only: scale the input of these modules
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "init_seed": 0,  # lora's random init
+        "max_length": 6000,  # context length of training examples (tokens)
+        "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+        "micro_batch_size": 1,  # examples per forward pass; finetune.batch_size / this = accumulation steps
+        "gradient_checkpointing": False,
+        "eval_batch_size": 8,
+        "embed_batch_size": 8,
+        "embed_max_length": 6000,
+        "embed_training_data": "full",  # full (appendix A.4) | split (analysis.similarity_split)
+        "device_map": None,  # None: one device; "auto": shard over all visible GPUs (accelerate)
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        p = self.params
+        if p["adapter"] not in ("ia3", "lora"):
+            raise ValueError(f"backend causal_lm: adapter {p['adapter']!r} is not allowed; allowed: ia3, lora")
+        if p["embed_training_data"] not in ("full", "split"):
+            raise ValueError("backend causal_lm: embed_training_data must be 'full' or 'split'")
+        self.tokenizer = None
+        self._encoded: dict = {}
+
+    # --- model ---------------------------------------------------------------------------------
+    def dtype(self) -> torch.dtype:
+        prec = self.params["precision"]
+        if prec == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        if prec not in table:
+            raise ValueError(f"backend causal_lm: precision {prec!r} not allowed; allowed: auto, {', '.join(table)}")
+        return table[prec]
+
+    def peft_config(self):
+        from peft import IA3Config, LoraConfig, TaskType
+
+        p = self.params
+        if p["adapter"] == "ia3":
+            ff = [m for m in p["feedforward_modules"] if m in p["target_modules"]]
+            return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=list(p["target_modules"]), feedforward_modules=ff)
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM, target_modules=list(p["target_modules"]), r=int(p["lora_r"]),
+            lora_alpha=int(p["lora_alpha"]), lora_dropout=0.0,
+        )
+
+    def attach_adapter(self, base):
+        from peft import get_peft_model
+
+        torch.manual_seed(int(self.params["init_seed"]))
+        model = get_peft_model(base, self.peft_config())
+        return model
+
+    def fetch_pretrained(self, out_path) -> dict:
+        """Put the base model and tokenizer in a local folder and save the initial adapter (theta_0)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from mergemix import __version__, io
+
+        out_path = Path(out_path)
+        src = Path(str(self.params["model"])).expanduser()
+        if src.is_dir():
+            base_dir, origin = src.resolve(), {"local": str(src.resolve())}
+        else:
+            from huggingface_hub import snapshot_download
+
+            base_dir = out_path.parent / "base"
+            commit = snapshot_download(
+                repo_id=str(self.params["model"]), revision=self.params["revision"], local_dir=str(base_dir),
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+            origin = {"hub": self.params["model"], "revision": self.params["revision"], "snapshot": str(commit)}
+        tok = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+        render(tok, [{"role": "user", "content": "hi"}])  # fail here, not in a GPU job, without a chat template
+        # the adapter's shapes need only the architecture: build the base on the meta device
+        cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(cfg)
+        model = self.attach_adapter(base)
+        self._materialize_adapter(model)
+        state = {k: v.detach().cpu() for k, v in self.merge_params(model).items()}
+        manifest = {
+            "kind": "pretrained",
+            "backend": self.describe(),
+            "base_model": _rel_or_abs(base_dir, out_path.parent),
+            "origin": origin,
+            "adapter_parameters": int(sum(v.numel() for v in state.values())),
+            "mergemix_version": __version__,
+        }
+        log.info("base model in %s; adapter with %d parameters", base_dir, manifest["adapter_parameters"])
+        return io.save_model(out_path, state, manifest)
+
+    def _materialize_adapter(self, model) -> None:
+        """Give the adapter of a meta-device model real (CPU) tensors with peft's initialisation."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        torch.manual_seed(int(self.params["init_seed"]))
+        for m in model.modules():
+            if not isinstance(m, BaseTunerLayer):
+                continue
+            for name in m.adapter_layer_names:
+                getattr(m, name).to_empty(device="cpu")
+            if hasattr(m, "reset_ia3_parameters"):
+                m.reset_ia3_parameters("default")
+            else:
+                m.reset_lora_parameters("default", True)
+
+    def load_pretrained(self, path):
+        """Base model from the local folder (never the network), the adapter attached, theta_0 loaded."""
+        set_offline()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mergemix import io
+
+        state, manifest = io.load_model(path)
+        base_dir = Path(path).parent / manifest["base_model"]
+        if not base_dir.is_dir():
+            raise FileNotFoundError(
+                f"base model folder {base_dir} (from {io.manifest_path(path)}) is missing; rerun fetch_pretrained "
+                "(delete the pretrained model files first)"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        kwargs = {"dtype": self.dtype(), "local_files_only": True}
+        device_map = self.params["device_map"]
+        if device_map is None and self.device.type == "cuda" and torch.cuda.device_count() > 1:
+            device_map = "auto"
+        if device_map:
+            kwargs["device_map"] = device_map
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+        if not device_map:
+            base = base.to(self.device)
+        if self.params["gradient_checkpointing"]:
+            base.gradient_checkpointing_enable()
+            base.enable_input_require_grads()
+        model = self.attach_adapter(base)
+        self.load_state(model, state)
+        model.eval()
+        return model
+
+    def merge_params(self, model) -> Dict[str, torch.nn.Parameter]:
+        """The adapter's parameters (the only trainable ones), by their stable names."""
+        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        if not params:
+            raise ValueError("the model has no trainable adapter parameters; was the adapter attached?")
+        return params
+
+    def _input_device(self, model) -> torch.device:
+        return model.get_input_embeddings().weight.device
+
+    # --- data ----------------------------------------------------------------------------------
+    @staticmethod
+    def _chat_of(record: dict) -> list[dict]:
+        """The full sample as a chat: a training chat, or a benchmark prompt with its first reference."""
+        if "messages" in record:
+            return record["messages"]
+        if "prompt" in record:
+            msgs = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+            return msgs + [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["references"][0]}]
+        raise ValueError(f"record with keys {sorted(record)} is neither a chat nor a benchmark example")
+
+    def _encode(self, data: PreparedDataset, split: str):
+        key = (id(data), split, "train")
+        if key not in self._encoded:
+            recs, _ = data.split(split)
+            for r in recs[:1]:
+                if "messages" not in r:
+                    raise ValueError(
+                        f"dataset {data.name!r} is not chat training data (records have keys {sorted(r)}); "
+                        "a target (benchmarks, lm_eval) cannot be a fine-tuning candidate"
+                    )
+            enc = [encode_chat(self.tokenizer, r["messages"], int(self.params["max_length"])) for r in recs]
+            n_empty = sum(1 for _, lab in enc if all(l == IGNORE for l in lab))
+            if n_empty:
+                log.warning("%s/%s: %d of %d examples have no assistant token within max_length=%s",
+                            data.name, split, n_empty, len(enc), self.params["max_length"])
+            self._encoded[key] = enc
+        return self._encoded[key]
+
+    def _token_loss_sum(self, model, examples) -> tuple[torch.Tensor, int]:
+        ids, mask, labels = pad_batch([e[0] for e in examples], self.tokenizer.pad_token_id, False, [e[1] for e in examples])
+        dev = self._input_device(model)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        labels = labels.to(logits.device)
+        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        return loss, int((shift_labels != IGNORE).sum())
+
+    # --- training ------------------------------------------------------------------------------
+    def finetune(self, model, data: Sequence[PreparedDataset], hp: dict) -> dict:
+        examples = [e for d in data for e in self._encode(d, "train")]
+        n_label = [sum(1 for l in lab[1:] if l != IGNORE) for _, lab in examples]
+        micro = max(1, int(self.params["micro_batch_size"]))
+        params = list(self.merge_params(model).values())
+        model.train()
+
+        def step_loss(idx):
+            idx = idx.tolist()
+            total = max(1, sum(n_label[i] for i in idx))  # assistant tokens of the whole batch
+            done = 0.0
+            for s in range(0, len(idx), micro):
+                chunk = [examples[i] for i in idx[s : s + micro]]
+                loss_sum, _ = self._token_loss_sum(model, chunk)
+                (loss_sum / total).backward()
+                done += loss_sum.item() / total
+            return done
+
+        name = "finetune " + "+".join(d.name for d in data)
+        metrics = fit(params, len(examples), step_loss, hp, log_name=name, backward_done=True)
+        model.eval()
+        metrics["val_loss"] = self.mean_loss(model, [e for d in data for e in self._encode(d, "val")])
+        metrics["n_train"] = len(examples)
+        metrics["n_train_tokens"] = int(sum(len(e[0]) for e in examples))
+        return metrics
+
+    @torch.no_grad()
+    def mean_loss(self, model, examples) -> float:
+        if not examples:
+            return float("nan")
+        tot, n = 0.0, 0
+        bs = max(1, int(self.params["micro_batch_size"]))
+        for s in range(0, len(examples), bs):
+            loss, k = self._token_loss_sum(model, examples[s : s + bs])
+            tot, n = tot + loss.item(), n + k
+        return tot / max(1, n)
+
+    # --- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, model, prompts: List[list[dict]], max_new_tokens: int) -> List[str]:
+        """Greedy completions of chat prompts, batched with left padding."""
+        tok = self.tokenizer
+        enc = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))  # similar lengths share a batch
+        out: List[str] = [""] * len(enc)
+        bs = max(1, int(self.params["eval_batch_size"]))
+        dev = self._input_device(model)
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            ids, mask, _ = pad_batch([enc[i] for i in idx], tok.pad_token_id, left=True)
+            gen = model.generate(
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=int(max_new_tokens),
+                do_sample=False, pad_token_id=tok.pad_token_id,
+            )
+            for j, i in enumerate(idx):
+                out[i] = tok.decode(gen[j, ids.shape[1] :], skip_special_tokens=True).strip()
+        return out
+
+    def benchmark_scores(self, model, data: PreparedDataset, split: str) -> Dict[str, float]:
+        from mergemix.text_metrics import score
+
+        recs, _ = data.split(split)
+        if not recs:
+            raise ValueError(f"target {data.name!r} has no {split} examples")
+        if "prompt" not in recs[0]:
+            raise ValueError(
+                f"dataset {data.name!r} is not a benchmark target (records have keys {sorted(recs[0])}); "
+                "targets of a causal_lm study use the 'benchmarks' or 'lm_eval' source"
+            )
+        by_bench: Dict[str, list] = {}
+        for r in recs:
+            by_bench.setdefault(r["benchmark"], []).append(r)
+        scores = {}
+        model.eval()
+        for name in sorted(by_bench):
+            rs = by_bench[name]
+            prompts = [self._chat_of(r)[:-1] for r in rs]
+            preds = self.generate(model, prompts, rs[0]["max_new_tokens"])
+            scores[name] = score(rs[0]["metric"], preds, [r["references"] for r in rs])
+        return scores
+
+    def evaluate(self, model, data: PreparedDataset, split: str) -> float:
+        recs, _ = data.split(split)
+        if recs and recs[0].get("lm_eval"):
+            from mergemix.lm_eval_adapter import evaluate_lm_eval
+
+            return evaluate_lm_eval(self, model, recs[0])
+        scores = self.benchmark_scores(model, data, split)
+        log.info("%s/%s: %s", data.name, split, {k: round(v, 4) for k, v in scores.items()})
+        return float(np.mean(list(scores.values())))
+
+    # --- embeddings ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, model, data: PreparedDataset, split: str) -> np.ndarray:
+        """Mean last-layer hidden state over non-special, non-padding tokens, one row per sample.
+
+        Training (chat) datasets are embedded in full with ``embed_training_data: full`` (appendix
+        A.4); targets use ``split`` (the workflow's ``analysis.similarity_split``, val by default).
+        """
+        every = np.unique(np.concatenate([np.asarray(v, dtype=np.int64) for v in data.indices.values()]))
+        recs = [data.x[i] for i in every]  # every sample of the prepared dataset, all splits
+        if recs and recs[0].get("lm_eval"):
+            raise ValueError(
+                f"target {data.name!r} (lm_eval) has no text to embed here; use a 'benchmarks' target for the "
+                "similarity baselines"
+            )
+        if not (recs and "messages" in recs[0] and self.params["embed_training_data"] == "full"):
+            recs, _ = data.split(split)
+        tok = self.tokenizer
+        skip = torch.tensor(sorted(special_ids(tok)), dtype=torch.long)
+        maxlen = int(self.params["embed_max_length"])
+        enc = [tok(render(tok, self._chat_of(r)), add_special_tokens=False)["input_ids"][:maxlen] for r in recs]
+        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+        out = np.zeros((len(enc), model.config.hidden_size), dtype=np.float32)
+        bs = max(1, int(self.params["embed_batch_size"]))
+        dev = self._input_device(model)
+        model.eval()
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            ids, mask, _ = pad_batch([enc[i] for i in idx], tok.pad_token_id, left=False)
+            keep = mask.bool() & ~torch.isin(ids, skip)
+            h = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True).hidden_states[-1]
+            keep = keep.to(h.device).unsqueeze(-1).float()
+            mean = (h.float() * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+            out[idx] = mean.cpu().numpy()
+        return out
