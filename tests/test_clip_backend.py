@@ -1,0 +1,266 @@
+"""The CLIP backend and the image sources, offline: a tiny open_clip architecture with local
+"pre-trained" weights, and tiny datasets in the formats the real loaders read."""
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from clip_fixtures import (
+    IMAGE_SIZE, TINY_NAME, backend_spec, make_images, write_hf_disk, write_hf_parquet, write_image_folder,
+    write_tiny_weights,
+)
+from mergemix import io, stages
+from mergemix.backends import get_backend
+from mergemix.data.clip_datasets import CLASSNAMES, TEMPLATES, resolve_classnames
+from mergemix.data.prepared import load_prepared
+
+open_clip = pytest.importorskip("open_clip")
+
+SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "val_from_train": 0.2, "val_cap": 50}
+HP = {"epochs": 6, "lr": 1e-3, "batch_size": 16, "optimizer": "adamw", "weight_decay": 0.1,
+      "schedule": "cosine", "warmup_frac": 0.1, "grad_clip": 1.0, "seed": 0}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Three prepared datasets (image folder, saved `datasets`, parquet), the fetched model, heads."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    tmp = tmp_path_factory.mktemp("clip")
+    weights = write_tiny_weights(tmp / "weights.pt")
+    specs = {
+        "folder": {"source": "image_folder", "path": str(write_image_folder(tmp / "folder", ["red", "green", "blue"], 12, 6, 0)),
+                   "image_size": IMAGE_SIZE},
+        "disk": {"source": "hf_images", "hub_id": str(write_hf_disk(tmp / "disk", ["red", "green", "blue", "yellow"], 12, 6, 10)),
+                 "image_size": IMAGE_SIZE, "templates": "cars"},
+        "parquet": {"source": "hf_images", "hub_id": str(write_hf_parquet(tmp / "pq", ["red", "green", "blue"], 12, 6, 20)),
+                    "image_size": IMAGE_SIZE, "templates": ["a {} thing.", "the colour {}."]},
+    }
+    dirs = {}
+    for name, spec in specs.items():
+        local = None
+        if spec["source"] == "hf_images":
+            local = tmp / "downloads" / name
+            stages.download(name, spec, local)
+        stages.prepare(name, spec, SPLIT, tmp / "data" / name, local)
+        dirs[name] = tmp / "data" / name
+    backend = backend_spec(weights)
+    pretrained = tmp / "models" / "pretrained" / "model.safetensors"
+    stages.fetch_pretrained(backend, pretrained)
+    for name in specs:
+        stages.head(backend, pretrained, dirs[name], pretrained.parent / "heads" / f"{name}.safetensors")
+    yield {"tmp": tmp, "weights": weights, "backend": backend, "pretrained": pretrained, "dirs": dirs, "specs": specs}
+    mp.undo()
+
+
+def direct_model(weights):
+    """open_clip's own model from the weights file, without mergemix."""
+    return open_clip.create_model(TINY_NAME, pretrained=str(weights)).eval()
+
+
+def test_zeroshot_head_equals_direct_computation(study):
+    model = direct_model(study["weights"])
+    tok = open_clip.get_tokenizer(TINY_NAME)
+    for name, templates in (("disk", TEMPLATES["cars"]), ("parquet", ["a {} thing.", "the colour {}."]),
+                            ("folder", TEMPLATES["generic"])):
+        data = load_prepared(study["dirs"][name])
+        state, manifest = io.load_model(study["pretrained"].parent / "heads" / f"{name}.safetensors")
+        assert manifest["classnames"] == data.classes and manifest["templates"] == templates
+        expected = []
+        with torch.no_grad():
+            for c in data.classes:
+                per_template = [model.encode_text(tok([t.format(c)]))[0] for t in templates]
+                e = torch.stack([v / v.norm() for v in per_template]).mean(0)
+                expected.append(e / e.norm() * model.logit_scale.exp())
+        torch.testing.assert_close(state["weight"], torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert load_prepared(study["dirs"]["folder"]).classes == ["blue colour", "green colour", "red colour"]
+
+
+def test_evaluate_matches_open_clip_preprocessing_and_head(study):
+    """Accuracy from the cached uint8 inputs equals open_clip's own eval transform on the source images."""
+    data = load_prepared(study["dirs"]["disk"])
+    backend = get_backend(study["backend"])
+    model = backend.load_pretrained(study["pretrained"])
+    head = io.load_model(study["pretrained"].parent / "heads" / "disk.safetensors")[0]["weight"]
+    ref = direct_model(study["weights"])
+    transform = open_clip.image_transform(IMAGE_SIZE, is_train=False)
+    images, labels = make_images(["red", "green", "blue", "yellow"], 6, 11)  # the test split of "disk"
+    with torch.no_grad():
+        f = ref.encode_image(torch.stack([transform(im) for im in images]))
+        pred = ((f / f.norm(dim=-1, keepdim=True)) @ head.T).argmax(1).numpy()
+        x_test, y_test = data.split("test")
+        assert np.array_equal(y_test, labels)
+        ours = model(torch.from_numpy(x_test))
+    torch.testing.assert_close(ours, f, rtol=1e-4, atol=1e-4)
+    assert backend.evaluate(model, data, "test") == pytest.approx(float(np.mean(pred == np.asarray(labels))))
+
+
+def test_fetch_and_load_never_touch_the_network(study, monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("network access")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    manifest = io.read_json(study["pretrained"].with_suffix(".json"))
+    assert manifest["source_sha256"] == io.sha256_file(study["weights"])
+    assert manifest["preprocess"]["image_size"] == IMAGE_SIZE
+    backend = get_backend(study["backend"])
+    model = backend.load_pretrained(study["pretrained"])
+    ref = direct_model(study["weights"])
+    params = backend.merge_params(model)
+    assert params and all(k.startswith("visual.") for k in params)
+    assert set(params) == {f"visual.{k}" for k, _ in ref.visual.named_parameters()}
+    for k, p in params.items():
+        assert torch.equal(p.detach(), ref.visual.get_parameter(k[len("visual."):]))
+
+
+def test_missing_weights_file_and_wrong_image_size_are_refused(study, tmp_path):
+    spec = backend_spec(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        get_backend(spec).fetch_pretrained(tmp_path / "m.safetensors")
+    big = {"source": "image_folder", "path": study["specs"]["folder"]["path"], "image_size": 24}
+    stages.prepare("big", big, SPLIT, tmp_path / "big")
+    backend = get_backend(study["backend"])
+    model = backend.load_pretrained(study["pretrained"])
+    with pytest.raises(ValueError, match="image_size: 16"):
+        backend.evaluate(model, load_prepared(tmp_path / "big"), "test")
+
+
+def test_finetune_changes_only_the_image_encoder_and_learns_every_dataset(study, tmp_path):
+    backend = get_backend(study["backend"])
+    model = backend.load_pretrained(study["pretrained"])
+    data = [load_prepared(study["dirs"][n]) for n in ("folder", "disk", "parquet")]
+    before = {d.name: backend.evaluate(model, d, "test") for d in data}
+    heads_before = {p.name: io.sha256_file(p) for p in (study["pretrained"].parent / "heads").glob("*.safetensors")}
+    theta0 = {k: v.detach().clone() for k, v in backend.merge_params(model).items()}
+    metrics = backend.finetune(model, data, HP)
+    after = {d.name: backend.evaluate(model, d, "test") for d in data}
+    # multi-head training: each dataset is learnt with its own head (the colour tasks are easy)
+    for d in data:
+        assert after[d.name] >= 0.9 > before[d.name], (before, after)
+    assert metrics["n_train"] == sum(len(d.indices["train"]) for d in data)
+    assert set(metrics["val_acc_per_dataset"]) == {"folder", "disk", "parquet"}
+    changed = [k for k, v in backend.merge_params(model).items() if not torch.equal(v.detach(), theta0[k])]
+    assert len(changed) == len(theta0)
+    # what is saved and merged is the image encoder; the text tower and the heads stay untouched
+    out = tmp_path / "ft" / "model.safetensors"
+    io.save_model(out, backend.state_to_save(model), {"kind": "finetuned"})
+    assert set(io.load_model(out)[0]) == set(theta0)
+    assert heads_before == {p.name: io.sha256_file(p) for p in (study["pretrained"].parent / "heads").glob("*.safetensors")}
+    fresh = backend.load_pretrained(study["pretrained"])
+    backend.load_state(fresh, io.load_model(out)[0])
+    assert backend.evaluate(fresh, data[1], "test") == after["disk"]
+
+
+def test_seeded_finetune_is_reproducible(study):
+    data = [load_prepared(study["dirs"]["parquet"])]
+    states = []
+    for _ in range(2):
+        backend = get_backend(study["backend"])
+        model = backend.load_pretrained(study["pretrained"])
+        backend.finetune(model, data, {**HP, "epochs": 1})
+        states.append(backend.state_to_save(model))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_embed_gives_image_embeddings_of_the_split(study):
+    backend = get_backend(study["backend"])
+    model = backend.load_pretrained(study["pretrained"])
+    data = load_prepared(study["dirs"]["folder"])
+    emb = backend.embed(model, data, "val")
+    assert emb.dtype == np.float32 and emb.shape == (len(data.indices["val"]), 32)
+    with torch.no_grad():
+        ref = direct_model(study["weights"]).encode_image(
+            (torch.from_numpy(data.split("val")[0]).float() / 255 - model.mean) / model.std)
+    np.testing.assert_allclose(emb, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# --- sources and splits -------------------------------------------------------------------------------
+def test_sources_decode_the_same_images_identically(study):
+    """The image folder and the saved `datasets` copy of the same pictures give the same uint8 arrays."""
+    tmp = study["tmp"]
+    classes = ["red", "green", "blue"]
+    folder = write_image_folder(tmp / "same_folder", classes, 5, 3, 42)
+    disk = write_hf_disk(tmp / "same_disk", classes, 5, 3, 42)
+    a = stages.prepare("a", {"source": "image_folder", "path": str(folder), "image_size": IMAGE_SIZE,
+                             "classnames": classes}, SPLIT, tmp / "same" / "a")
+    spec = {"source": "hf_images", "hub_id": str(disk), "image_size": IMAGE_SIZE}
+    stages.download("b", spec, tmp / "same" / "dl")
+    b = stages.prepare("b", spec, SPLIT, tmp / "same" / "b", tmp / "same" / "dl")
+    assert a["classes"] == b["classes"] == classes
+    da, db = load_prepared(tmp / "same" / "a"), load_prepared(tmp / "same" / "b")
+    # folder order is by class folder name (blue, green, red), hub order by label: compare per label
+    for split in ("train", "val", "test"):
+        xa, ya = da.split(split)
+        xb, yb = db.split(split)
+        assert da.x.dtype == np.uint8 and xa.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert sorted(ya.tolist()) == sorted(yb.tolist())
+    assert np.array_equal(np.sort(da.x.reshape(len(da.x), -1), axis=0), np.sort(db.x.reshape(len(db.x), -1), axis=0))
+
+
+def test_val_is_carved_from_train_seeded_capped_and_saved(study, tmp_path):
+    spec = study["specs"]["folder"]
+    info = io.read_json(study["dirs"]["folder"] / "splits.json")
+    n_train_given = 3 * 12
+    assert info["sizes"]["val"] == round(0.2 * n_train_given) and info["sizes"]["test"] == 3 * 6
+    idx = {k: set(v) for k, v in info["indices"].items()}
+    assert not (idx["train"] & idx["val"]) and not (idx["train"] & idx["test"]) and not (idx["val"] & idx["test"])
+    assert idx["train"] | idx["val"] == set(range(n_train_given))  # val comes from the given train split only
+    capped = stages.prepare("c", spec, {**SPLIT, "val_cap": 4}, tmp_path / "c")
+    again = stages.prepare("c", spec, {**SPLIT, "val_cap": 4}, tmp_path / "c2")
+    other = stages.prepare("c", spec, {**SPLIT, "val_cap": 4, "seed": 1}, tmp_path / "c3")
+    assert capped["sizes"]["val"] == 4 and capped["indices"] == again["indices"]
+    assert capped["indices"]["val"] != other["indices"]["val"]
+
+
+def test_hub_source_errors_name_the_fix(study, tmp_path):
+    from mergemix.data.images import download_hf
+
+    hub = study["specs"]["disk"]["hub_id"]
+    with pytest.raises(ValueError, match="set image_column"):
+        download_hf({"source": "hf_images", "hub_id": hub, "image_column": "img"}, tmp_path / "x")
+    spec = {"source": "hf_images", "hub_id": hub, "image_size": IMAGE_SIZE, "classnames": "mnist"}
+    stages.download("d", spec, tmp_path / "dl")
+    with pytest.raises(ValueError, match="10 class names given but the data has 4 classes"):
+        stages.prepare("d", spec, SPLIT, tmp_path / "d", tmp_path / "dl")
+    with pytest.raises(ValueError, match="unknown template set"):
+        stages.prepare("d", {**spec, "classnames": None, "templates": "nope"}, SPLIT, tmp_path / "d", tmp_path / "dl")
+
+
+def test_paper_datasets_have_class_names_and_templates():
+    assert {len(CLASSNAMES[k]) for k in ("mnist", "svhn", "eurosat")} == {10}
+    assert (len(CLASSNAMES["dtd"]), len(CLASSNAMES["gtsrb"]), len(CLASSNAMES["resisc45"])) == (47, 43, 45)
+    for name in ("cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"):
+        assert TEMPLATES[name] and all(t.count("{}") == 1 for t in TEMPLATES[name])
+    assert len(set(TEMPLATES["resisc45"])) == 18
+    with pytest.raises(ValueError, match="carries no class names"):
+        resolve_classnames("from_data", None)
+
+
+def test_study_config_is_the_papers_design():
+    from conftest import ROOT
+    from mergemix.config import candidates_of, load_yaml, targets_of, validate_config
+    from mergemix.subsets import all_subsets, subset_id
+
+    cfg = validate_config(load_yaml(ROOT / "config" / "clip_vit_b32.yaml"))
+    assert cfg["backend"] == {"name": "clip", "params": {"model": "ViT-B-32", "pretrained": "openai"}}
+    names = sorted(cfg["datasets"])
+    assert names == ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"]
+    for n, spec in cfg["datasets"].items():
+        assert spec["source"] == "hf_images" and spec["hub_id"] and spec["revision"] and spec["templates"] == n
+    targets = targets_of(cfg)
+    assert targets == list(cfg["datasets"]) and all(len(candidates_of(cfg, t)) == 7 for t in targets)
+    mixtures = {subset_id(s) for t in targets for s in all_subsets(candidates_of(cfg, t))}
+    assert len(mixtures) == 2**8 - 2 and sum(1 for m in mixtures if "+" in m) == 254 - 8
+    ft = cfg["finetune"]
+    assert (ft["epochs"], ft["batch_size"], ft["lr"], ft["optimizer"], ft["weight_decay"], ft["schedule"], ft["grad_clip"]) == (
+        10, 128, 1e-5, "adamw", 0.1, "cosine", 1.0)
+    assert ft["warmup_frac"] > 0 and cfg["mixture"]["enabled"] and cfg["resources"]["gpu"] == 1
