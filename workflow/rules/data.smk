@@ -24,7 +24,8 @@ rule prepare_data:
     input:
         lambda wc: [f"{download_dir(wc.dataset)}/download.json"] if wc.dataset in DOWNLOADED else [],
     output:
-        arrays=f"{R}/data/{{dataset}}/arrays.safetensors",
+        # splits.json is written last, beside arrays.safetensors (array samples) or samples.jsonl
+        # (record samples, e.g. chats); a rule output cannot name one or the other, so only it is declared
         splits=f"{R}/data/{{dataset}}/splits.json",
     params:
         spec=lambda wc: js(DATA_SPECS[wc.dataset]),
