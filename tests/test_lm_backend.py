@@ -308,3 +308,43 @@ def test_benchmarks_source_splits_and_llm_jp_eval_conversion(tmp_path):
     assert r["references"] == ["entailment"] and r["prompt"].startswith("前提") and r["system"] == entry["system"]
     with pytest.raises(KeyError, match="available"):
         prepare_dataset("nli", {**spec, "benchmarks": [{**entry, "metric": "rouge"}]}, SPLIT, tmp_path / "e")
+
+
+# --- lm-evaluation-harness adapter (optional extra) --------------------------------------------
+def test_lm_eval_target_scores_the_live_model(base_dir, pretrained, tmp_path):
+    """A local multiple-choice task through lm-eval on the in-memory model, against a hand computation."""
+    pytest.importorskip("lm_eval")
+    words = [w for _, w in lm_tiny.copying(12, seed=7)]
+    rows = [{"question": f"copy {w}", "choices": [w, w[::-1] + "x"], "label": 0} for w in words]
+    lm_tiny.write_jsonl(tmp_path / "copy_mc.jsonl", rows)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "copy_mc.yaml").write_text(
+        "task: copy_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'copy_mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    spec = {"source": "lm_eval", "tasks": [{"name": "copy_mc", "metric": "acc"}], "val_limit": 5, "test_limit": 7,
+            "include_path": str(tmp_path / "tasks")}
+    prepare_dataset("mc", spec, SPLIT, tmp_path / "d")
+    target = load_prepared(tmp_path / "d")
+    be = backend(base_dir)
+    model = be.load_pretrained(pretrained[0])
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a non-trivial adapter, written into the live model as merge-eval does
+        for p in be.merge_params(model).values():
+            p.copy_(1 + 0.8 * torch.randn(p.shape, generator=gen))
+    tok = be.tokenizer
+
+    def logprob(context, continuation):
+        ctx, cont = tok.encode(context, add_special_tokens=False), tok.encode(continuation, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+        return sum(logits[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+    def by_hand(docs):
+        return np.mean([max(range(2), key=lambda c: logprob(d["question"], " " + d["choices"][c])) == d["label"] for d in docs])
+
+    val, test = be.evaluate(model, target, "val"), be.evaluate(model, target, "test")
+    assert val == pytest.approx(by_hand(rows[:5])) and test == pytest.approx(by_hand(rows[5:12]))
+    assert 0 < by_hand(rows) < 1  # the task discriminates between models
