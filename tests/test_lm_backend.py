@@ -348,3 +348,11 @@ def test_lm_eval_target_scores_the_live_model(base_dir, pretrained, tmp_path):
     val, test = be.evaluate(model, target, "val"), be.evaluate(model, target, "test")
     assert val == pytest.approx(by_hand(rows[:5])) and test == pytest.approx(by_hand(rows[5:12]))
     assert 0 < by_hand(rows) < 1  # the task discriminates between models
+    # similarity baselines: the validation documents, embedded as question + correct choice
+    emb = be.embed(model, target, "val")
+    # the same text as a benchmark target embeds identically
+    lm_tiny.write_jsonl(tmp_path / "mc.jsonl", [{"prompt": r["question"], "references": [r["choices"][0]]} for r in rows[:5]])
+    spec = {"source": "benchmarks", "benchmarks": [{"name": "mc", "dev": str(tmp_path / "mc.jsonl"),
+            "test": str(tmp_path / "mc.jsonl"), "metric": "exact_match", "max_new_tokens": 2}]}
+    prepare_dataset("mcb", spec, SPLIT, tmp_path / "b")
+    assert emb.shape == (5, 64) and np.allclose(emb, be.embed(model, load_prepared(tmp_path / "b"), "val"), atol=1e-6)

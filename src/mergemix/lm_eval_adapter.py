@@ -48,3 +48,32 @@ def evaluate_lm_eval(backend, model, record: dict) -> float:
         scores.append(float(row[key]))
     log.info("lm_eval %s docs [%d, %d): %s", record["split"], lo, hi, dict(zip(names, scores)))
     return sum(scores) / len(scores)
+
+
+def lm_eval_examples(record: dict) -> list[dict]:
+    """The record's split as benchmark-style examples (prompt, references), for embeddings.
+
+    The prompt is each document's ``doc_to_text``; the reference its target (the correct choice's
+    text for multiple-choice tasks), so the full sample is embedded as for other targets.
+    """
+    _require()
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    names = [t["name"] for t in record["tasks"]]
+    tasks = get_task_dict(names, TaskManager(include_path=record.get("include_path")))
+    lo, hi = record["docs"]
+    out = []
+    for name in names:
+        task = tasks.get(name)
+        if not isinstance(task, Task):
+            raise ValueError(f"lm_eval task {name!r} is a group; list its subtasks in the target's tasks instead")
+        docs = list(task.eval_docs)[lo:hi]
+        for doc in docs:
+            target = task.doc_to_target(doc)
+            if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
+                target = task.doc_to_choice(doc)[target]
+            if isinstance(target, list):
+                target = target[0]
+            out.append({"prompt": str(task.doc_to_text(doc)), "references": [str(target)], "benchmark": name})
+    return out

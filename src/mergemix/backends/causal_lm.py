@@ -419,13 +419,12 @@ class CausalLMBackend(Backend):
         """
         every = np.unique(np.concatenate([np.asarray(v, dtype=np.int64) for v in data.indices.values()]))
         recs = [data.x[i] for i in every]  # every sample of the prepared dataset, all splits
-        if recs and recs[0].get("lm_eval"):
-            raise ValueError(
-                f"target {data.name!r} (lm_eval) has no text to embed here; use a 'benchmarks' target for the "
-                "similarity baselines"
-            )
         if not (recs and "messages" in recs[0] and self.params["embed_training_data"] == "full"):
             recs, _ = data.split(split)
+        if recs and recs[0].get("lm_eval"):
+            from mergemix.lm_eval_adapter import lm_eval_examples
+
+            recs = lm_eval_examples(recs[0])  # the split's documents, as prompt + reference
         tok = self.tokenizer
         skip = torch.tensor(sorted(special_ids(tok)), dtype=torch.long)
         maxlen = int(self.params["embed_max_length"])
