@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", type=_json, required=True)
     s.add_argument("--pretrained", required=True)
     s.add_argument("--data", required=True, help="prepared dataset folder")
+    s.add_argument("--templates", type=_json, default=None, help="JSON: a template-set name or list (default: the dataset spec's)")
     s.add_argument("--out", required=True)
 
     s = stage("pretrain", "pre-train the built-in model (smallcnn)")
@@ -163,7 +164,7 @@ def run(args) -> None:
     elif args.stage == "fetch-pretrained":
         stages.fetch_pretrained(args.backend, args.out, t)
     elif args.stage == "head":
-        stages.head(args.backend, args.pretrained, args.data, args.out, t)
+        stages.head(args.backend, args.pretrained, args.data, args.out, t, templates=args.templates)
     elif args.stage == "pretrain":
         stages.pretrain(args.backend, args.hparams, args.data, args.out, t)
     elif args.stage == "finetune":

@@ -47,12 +47,14 @@ def _manifest(backend, kind: str, datasets: Sequence[str], hp: dict | None, metr
     }
 
 
-def head(backend_spec: dict, pretrained, data_dir, out_path, threads: int = 1) -> dict:
-    """A dataset's frozen classification head from the pre-trained model (CLIP's zero-shot head)."""
+def head(backend_spec: dict, pretrained, data_dir, out_path, threads: int = 1, templates=None) -> dict:
+    """A dataset's frozen classification head from the pre-trained model (CLIP's zero-shot head).
+
+    ``templates`` (a template-set name or list) defaults to the prepared dataset's spec."""
     backend = get_backend(backend_spec, threads=threads)
     if not getattr(backend, "has_heads", False):
         raise ValueError(f"backend {backend.name!r} has no per-dataset heads")
-    manifest = backend.write_head(pretrained, load_prepared(data_dir), out_path)
+    manifest = backend.write_head(pretrained, load_prepared(data_dir), out_path, templates=templates)
     log.info("head for %s: %d classes", manifest["dataset"], len(manifest["classnames"]))
     return manifest
 

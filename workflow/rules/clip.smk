@@ -15,6 +15,7 @@ if getattr(BACKEND_CLASS, "has_heads", False):
         params:
             backend=BACKEND,
             data=lambda wc: data_dir(wc.dataset),
+            templates=lambda wc: js(DATA_SPECS[wc.dataset].get("templates")),
         log:
             f"{R}/logs/zeroshot_head/{{dataset}}.log",
         threads: RES["threads"]
@@ -22,4 +23,4 @@ if getattr(BACKEND_CLASS, "has_heads", False):
             **CPU_RES,  # a few thousand prompts through the text tower: minutes on CPU, no GPU queue
         shell:
             "mergemix head --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
-            "--data {params.data} --out {output.head} 2> {log}"
+            "--data {params.data} --templates {params.templates:q} --out {output.head} 2> {log}"

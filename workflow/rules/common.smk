@@ -102,6 +102,15 @@ def head_files(names):
     return [f"{HEADS}/{n}.safetensors" for n in names] if getattr(BACKEND_CLASS, "has_heads", False) else []
 
 
+# dataset spec keys that only the head uses: changing prompt templates recomputes the head (and
+# what depends on it), not the download or the decoded images
+HEAD_ONLY_KEYS = ("templates",)
+
+
+def data_spec(name):
+    return {k: v for k, v in DATA_SPECS[name].items() if k not in HEAD_ONLY_KEYS}
+
+
 wildcard_constraints:
     dataset="[A-Za-z0-9_][A-Za-z0-9_-]*",
     target="[A-Za-z0-9][A-Za-z0-9_-]*",

@@ -8,7 +8,7 @@ rule download_data:
     output:
         f"{R}/downloads/{{dataset}}/download.json",
     params:
-        spec=lambda wc: js(DATA_SPECS[wc.dataset]),
+        spec=lambda wc: js(data_spec(wc.dataset)),
         out=lambda wc: download_dir(wc.dataset),
     log:
         f"{R}/logs/download_data/{{dataset}}.log",
@@ -28,7 +28,7 @@ rule prepare_data:
         # (record samples, e.g. chats); a rule output cannot name one or the other, so only it is declared
         splits=f"{R}/data/{{dataset}}/splits.json",
     params:
-        spec=lambda wc: js(DATA_SPECS[wc.dataset]),
+        spec=lambda wc: js(data_spec(wc.dataset)),
         split=js(config["split"]),
         out=lambda wc: data_dir(wc.dataset),
         local=lambda wc: f"--local {download_dir(wc.dataset)}" if wc.dataset in DOWNLOADED else "",

@@ -201,14 +201,16 @@ class ClipBackend(Backend):
         return dict(model.named_parameters())  # "visual.*": the image encoder only
 
     # --- zero-shot heads --------------------------------------------------------------------------
-    def write_head(self, pretrained, data: PreparedDataset, out_path) -> dict:
-        """Compute a dataset's zero-shot head from its class names and templates and save it."""
+    def write_head(self, pretrained, data: PreparedDataset, out_path, templates=None) -> dict:
+        """Compute a dataset's zero-shot head from its class names and templates and save it.
+
+        ``templates``: a built-in set name or a list; default: the dataset spec's ``templates``."""
         from mergemix.data.clip_datasets import resolve_templates
 
         open_clip = _open_clip()
         clip_model, _ = self._load_full(pretrained)
         clip_model = clip_model.to(self.device)
-        templates = resolve_templates((data.spec or {}).get("templates"))
+        templates = resolve_templates(templates if templates is not None else (data.spec or {}).get("templates"))
         tokenizer = open_clip.get_tokenizer(self.params["model"])
         with self._autocast():
             weight = zeroshot_weights(clip_model, tokenizer, data.classes, templates, self.device)
