@@ -264,3 +264,17 @@ def test_study_config_is_the_papers_design():
     assert (ft["epochs"], ft["batch_size"], ft["lr"], ft["optimizer"], ft["weight_decay"], ft["schedule"], ft["grad_clip"]) == (
         10, 128, 1e-5, "adamw", 0.1, "cosine", 1.0)
     assert ft["warmup_frac"] > 0 and cfg["mixture"]["enabled"] and cfg["resources"]["gpu"] == 1
+
+
+def test_image_reader_reads_the_same_rows_as_indexing(study):
+    from mergemix.backends.clip import ImageReader
+
+    x = load_prepared(study["dirs"]["disk"]).x
+    assert isinstance(x, np.memmap)
+    rows = np.array([5, 0, 37, 5, 12, len(x) - 1])
+    expected = np.asarray(x[rows])
+    for workers in (0, 3):
+        got = ImageReader(workers)(x, rows)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected)
+    view = x[2:]  # a view of the map starts elsewhere in the file: plain indexing is used
+    assert np.array_equal(ImageReader(3)(view, rows[:-1]), np.asarray(view[rows[:-1]]))

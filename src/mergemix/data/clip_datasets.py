@@ -91,12 +91,12 @@ TEMPLATES: dict[str, list[str]] = {
     ],
     "mnist": ['a photo of the number: "{}".'],
     "resisc45": [
-        f"{kind} {view} of {art}{{}}."
-        for art in ("", "a ", "the ")
-        for view, kind in (
-            ("imagery", "satellite"), ("imagery", "aerial"), ("photo", "satellite"),
-            ("photo", "aerial"), ("view", "satellite"), ("view", "aerial"),
-        )
+        "satellite imagery of {}.", "aerial imagery of {}.", "satellite photo of {}.", "aerial photo of {}.",
+        "satellite view of {}.", "aerial view of {}.",
+        "satellite imagery of a {}.", "aerial imagery of a {}.", "satellite photo of a {}.", "aerial photo of a {}.",
+        "satellite view of a {}.", "aerial view of a {}.",
+        "satellite imagery of the {}.", "aerial imagery of the {}.", "satellite photo of the {}.",
+        "aerial photo of the {}.", "satellite view of the {}.", "aerial view of the {}.",
     ],
     "sun397": ["a photo of a {}.", "a photo of the {}."],
     "svhn": ['a photo of the number: "{}".'],
