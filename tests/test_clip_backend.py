@@ -251,7 +251,7 @@ def test_study_config_is_the_papers_design():
     from mergemix.subsets import all_subsets, subset_id
 
     cfg = validate_config(load_yaml(ROOT / "config" / "clip_vit_b32.yaml"))
-    assert cfg["backend"] == {"name": "clip", "params": {"model": "ViT-B-32", "pretrained": "openai"}}
+    assert cfg["backend"] == {"name": "clip", "params": {"model": "ViT-B-32-quickgelu", "pretrained": "openai"}}
     names = sorted(cfg["datasets"])
     assert names == ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"]
     for n, spec in cfg["datasets"].items():
@@ -278,3 +278,13 @@ def test_image_reader_reads_the_same_rows_as_indexing(study):
         assert got.dtype == np.uint8 and np.array_equal(got, expected)
     view = x[2:]  # a view of the map starts elsewhere in the file: plain indexing is used
     assert np.array_equal(ImageReader(3)(view, rows[:-1]), np.asarray(view[rows[:-1]]))
+
+
+def test_openai_weights_need_the_quickgelu_architecture(monkeypatch):
+    """Checked before any download: plain ViT-B-32 would run OpenAI's QuickGELU weights with GELU."""
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: pytest.fail("network access"))
+    with pytest.raises(ValueError, match="set model: ViT-B-32-quickgelu"):
+        get_backend({"name": "clip", "params": {"model": "ViT-B-32"}}).fetch_pretrained("/nonexistent/m.safetensors")
+    with pytest.raises(ValueError, match="no pretrained tag 'nope'"):
+        get_backend({"name": "clip", "params": {"pretrained": "nope"}}).fetch_pretrained("/nonexistent/m.safetensors")
+    get_backend({"name": "clip", "params": {}})._check_activation()  # the default is consistent

@@ -134,7 +134,9 @@ class ClipBackend(Backend):
     needs_gpu = True
     has_heads = True  # the workflow adds a zeroshot_head rule and makes heads inputs of the model rules
     defaults = {
-        "model": "ViT-B-32",       # open_clip architecture name
+        # open_clip architecture: ViT-B/32 with QuickGELU, the activation OpenAI's weights were trained
+        # with (open_clip's plain "ViT-B-32" uses GELU and would silently change the model)
+        "model": "ViT-B-32-quickgelu",
         "pretrained": "openai",    # open_clip pretrained tag (used by fetch_pretrained only)
         "weights": None,           # a local checkpoint file used instead of the tag (no download)
         "model_config": None,      # an open_clip model-config dict, registered under `model` at run time
@@ -175,6 +177,25 @@ class ClipBackend(Backend):
 
         factory._MODEL_CONFIGS[name] = copy.deepcopy(cfg)
 
+    def _check_activation(self) -> None:
+        """Refuse a tag whose weights were trained with another activation than the architecture's."""
+        open_clip = _open_clip()
+        self._register_config(open_clip)
+        name, tag = self.params["model"], self.params["pretrained"]
+        tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+        if not tag_cfg:
+            raise ValueError(
+                f"backend 'clip': open_clip has no pretrained tag {tag!r} for {name!r}; available: "
+                f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'} (or give weights: <file>)"
+            )
+        want, have = bool(tag_cfg.get("quick_gelu", False)), bool(open_clip.get_model_config(name).get("quick_gelu", False))
+        if want != have:
+            fix = f"{name}-quickgelu" if want else name.replace("-quickgelu", "")
+            raise ValueError(
+                f"backend 'clip': the {tag!r} weights were trained with{'' if want else 'out'} QuickGELU but "
+                f"architecture {name!r} uses {'GELU' if want else 'QuickGELU'}; set model: {fix}"
+            )
+
     def _build(self, pretrained=None, **kw):
         open_clip = _open_clip()
         self._register_config(open_clip)
@@ -195,6 +216,7 @@ class ClipBackend(Backend):
             source, sha = str(Path(weights).resolve()), io.sha256_file(weights)
         else:
             source, sha = self.params["pretrained"], None
+            self._check_activation()
         model = self._build(source, cache_dir=self.params["cache_dir"], require_pretrained=True)
         pp = getattr(model.visual, "preprocess_cfg", {}) or {}
         open_clip = _open_clip()
