@@ -175,7 +175,6 @@ def test_merged_adapter_equals_peft_add_weighted_adapter(base_dir, pretrained, t
     merging.unflatten_into(merged, [params[k] for k in keys])
     # peft's: both adapters loaded under their own names, combined with weights 0.5/0.5
     ref = be.load_pretrained(pretrained[0])
-    ref_params = dict(ref.named_parameters())
     ref.add_adapter("a", be.peft_config())
     ref.add_adapter("b", be.peft_config())
     ref_params = dict(ref.named_parameters())
