@@ -75,10 +75,35 @@ def sha256_file(path) -> str:
 
 
 def save_arrays(path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    from safetensors.numpy import save_file
+    """Write arrays as a safetensors file, streamed from the arrays' memory (no serialised copy).
 
+    ``safetensors.numpy.save_file`` builds the whole file in memory first, which doubles the peak
+    memory of a prepare job holding, e.g., 100k images at 224 px (15 GB). The format is simple
+    enough to write directly: an 8-byte little-endian header size, a JSON header (dtype, shape and
+    byte range of each tensor, padded with spaces to 8 bytes), then the raw little-endian data.
+    """
+    codes = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}} if metadata else {}
+    order, offset = sorted(arrays), 0
+    for key in order:
+        a = arrays[key]
+        dt = np.dtype(a.dtype).newbyteorder("=")
+        if dt not in codes:
+            raise TypeError(f"array {key!r}: dtype {a.dtype} cannot be stored; allowed: {sorted(map(str, codes))}")
+        header[key] = {"dtype": codes[dt], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
     with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=dict(metadata or {}))
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for key in order:
+                a = np.asarray(arrays[key])
+                a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+                for start in range(0, max(1, len(a)) if a.ndim else 1, 4096):  # bounded temporaries
+                    chunk = a[start : start + 4096] if a.ndim else a
+                    f.write(np.ascontiguousarray(chunk).data)
 
 
 def load_arrays(path) -> dict[str, np.ndarray]:
