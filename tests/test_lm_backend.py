@@ -265,6 +265,8 @@ def test_hf_chat_from_a_saved_dataset_with_filters_and_first_n(tmp_path):
     assert all(r["messages"][0] == {"role": "system", "content": "answer with a number"} for r in d.x)
     with pytest.raises(FileNotFoundError, match="download_data"):
         stages.prepare("arith", spec, SPLIT, tmp_path / "data2", local_dir=tmp_path / "nothing")
+    with pytest.raises(ValueError, match=r"filter column\(s\) \['language'\]"):
+        stages.prepare("arith", {**spec, "filters": {"language": "ja"}}, SPLIT, tmp_path / "data4", local_dir=tmp_path / "dl")
     bad = {**spec, "messages": [{"role": "user", "field": "instruction"}, {"role": "assistant", "field": "answer"}]}
     with pytest.raises(ValueError, match="'instruction' is not a column"):
         stages.prepare("arith", bad, SPLIT, tmp_path / "data3", local_dir=tmp_path / "dl")

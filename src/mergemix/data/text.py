@@ -117,13 +117,11 @@ def filter_rows(rows, filters: Optional[dict], first_n: Optional[int]) -> list[d
     return out
 
 
-def _chat_dataset(rows: list[dict], spec: dict, name: str, info: dict) -> RawDataset:
-    if spec.get("filters"):
-        missing = [k for k in spec["filters"] if rows and k not in rows[0]]
-        if missing:
-            raise ValueError(
-                f"{name}: filter column(s) {missing} are not columns of the data; columns: {', '.join(sorted(rows[0]))}"
-            )
+def _chat_dataset(rows, spec: dict, name: str, info: dict, columns: list[str]) -> RawDataset:
+    """Chats from an iterable of rows (read lazily: filtering stops after ``first_n`` matches)."""
+    missing = [k for k in (spec.get("filters") or {}) if k not in columns]
+    if missing:
+        raise ValueError(f"{name}: filter column(s) {missing} are not columns of the data; columns: {', '.join(sorted(columns))}")
     rows = filter_rows(rows, spec.get("filters"), spec.get("first_n"))
     if not rows:
         raise ValueError(f"{name}: no rows left after filters {spec.get('filters')} and first_n {spec.get('first_n')}")
@@ -198,8 +196,8 @@ def hf_chat(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
             "download_data rule (snakemake runs it first, on the login node)"
         )
     ds = datasets.load_from_disk(str(Path(local_dir) / "dataset"))
-    rows = [dict(r) for r in ds]
-    return _chat_dataset(rows, spec, str(spec["path"]), {"path": spec["path"], "columns": list(ds.column_names)})
+    columns = list(ds.column_names)
+    return _chat_dataset(iter(ds), spec, str(spec["path"]), {"path": spec["path"], "columns": columns}, columns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +221,8 @@ def read_jsonl_file(path, what: str) -> list[dict]:
 @register_source("jsonl_chat", params={"path": None, **CHAT_PARAMS})
 def jsonl_chat(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
     rows = read_jsonl_file(spec["path"], "jsonl_chat")
-    return _chat_dataset(rows, spec, str(spec["path"]), {"path": str(spec["path"])})
+    columns = sorted({k for r in rows for k in r})
+    return _chat_dataset(rows, spec, str(spec["path"]), {"path": str(spec["path"])}, columns)
 
 
 # ---------------------------------------------------------------------------------------------
