@@ -288,3 +288,10 @@ def test_openai_weights_need_the_quickgelu_architecture(monkeypatch):
     with pytest.raises(ValueError, match="no pretrained tag 'nope'"):
         get_backend({"name": "clip", "params": {"pretrained": "nope"}}).fetch_pretrained("/nonexistent/m.safetensors")
     get_backend({"name": "clip", "params": {}})._check_activation()  # the default is consistent
+
+
+def test_download_keeps_one_local_copy_per_split(study):
+    for name, rows in (("parquet", {"train": 36, "test": 18}), ("disk", {"train": 48, "test": 24})):
+        out = study["tmp"] / "downloads" / name
+        assert io.read_json(out / "download.json")["info"]["rows"] == rows
+        assert sorted(p.name for p in out.iterdir()) == ["download.json", "test", "train"]  # no leftover cache

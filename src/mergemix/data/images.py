@@ -143,7 +143,7 @@ def _split_map(spec: dict) -> dict[str, str]:
     return m
 
 
-def _load_remote_or_local(spec: dict, their_split: str):
+def _load_remote_or_local(spec: dict, their_split: str, cache_dir=None):
     import datasets
 
     src = spec["hub_id"]
@@ -153,8 +153,9 @@ def _load_remote_or_local(spec: dict, their_split: str):
             return datasets.load_from_disk(str(local))[their_split]
         if (local / "state.json").exists():
             return datasets.load_from_disk(str(local))
-        return datasets.load_dataset(str(local), name=spec.get("config"), split=their_split)
-    return datasets.load_dataset(src, name=spec.get("config"), split=their_split, revision=spec.get("revision"))
+        return datasets.load_dataset(str(local), name=spec.get("config"), split=their_split, cache_dir=cache_dir)
+    return datasets.load_dataset(src, name=spec.get("config"), split=their_split, revision=spec.get("revision"),
+                                 cache_dir=cache_dir)
 
 
 def _resolved_revision(spec: dict):
@@ -170,7 +171,12 @@ def _resolved_revision(spec: dict):
 
 
 def download_hf(spec: dict, out_dir: Path) -> dict:
-    """Fetch each split with ``datasets.load_dataset`` and save it under ``out_dir/<split>``."""
+    """Fetch each split with ``datasets.load_dataset`` and save it under ``out_dir/<split>``.
+
+    The ``datasets`` cache goes to a temporary folder inside ``out_dir`` that is deleted afterwards,
+    so the data is not kept twice (nor in a home directory with a small quota on a cluster)."""
+    import shutil
+
     if "hub_id" not in spec:
         raise ValueError("source hf_images needs 'hub_id': a Hugging Face dataset id or a local dataset path")
     if spec.get("revision") in (None, "main") and not Path(str(spec["hub_id"])).expanduser().exists():
@@ -178,8 +184,9 @@ def download_hf(spec: dict, out_dir: Path) -> dict:
                     spec["hub_id"], spec.get("revision"))
     cols = [spec.get("image_column", "image"), spec.get("label_column", "label")]
     rows = {}
+    cache = Path(out_dir) / ".datasets_cache"
     for ours, theirs in _split_map(spec).items():
-        ds = _load_remote_or_local(spec, theirs)
+        ds = _load_remote_or_local(spec, theirs, str(cache))
         missing = [c for c in cols if c not in ds.column_names]
         if missing:
             raise ValueError(
@@ -188,6 +195,7 @@ def download_hf(spec: dict, out_dir: Path) -> dict:
             )
         ds.select_columns(cols).save_to_disk(str(Path(out_dir) / ours))
         rows[ours] = ds.num_rows
+    shutil.rmtree(cache, ignore_errors=True)
     return {"hub_id": spec["hub_id"], "revision": spec.get("revision"), "resolved_revision": _resolved_revision(spec),
             "rows": rows}
 
