@@ -18,12 +18,13 @@ Spec keys shared by both sources:
 * ``classnames`` prompt class names: a built-in set (``mergemix.data.clip_datasets``), a list in
   label order, or ``from_data`` (the label feature's names / the folder names; the default)
 * ``templates``  prompt templates: a built-in set or a list (default ``generic``)
-* ``workers``    decoding threads (default 4)
+* ``workers``    decoding threads (default: the CPUs this job may use, at most 8)
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def _common(spec: dict) -> tuple[int, int]:
     if size < 8:
         raise ValueError(f"image_size must be at least 8, got {size}")
     resolve_templates(spec.get("templates"))  # fail at prepare time, not in the head stage
-    return size, int(spec.get("workers", 4))
+    return size, int(spec.get("workers", min(8, len(os.sched_getaffinity(0)))))
 
 
 # --- an image folder ------------------------------------------------------------------------------
