@@ -26,7 +26,6 @@ dict stored under the name ``model``); the tests use a tiny one with local "pre-
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import mmap
 import os
@@ -168,14 +167,26 @@ class ClipBackend(Backend):
                 )
             return
         existing = open_clip.get_model_config(name)
-        if existing is not None and existing != cfg:
+        if existing == cfg:
+            return
+        if existing is not None:
             raise ValueError(
-                f"backend 'clip': model_config would replace open_clip's built-in architecture {name!r}; "
+                f"backend 'clip': model_config would replace open_clip's architecture {name!r}; "
                 "give the custom architecture another name"
             )
-        from open_clip import factory
+        import json
+        import tempfile
 
-        factory._MODEL_CONFIGS[name] = copy.deepcopy(cfg)
+        # open_clip's public registration takes a JSON file named after the architecture
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.json"
+            path.write_text(json.dumps(cfg))
+            open_clip.add_model_config(path)
+        if open_clip.get_model_config(name) != cfg:
+            raise ValueError(
+                f"backend 'clip': model_config for {name!r} was not accepted by open_clip; it needs embed_dim, "
+                "vision_cfg and text_cfg (see open_clip/model_configs/*.json)"
+            )
 
     def _check_activation(self) -> None:
         """Refuse a tag whose weights were trained with another activation than the architecture's."""
