@@ -127,3 +127,17 @@ def test_lm_models_are_adapters_over_one_local_base(study):
 def test_lm_rerun_has_nothing_to_do(study):
     _, path, _, _ = study
     assert planned_jobs(path) == {}
+
+
+def test_lm_changing_a_benchmark_reruns_only_what_depends_on_the_target(study, tmp_path):
+    cfg, _, _, _ = study
+    benches = [dict(b) for b in cfg["datasets"]["skill"]["benchmarks"]]
+    benches[0]["max_new_tokens"] = 6
+    changed = dict(cfg, datasets={**cfg["datasets"], "skill": {**cfg["datasets"]["skill"], "benchmarks": benches}})
+    p = tmp_path / "bench.yaml"
+    p.write_text(yaml.safe_dump(changed))
+    jobs = planned_jobs(p)
+    assert jobs["prepare_data"] == 1 and jobs["embed"] == 1
+    assert {"merge_eval", "mixture_eval", "eval_pretrained", "similarity", "analyze"} <= set(jobs)
+    # the adapters do not depend on the target: nothing is downloaded, fetched or fine-tuned again
+    assert not {"download_data", "fetch_pretrained", "finetune", "mixture_finetune"} & set(jobs)
