@@ -5,7 +5,8 @@
   that downloads) puts them in ``models/pretrained/base/`` and saves the freshly initialised
   adapter as theta_0; every other job loads the base from that folder with the hubs offline.
 * Only the adapter is fine-tuned, saved (safetensors) and merged. A job loads the base model once;
-  merge-eval writes each merged adapter into the one live model.
+  merge-eval writes each merged adapter into the one live model. IA3 vectors average exactly as
+  peft's ``add_weighted_adapter``; for LoRA, A and B are averaged separately (not the updates BA).
 * Training examples are chats rendered with the tokenizer's chat template; the loss covers the
   assistant turns only (their content and end-of-turn tokens), averaged over those tokens of the
   whole batch (gradient accumulation over micro-batches gives the same gradient as one batch).
