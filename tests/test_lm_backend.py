@@ -113,6 +113,31 @@ def test_fetch_and_load_offline_roundtrip(base_dir, pretrained):
     assert sum(p.numel() for p in model.parameters() if not p.requires_grad) > 10 * len(merging.flatten_state(state, list(state)))
 
 
+def test_fetch_from_the_hub_pins_the_resolved_commit(base_dir, tmp_path, monkeypatch):
+    """The hub path with huggingface_hub stood in by a local copy: files land beside theta_0."""
+    import shutil
+    import types
+
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo, revision=None: types.SimpleNamespace(sha="c0ffee"))
+
+    def fake_snapshot(repo_id, revision, local_dir, allow_patterns):
+        calls.update(repo_id=repo_id, revision=revision)
+        shutil.copytree(base_dir, local_dir)
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    out = tmp_path / "models" / "pretrained" / "model.safetensors"
+    be = get_backend({"name": "causal_lm", "params": {"model": "org/tiny-llama", "revision": "main"}}, device="cpu")
+    manifest = be.fetch_pretrained(out)
+    assert calls == {"repo_id": "org/tiny-llama", "revision": "c0ffee"}
+    assert manifest["base_model"] == "base" and manifest["origin"]["resolved_revision"] == "c0ffee"
+    model = be.load_pretrained(out)  # from models/pretrained/base, offline
+    assert set(be.merge_params(model)) == set(io.load_model(out)[0])
+
+
 def test_lora_option(base_dir, tmp_path):
     be = backend(base_dir, adapter="lora", lora_r=2, target_modules=["q_proj", "v_proj"])
     manifest = be.fetch_pretrained(tmp_path / "model.safetensors")

@@ -191,14 +191,17 @@ class CausalLMBackend(Backend):
         if src.is_dir():
             base_dir, origin = src.resolve(), {"local": str(src.resolve())}
         else:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import HfApi, snapshot_download
 
+            repo, rev = str(self.params["model"]), self.params["revision"]
             base_dir = out_path.parent / "base"
-            commit = snapshot_download(
-                repo_id=str(self.params["model"]), revision=self.params["revision"], local_dir=str(base_dir),
+            # resolve the revision first, so the files and the recorded commit are the same snapshot
+            commit = HfApi().model_info(repo, revision=rev).sha
+            snapshot_download(
+                repo_id=repo, revision=commit, local_dir=str(base_dir),
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
             )
-            origin = {"hub": self.params["model"], "revision": self.params["revision"], "snapshot": str(commit)}
+            origin = {"hub": repo, "revision": rev, "resolved_revision": commit}
         tok = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
         render(tok, [{"role": "user", "content": "hi"}])  # fail here, not in a GPU job, without a chat template
         # the adapter's shapes need only the architecture: build the base on the meta device
