@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Dict, List, Sequence
