@@ -345,9 +345,15 @@ class ClipBackend(Backend):
             )
 
     def _split(self, model, data: PreparedDataset, split: str):
-        """A split's images as one device tensor, cut from the memory map once per job."""
+        """A split's images as one device tensor, cut from the memory map once per job.
+
+        Only the splits of the dataset used last are kept: a merge-eval job evaluates one target
+        many times, while eval-pretrained visits each target once (8 targets' val and test splits
+        at 224 px would be 16 GB)."""
         key = (str(data.path or id(data)), split)
         if key not in self._tensors:
+            for other in [k for k in self._tensors if k[0] != key[0]]:
+                del self._tensors[other]
             self._check_size(model, data)
             idx = data.indices[split]
             x, y = self._read(data.x, idx), data.y[idx]
