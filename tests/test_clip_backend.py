@@ -295,3 +295,30 @@ def test_download_keeps_one_local_copy_per_split(study):
         out = study["tmp"] / "downloads" / name
         assert io.read_json(out / "download.json")["info"]["rows"] == rows
         assert sorted(p.name for p in out.iterdir()) == ["download.json", "test", "train"]  # no leftover cache
+
+
+def test_hub_source_label_kinds(tmp_path):
+    """String labels become sorted classes; bare integer labels need class names from the spec."""
+    import datasets
+
+    images, labels = make_images(["red", "blue"], 4, 3)
+    for name, column, extra, expect in (
+        ("strings", [["red", "blue"][i] for i in labels], {}, ["blue", "red"]),
+        ("ints", labels, {"classnames": ["warm", "cold"]}, ["warm", "cold"]),
+    ):
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": images, "label": column})}).save_to_disk(
+            str(tmp_path / name))
+        spec = {"source": "hf_images", "hub_id": str(tmp_path / name), "image_size": IMAGE_SIZE,
+                "splits": {"train": "train"}, **extra}
+        stages.download(name, spec, tmp_path / "dl" / name)
+        info = stages.prepare(name, spec, SPLIT, tmp_path / "data" / name, tmp_path / "dl" / name)
+        assert info["classes"] == expect
+        d = load_prepared(tmp_path / "data" / name)
+        assert sum(info["sizes"].values()) == 8 and set(d.y.tolist()) == {0, 1}
+        if name == "strings":
+            assert [["blue", "red"][v] for v in d.y] == column
+    with pytest.raises(ValueError, match="carries no class names"):
+        spec = {"source": "hf_images", "hub_id": str(tmp_path / "ints"), "image_size": IMAGE_SIZE, "splits": {"train": "train"}}
+        stages.prepare("ints", spec, SPLIT, tmp_path / "data" / "x", tmp_path / "dl" / "ints")
+    with pytest.raises(ValueError, match="fall outside 0..0"):
+        stages.prepare("ints", {**spec, "classnames": ["only"]}, SPLIT, tmp_path / "data" / "y", tmp_path / "dl" / "ints")

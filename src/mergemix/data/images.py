@@ -213,13 +213,13 @@ def hf_images(spec: dict, seed: int, local_dir=None) -> RawDataset:
     feature = next(iter(parts.values())).features[lab_col]
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     labels = {s: np.asarray(ds[lab_col]) for s, ds in parts.items()}
-    if names is None:
-        if all(np.issubdtype(v.dtype, np.integer) for v in labels.values()):
-            n = int(max(v.max() for v in labels.values())) + 1
-        else:  # string labels: classes in sorted order
-            names = sorted(set().union(*(map(str, v) for v in labels.values())))
-            index = {c: i for i, c in enumerate(names)}
-            labels = {s: np.asarray([index[str(c)] for c in v]) for s, v in labels.items()}
+    if names is None and not all(np.issubdtype(v.dtype, np.integer) for v in labels.values()):
+        # string labels: the classes in sorted order
+        names = sorted(set().union(*(map(str, v) for v in labels.values())))
+        index = {c: i for i, c in enumerate(names)}
+        labels = {s: np.asarray([index[str(c)] for c in v]) for s, v in labels.items()}
+    # integer labels without names need classnames (a built-in set or a list)
+    classes = resolve_classnames(spec.get("classnames"), names)
     total = sum(ds.num_rows for ds in parts.values())
     x = np.empty((total, 3, size, size), dtype=np.uint8)
     y, splits, start = [], {}, 0
@@ -236,11 +236,9 @@ def hf_images(spec: dict, seed: int, local_dir=None) -> RawDataset:
         start = pos
         log.info("decoded %s: %d images", ours, ds.num_rows)
     y = np.concatenate(y)
-    n_classes = len(names) if names is not None else n
-    if y.min() < 0 or y.max() >= n_classes:
-        raise ValueError(f"labels of {spec['hub_id']} fall outside 0..{n_classes - 1}")
-    classes = resolve_classnames(spec.get("classnames"), names)
-    if len(classes) != n_classes:
-        raise ValueError(f"{len(classes)} class names for {n_classes} classes in {spec['hub_id']}; fix classnames")
+    if y.min() < 0 or y.max() >= len(classes):
+        raise ValueError(
+            f"labels of {spec['hub_id']} fall outside 0..{len(classes) - 1} ({len(classes)} class names); fix classnames"
+        )
     return RawDataset(x=x, y=y, classes=classes, splits=splits,
                       info={"hub_id": spec["hub_id"], "revision": spec.get("revision"), "data_classes": names})
