@@ -322,3 +322,31 @@ def test_hub_source_label_kinds(tmp_path):
         stages.prepare("ints", spec, SPLIT, tmp_path / "data" / "x", tmp_path / "dl" / "ints")
     with pytest.raises(ValueError, match="fall outside 0..0"):
         stages.prepare("ints", {**spec, "classnames": ["only"]}, SPLIT, tmp_path / "data" / "y", tmp_path / "dl" / "ints")
+
+
+def test_hub_download_passes_id_revision_config_and_records_the_commit(study, tmp_path, monkeypatch):
+    """The remote branch of the download step, with the hub stood in by the local saved dataset."""
+    import datasets
+    import huggingface_hub
+
+    local = datasets.load_from_disk(study["specs"]["disk"]["hub_id"])
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, revision=None, cache_dir=None, **kw):
+        calls.append((path, name, split, revision))
+        assert cache_dir and str(tmp_path) in cache_dir  # the cache stays inside the download folder
+        return local[split]
+
+    class Info:
+        sha = "0123abcd" * 5
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, repo, revision=None: Info())
+    spec = {"source": "hf_images", "hub_id": "some-org/colours", "revision": "v1.0", "config": "plain",
+            "splits": {"train": "training", "test": "test"}, "image_size": IMAGE_SIZE}
+    local = datasets.DatasetDict({"training": local["train"], "test": local["test"]})
+    info = stages.download("colours", spec, tmp_path / "dl")
+    assert calls == [("some-org/colours", "plain", "training", "v1.0"), ("some-org/colours", "plain", "test", "v1.0")]
+    assert info["resolved_revision"] == Info.sha and info["rows"] == {"train": 48, "test": 24}
+    prepared = stages.prepare("colours", spec, SPLIT, tmp_path / "data", tmp_path / "dl")
+    assert prepared["classes"] == ["red", "green", "blue", "yellow"] and prepared["sizes"]["test"] == 24
