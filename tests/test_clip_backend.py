@@ -132,6 +132,8 @@ def test_missing_weights_file_and_wrong_image_size_are_refused(study, tmp_path):
     model = backend.load_pretrained(study["pretrained"])
     with pytest.raises(ValueError, match="image_size: 16"):
         backend.evaluate(model, load_prepared(tmp_path / "big"), "test")
+    with pytest.raises(ValueError, match="prepared at 24 px .* set image_size: 16"):  # already in the head stage
+        stages.head(study["backend"], study["pretrained"], tmp_path / "big", tmp_path / "big_head.safetensors")
 
 
 def test_finetune_changes_only_the_image_encoder_and_learns_every_dataset(study, tmp_path):

@@ -285,7 +285,9 @@ class ClipBackend(Backend):
         from mergemix.data.clip_datasets import resolve_templates
 
         open_clip = _open_clip()
-        clip_model, _ = self._load_full(pretrained)
+        clip_model, manifest = self._load_full(pretrained)
+        # the head job runs right after prepare: refuse images of the wrong size before any GPU job
+        self._check_size(int(manifest["preprocess"]["image_size"]), data)
         clip_model = clip_model.to(self.device)
         templates = resolve_templates(templates if templates is not None else (data.spec or {}).get("templates"))
         tokenizer = open_clip.get_tokenizer(self.params["model"])
@@ -335,13 +337,14 @@ class ClipBackend(Backend):
         emb = emb.float()
         return (emb / emb.norm(dim=-1, keepdim=True)) @ head.T
 
-    def _check_size(self, model, data: PreparedDataset) -> None:
+    def _check_size(self, model_or_size, data: PreparedDataset) -> None:
+        size = model_or_size if isinstance(model_or_size, int) else model_or_size.image_size
         if not isinstance(data.x, np.ndarray) or data.x.ndim != 4 or data.x.dtype != np.uint8:
             raise ValueError(f"dataset {data.name!r} is not prepared as uint8 images [N, 3, S, S]; use an image source")
-        if data.x.shape[-1] != model.image_size or data.x.shape[-2] != model.image_size:
+        if data.x.shape[-1] != size or data.x.shape[-2] != size:
             raise ValueError(
                 f"dataset {data.name!r} was prepared at {data.x.shape[-1]} px but {self.params['model']} takes "
-                f"{model.image_size} px; set image_size: {model.image_size} in its spec"
+                f"{size} px; set image_size: {size} in its spec"
             )
 
     def _split(self, model, data: PreparedDataset, split: str):
