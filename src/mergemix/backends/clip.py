@@ -241,6 +241,9 @@ class ClipBackend(Backend):
                 "mean": list(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                 "std": list(pp.get("std", open_clip.OPENAI_DATASET_STD)),
                 "image_size": _side(model.visual.image_size),
+                # what the image sources implement (mergemix.data.images.to_model_input)
+                "interpolation": pp.get("interpolation", "bicubic"),
+                "resize_mode": pp.get("resize_mode", "shortest"),
             },
         }
         log.info("pre-trained %s from %s", self.params["model"], source)
@@ -285,9 +288,13 @@ class ClipBackend(Backend):
         from mergemix.data.clip_datasets import resolve_templates
 
         open_clip = _open_clip()
-        clip_model, manifest = self._load_full(pretrained)
+        clip_model, pre = self._load_full(pretrained)
         # the head job runs right after prepare: refuse images of the wrong size before any GPU job
-        self._check_size(int(manifest["preprocess"]["image_size"]), data)
+        self._check_size(int(pre["preprocess"]["image_size"]), data)
+        how = (pre["preprocess"].get("interpolation", "bicubic"), pre["preprocess"].get("resize_mode", "shortest"))
+        if how != ("bicubic", "shortest"):
+            log.warning("%s expects %s resizing (%s); the image sources resize the shorter side (bicubic) and "
+                        "centre-crop", self.params["model"], how[0], how[1])
         clip_model = clip_model.to(self.device)
         templates = resolve_templates(templates if templates is not None else (data.spec or {}).get("templates"))
         tokenizer = open_clip.get_tokenizer(self.params["model"])
