@@ -1,10 +1,28 @@
+import contextlib
 import copy
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@contextlib.contextmanager
+def offline_env(venv_on_path: bool = False):
+    """The Hugging Face hubs set offline (and, for Snakemake jobs that call `mergemix`, this
+    interpreter's bin folder on PATH), undone on exit."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in OFFLINE_VARS:
+            mp.setenv(var, "1")
+        if venv_on_path:
+            mp.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+        yield mp
 
 
 @pytest.fixture

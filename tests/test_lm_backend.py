@@ -1,7 +1,6 @@
 """The causal_lm backend and the text sources on a tiny local Llama (nothing is downloaded)."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import lm_tiny  # noqa: E402
+from conftest import offline_env  # noqa: E402
 from mergemix import io, merging  # noqa: E402
 from mergemix.backends import get_backend  # noqa: E402
 from mergemix.backends.causal_lm import IGNORE, encode_chat, special_ids  # noqa: E402
@@ -22,14 +22,8 @@ HP = {"epochs": 1, "lr": 0.01, "batch_size": 4, "optimizer": "adamw", "seed": 0}
 
 @pytest.fixture(scope="module", autouse=True)
 def offline():
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({k: "1" for k in old})
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with offline_env():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ dataset through the download rule, with a filter and first_n; reversal and copyi
 chats); the target is a group of two JSONL benchmarks. Every job runs with the hubs offline.
 """
 
-import os
-import sys
 
 import pandas as pd
 import pytest
@@ -16,6 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import lm_tiny  # noqa: E402
+from conftest import offline_env  # noqa: E402
 from mergemix import io  # noqa: E402
 from mergemix.similarity import METRICS  # noqa: E402
 from mergemix.subsets import all_subsets, subset_id  # noqa: E402
@@ -26,17 +25,9 @@ CANDIDATES = ["arith", "copy", "reverse"]
 
 
 @pytest.fixture(scope="module")
-def offline_env():
-    keys = ("PATH", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    os.environ.update({k: "1" for k in keys[1:]})
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def offline_jobs():
+    with offline_env(venv_on_path=True):
+        yield
 
 
 def lm_config(tmp):
@@ -67,7 +58,7 @@ def lm_config(tmp):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, offline_env):
+def study(tmp_path_factory, offline_jobs):
     tmp = tmp_path_factory.mktemp("lmwf")
     cfg = lm_config(tmp)
     path = tmp / "lmtiny.yaml"

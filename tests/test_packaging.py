@@ -1,6 +1,5 @@
 """The conda env file and pyproject agree; the package has no circular imports."""
 
-import importlib
 import pkgutil
 import re
 import subprocess

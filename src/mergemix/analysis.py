@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 
 from mergemix import io, metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -36,9 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="stage", required=True)
 
-    def stage(name, help):
+    def stage(name, help, backend=False, hparams=False, pretrained=False):
         s = sub.add_parser(name, help=help)
         s.add_argument("--threads", type=int, default=1)
+        if backend:
+            s.add_argument("--backend", type=_json, required=True, help="JSON: the study's backend section")
+        if hparams:
+            s.add_argument("--hparams", type=_json, required=True, help="JSON: training hyperparameters")
+        if pretrained:
+            s.add_argument("--pretrained", required=True, help="the pre-trained model file")
         return s
 
     s = stage("check-config", "validate a study config and print what the study will run")
@@ -57,44 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--local", default=None, help="folder written by the download stage, if any")
     s.add_argument("--out", required=True, help="output folder")
 
-    s = stage("fetch-pretrained", "get a backend's published pre-trained weights (local rule)")
-    s.add_argument("--backend", type=_json, required=True)
+    s = stage("fetch-pretrained", "get a backend's published pre-trained weights (local rule)", backend=True)
     s.add_argument("--out", required=True)
 
-    s = stage("head", "a dataset's frozen classification head from the pre-trained model (clip)")
-    s.add_argument("--backend", type=_json, required=True)
-    s.add_argument("--pretrained", required=True)
+    s = stage("head", "a dataset's frozen classification head from the pre-trained model (clip)", backend=True, pretrained=True)
     s.add_argument("--data", required=True, help="prepared dataset folder")
     s.add_argument("--templates", type=_json, default=None, help="JSON: a template-set name or list (default: the dataset spec's)")
     s.add_argument("--out", required=True)
 
-    s = stage("pretrain", "pre-train the built-in model (smallcnn)")
-    s.add_argument("--backend", type=_json, required=True)
-    s.add_argument("--hparams", type=_json, required=True)
+    s = stage("pretrain", "pre-train the built-in model (smallcnn)", backend=True, hparams=True)
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True)
 
-    s = stage("finetune", "fine-tune the pre-trained model on one dataset or a mixture")
-    s.add_argument("--backend", type=_json, required=True)
-    s.add_argument("--hparams", type=_json, required=True)
-    s.add_argument("--pretrained", required=True)
+    s = stage("finetune", "fine-tune the pre-trained model on one dataset or a mixture", backend=True, hparams=True, pretrained=True)
     s.add_argument("--data", nargs="+", required=True, help="prepared dataset folders (several = a mixture)")
     s.add_argument("--out", required=True)
 
-    s = stage("final-finetune", "fine-tune on the mixture selected by merge-eval and test it")
-    s.add_argument("--backend", type=_json, required=True)
-    s.add_argument("--hparams", type=_json, required=True)
-    s.add_argument("--pretrained", required=True)
+    s = stage("final-finetune", "fine-tune on the mixture selected by merge-eval and test it", backend=True, hparams=True, pretrained=True)
     s.add_argument("--merge-eval", required=True)
     s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate")
     s.add_argument("--target", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--eval-out", required=True)
 
-    s = stage("merge-eval", "evaluate the merged models of one chunk of subsets")
-    s.add_argument("--backend", type=_json, required=True)
+    s = stage("merge-eval", "evaluate the merged models of one chunk of subsets", backend=True, pretrained=True)
     s.add_argument("--merge", type=_json, required=True)
-    s.add_argument("--pretrained", required=True)
     s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
     s.add_argument("--target", required=True)
     s.add_argument("--chunk", type=int, required=True)
@@ -106,22 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunks", nargs="+", required=True)
     s.add_argument("--out", required=True)
 
-    s = stage("eval-models", "evaluate saved (mixture) models on a target")
-    s.add_argument("--backend", type=_json, required=True)
-    s.add_argument("--pretrained", required=True)
+    s = stage("eval-models", "evaluate saved (mixture) models on a target", backend=True, pretrained=True)
     s.add_argument("--models", nargs="+", required=True, help="SUBSET=MODEL")
     s.add_argument("--target", required=True)
     s.add_argument("--out", required=True)
 
-    s = stage("eval-pretrained", "evaluate the pre-trained model on every target")
-    s.add_argument("--backend", type=_json, required=True)
-    s.add_argument("--pretrained", required=True)
+    s = stage("eval-pretrained", "evaluate the pre-trained model on every target", backend=True, pretrained=True)
     s.add_argument("--targets", nargs="+", required=True, help="NAME=FOLDER")
     s.add_argument("--out", required=True)
 
-    s = stage("embed", "embed a split of a dataset with the pre-trained model")
-    s.add_argument("--backend", type=_json, required=True)
-    s.add_argument("--pretrained", required=True)
+    s = stage("embed", "embed a split of a dataset with the pre-trained model", backend=True, pretrained=True)
     s.add_argument("--data", required=True)
     s.add_argument("--split", default="val")
     s.add_argument("--out", required=True)
@@ -202,8 +190,16 @@ def run(args) -> None:
         print(format_table(pd.read_csv(args.csv)))
 
 
+# Stages that may use the network (local rules on a login node); every other stage runs with
+# the Hugging Face hubs set offline, so a compute job never tries to download.
+ONLINE_STAGES = {"download", "fetch-pretrained"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage not in ONLINE_STAGES:
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(var, "1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
 from mergemix import io, merging, subsets
 from mergemix.backends.base import Backend
 from mergemix.data.prepared import PreparedDataset
+
+
+if TYPE_CHECKING:  # pandas is imported lazily: it costs every short job ~0.3 s
+    import pandas as pd
 
 log = logging.getLogger("mergemix.merge_eval")
 COLUMNS = ["subset", "size", "val_acc", "test_acc"]

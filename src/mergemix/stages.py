@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from mergemix import __version__, io, subsets
 from mergemix.backends import get_backend
 from mergemix.data.prepared import load_prepared, prepare_dataset
+
+
+if TYPE_CHECKING:  # pandas is imported lazily: it costs every short job ~0.3 s
+    import pandas as pd
 
 log = logging.getLogger("mergemix")
 

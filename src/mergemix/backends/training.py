@@ -129,7 +129,7 @@ def fit(
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, float(clip))
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
         last = float(np.mean(losses))
         log.info("%s epoch %d/%d loss %.4f (%.1fs)", log_name, epoch + 1, epochs, last, time.time() - t0)
     return {"train_loss": last, "steps": total, "train_seconds": round(time.time() - t0, 3)}
