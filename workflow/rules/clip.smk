@@ -20,7 +20,7 @@ if getattr(BACKEND_CLASS, "has_heads", False):
             f"{R}/logs/zeroshot_head/{{dataset}}.log",
         threads: RES["threads"]
         resources:
-            **CPU_RES,  # a few thousand prompts through the text tower: minutes on CPU, no GPU queue
+            **CPU_RES_THREADED,  # a few thousand prompts through the text tower: minutes on CPU, no GPU queue
         shell:
             "mergemix head --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
             "--data {params.data} --templates {params.templates:q} --out {output.head} 2> {log}"

@@ -43,21 +43,25 @@ BACKEND_CLASS = backend_class(config["backend"]["name"])
 # Resources. CPU_RES for light rules; GPU_RES for the rules that train, merge, evaluate or embed:
 # they ask for GPUs (and the GPU partition) only when the study's backend needs them, or when
 # resources.gpu says so, so the embedded study runs on CPU nodes.
+# cpus_per_task always equals the rule's threads (the profile's default only covers local rules).
 GPUS = RES["gpu"] if RES["gpu"] is not None else (1 if BACKEND_CLASS.needs_gpu else 0)
-CPU_RES = {"mem_mb": RES["mem_mb"], "runtime": RES["runtime"]}
+CPU_RES = {"mem_mb": RES["mem_mb"], "runtime": RES["runtime"], "cpus_per_task": 1}
 if RES["partition"]:
     CPU_RES["slurm_partition"] = RES["partition"]
+# CPU rules that use the study's threads (e.g. clip's zero-shot heads)
+CPU_RES_THREADED = {**CPU_RES, "cpus_per_task": RES["threads"]}
 if GPUS:
+    GPU_THREADS = RES["gpu_threads"] or RES["threads"]
     GPU_RES = {
         "mem_mb": RES["gpu_mem_mb"] or RES["mem_mb"],
         "runtime": RES["gpu_runtime"] or RES["runtime"],
+        "cpus_per_task": GPU_THREADS,
         "gpu": GPUS,
         "slurm_partition": RES["gpu_partition"],
     }
-    GPU_THREADS = RES["gpu_threads"] or RES["threads"]
 else:
-    GPU_RES = CPU_RES
     GPU_THREADS = RES["threads"]
+    GPU_RES = {**CPU_RES, "cpus_per_task": GPU_THREADS}
 # datasets whose source fetches files first (a local rule; later jobs read local files only)
 DOWNLOADED = sorted(n for n, spec in DATA_SPECS.items() if needs_download(spec))
 FINETUNE_HP = js(config["finetune"])
