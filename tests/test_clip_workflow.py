@@ -2,8 +2,6 @@
 architecture with local weights; an image folder, a saved `datasets` dataset and parquet files
 (the hub source's download rule runs on the local copies). Then the output contract."""
 
-import os
-import sys
 
 import numpy as np
 import pandas as pd
@@ -14,7 +12,8 @@ from clip_fixtures import IMAGE_SIZE, backend_spec, write_hf_disk, write_hf_parq
 from mergemix import io
 from mergemix.similarity import METRICS
 from mergemix.subsets import all_subsets, subset_id
-from test_workflow import planned_jobs, snakemake
+from conftest import offline_env
+from test_workflow import planned_jobs, run_study
 
 pytest.importorskip("open_clip")
 pytestmark = pytest.mark.workflow
@@ -22,12 +21,12 @@ pytestmark = pytest.mark.workflow
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
     # the rules call `mergemix`; nothing may reach a hub
-    mp.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_DATASETS_OFFLINE", "1")
-    tmp = tmp_path_factory.mktemp("clipwf")
+    with offline_env(venv_on_path=True):
+        yield from _study(tmp_path_factory.mktemp("clipwf"))
+
+
+def _study(tmp):
     weights = write_tiny_weights(tmp / "weights" / "tiny.pt")
     cfg = {
         "study": "tinyclip",
@@ -50,11 +49,7 @@ def study(tmp_path_factory):
         "analysis": {"figure_formats": ["png"]},
         "resources": {"gpu": 0},  # CPU here; the study config asks for one GPU per heavy job
     }
-    path = tmp / "tinyclip.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = snakemake(path)
-    yield cfg, path, tmp / "results" / cfg["study"], log
-    mp.undo()
+    yield run_study(cfg, tmp)
 
 
 def test_output_contract(study):

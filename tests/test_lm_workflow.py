@@ -18,7 +18,7 @@ from conftest import offline_env  # noqa: E402
 from mergemix import io  # noqa: E402
 from mergemix.similarity import METRICS  # noqa: E402
 from mergemix.subsets import all_subsets, subset_id  # noqa: E402
-from test_workflow import planned_jobs, snakemake  # noqa: E402
+from test_workflow import planned_jobs, run_study  # noqa: E402
 
 pytestmark = pytest.mark.workflow
 CANDIDATES = ["arith", "copy", "reverse"]
@@ -60,11 +60,7 @@ def lm_config(tmp):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, offline_jobs):
     tmp = tmp_path_factory.mktemp("lmwf")
-    cfg = lm_config(tmp)
-    path = tmp / "lmtiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = snakemake(path)
-    return cfg, path, tmp / "results" / cfg["study"], log
+    return run_study(lm_config(tmp), tmp)
 
 
 def test_lm_output_contract(study):

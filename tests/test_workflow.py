@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,14 +36,19 @@ def planned_jobs(configfile) -> dict:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", stats, re.M)}
 
 
+def run_study(cfg, folder):
+    """Write ``cfg`` as a config file in ``folder``, run the workflow on it.
+    Returns (config, config file, the study's results folder, snakemake's output)."""
+    path = folder / f"{cfg['study']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = snakemake(path)
+    return cfg, path, Path(cfg["results_dir"]) / cfg["study"], log
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wf")
-    cfg = tiny_config(tmp / "results")
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = snakemake(path)
-    return cfg, path, tmp / "results" / cfg["study"], log
+    return run_study(tiny_config(tmp / "results"), tmp)
 
 
 def test_output_contract(study):
