@@ -15,15 +15,12 @@ import pandas as pd
 from mergemix import io, metrics
 from mergemix.similarity import METRICS
 from mergemix.stages import select_best
+from mergemix.subsets import subset_id
 
 SELECTION_COLUMNS = [
     "target", "pretrained", "m2m_merged", "m2m_finetuned", "all_datasets", "similarity", "similarity_metric",
     "random", "oracle", "selected", "similarity_subset", "oracle_subset",
 ]
-
-
-def _full(candidates: Sequence[str]) -> str:
-    return "+".join(sorted(candidates))
 
 
 def has_all_mixtures(mixture: pd.DataFrame | None, merged: pd.DataFrame) -> bool:
@@ -104,7 +101,7 @@ def analyze(
                 "pretrained": base,
                 "m2m_merged": float(best["test_acc"]),
                 "m2m_finetuned": float(fin["test_acc"]),
-                "all_datasets": _acc_of(mix, _full(cands)),
+                "all_datasets": _acc_of(mix, subset_id(cands)),
                 "random": float(mix["test_acc"].mean()) if complete else float("nan"),
                 "oracle": _acc_of(mix, oracle) if complete else float("nan"),
                 "selected": best["subset"],

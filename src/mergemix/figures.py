@@ -39,7 +39,7 @@ def plot_all(data, corr_df, out_dir, eps, formats) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     corr = corr_df.set_index("target")
-    targets = [t for t, (_, mix, _, _) in data.items()]
+    targets = list(data)
     # merged vs mixture
     fig, axes = _grid(len(targets))
     for ax, t in zip(axes, targets):
