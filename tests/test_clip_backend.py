@@ -238,13 +238,24 @@ def test_hub_source_errors_name_the_fix(study, tmp_path):
 
 
 def test_paper_datasets_have_class_names_and_templates():
-    assert {len(CLASSNAMES[k]) for k in ("mnist", "svhn", "eurosat")} == {10}
-    assert (len(CLASSNAMES["dtd"]), len(CLASSNAMES["gtsrb"]), len(CLASSNAMES["resisc45"])) == (47, 43, 45)
-    for name in ("cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"):
+    # the class counts of the datasets as published
+    counts = {"cars": 196, "dtd": 47, "eurosat": 10, "gtsrb": 43, "mnist": 10, "resisc45": 45, "sun397": 397,
+              "svhn": 10}
+    assert {k: len(CLASSNAMES[k]) for k in counts} == counts
+    for name in counts:
+        names = CLASSNAMES[name]
+        assert len(set(names)) == len(names) and all(isinstance(c, str) and c.strip() == c and c for c in names)
         assert TEMPLATES[name] and all(t.count("{}") == 1 for t in TEMPLATES[name])
+    assert CLASSNAMES["mnist"] == CLASSNAMES["svhn"] == [str(i) for i in range(10)]
     assert len(set(TEMPLATES["resisc45"])) == 18
     with pytest.raises(ValueError, match="carries no class names"):
         resolve_classnames("from_data", None)
+    # the shipped names against a label feature that spells them its own way, in the same order
+    data = [c.replace(" ", "_").title() for c in CLASSNAMES["sun397"]]
+    assert resolve_classnames("sun397", data) == CLASSNAMES["sun397"]
+    data[3], data[7] = data[7], data[3]
+    with pytest.raises(ValueError, match=r"another order \(label 3 is 'Anechoic_Chamber' in the data"):
+        resolve_classnames("sun397", data)
 
 
 def test_study_config_is_the_papers_design():

@@ -1,75 +1,26 @@
 """Class names and prompt templates of the paper's eight vision datasets (zero-shot CLIP heads).
 
 The templates are those of the task-vectors line of work (Ilharco et al., 2023), which the Merge
-to Mix vision study follows; class names are the cleaned, prompt-ready names of the same code, in
-the label order of the datasets' Hugging Face mirrors named in ``config/clip_vit_b32.yaml``.
+to Mix vision study follows. The class names of all eight (196 for Cars, 397 for SUN397) ship in
+``clip_classnames.json`` beside this file, in the label order of the Hugging Face mirrors named in
+``config/clip_vit_b32.yaml``; the file says where they come from, and
+``tools/check_clip_metadata.py`` re-checks names and templates against that source.
 
-Cars (196 classes) and SUN397 (397 classes) take their class names from the dataset's own label
-feature (``classnames: from_data``): the hub mirrors carry readable names ("AM General Hummer SUV
-2000", "abbey"), so a copy here would only be a second list to keep in step.
-
-A dataset spec selects them by name (``classnames: dtd``, ``templates: dtd``) or gives its own
-lists (``templates: ["a photo of a {}."]``); ``{}`` is replaced by the class name.
+A dataset spec selects them by name (``classnames: dtd``, ``templates: dtd``), gives its own
+lists (``templates: ["a photo of a {}."]``), or takes the names its data carries
+(``classnames: from_data``); ``{}`` in a template is replaced by the class name.
 """
 
 from __future__ import annotations
 
-DIGITS = [str(i) for i in range(10)]
+import json
+from pathlib import Path
 
+CLASSNAMES_FILE = Path(__file__).with_name("clip_classnames.json")
+
+#: built-in class-name sets, by name, each in label order
 CLASSNAMES: dict[str, list[str]] = {
-    "mnist": DIGITS,
-    "svhn": DIGITS,
-    "eurosat": [
-        "annual crop land", "forest", "brushland or shrubland", "highway or road",
-        "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
-        "residential buildings or homes or apartments", "river", "lake or sea",
-    ],
-    "dtd": [
-        "banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
-        "crosshatched", "crystalline", "dotted", "fibrous", "flecked", "freckled", "frilly", "gauzy",
-        "grid", "grooved", "honeycombed", "interlaced", "knitted", "lacelike", "lined", "marbled",
-        "matted", "meshed", "paisley", "perforated", "pitted", "pleated", "polka-dotted", "porous",
-        "potholed", "scaly", "smeared", "spiralled", "sprinkled", "stained", "stratified", "striped",
-        "studded", "swirly", "veined", "waffled", "woven", "wrinkled", "zigzagged",
-    ],
-    "resisc45": [
-        "airplane", "airport", "baseball diamond", "basketball court", "beach", "bridge", "chaparral",
-        "church", "circular farmland", "cloud", "commercial area", "dense residential", "desert",
-        "forest", "freeway", "golf course", "ground track field", "harbor", "industrial area",
-        "intersection", "island", "lake", "meadow", "medium residential", "mobile home park",
-        "mountain", "overpass", "palace", "parking lot", "railway", "railway station",
-        "rectangular farmland", "river", "roundabout", "runway", "sea ice", "ship", "snowberg",
-        "sparse residential", "stadium", "storage tank", "tennis court", "terrace",
-        "thermal power station", "wetland",
-    ],
-    "gtsrb": [
-        "red and white circle 20 kph speed limit", "red and white circle 30 kph speed limit",
-        "red and white circle 50 kph speed limit", "red and white circle 60 kph speed limit",
-        "red and white circle 70 kph speed limit", "red and white circle 80 kph speed limit",
-        "end / de-restriction of 80 kph speed limit", "red and white circle 100 kph speed limit",
-        "red and white circle 120 kph speed limit", "red and white circle red car and black car no passing",
-        "red and white circle red truck and black car no passing", "red and white triangle road intersection warning",
-        "white and yellow diamond priority road", "red and white upside down triangle yield right-of-way",
-        "stop", "empty red and white circle", "red and white circle no truck entry",
-        "red circle with white horizonal stripe no entry", "red and white triangle with exclamation mark warning",
-        "red and white triangle with black left curve approaching warning",
-        "red and white triangle with black right curve approaching warning",
-        "red and white triangle with black double curve approaching warning",
-        "red and white triangle rough / bumpy road warning", "red and white triangle car skidding / slipping warning",
-        "red and white triangle with merging / narrow lanes warning",
-        "red and white triangle with person digging / construction / road work warning",
-        "red and white triangle with traffic light approaching warning",
-        "red and white triangle with person walking warning",
-        "red and white triangle with child and person walking warning",
-        "red and white triangle with bicyle warning", "red and white triangle with snowflake / ice warning",
-        "red and white triangle with deer warning", "white circle with gray strike bar no speed limit",
-        "blue circle with white right turn arrow mandatory", "blue circle with white left turn arrow mandatory",
-        "blue circle with white forward arrow mandatory", "blue circle with white forward or right turn arrow mandatory",
-        "blue circle with white forward or left turn arrow mandatory", "blue circle with white keep right arrow mandatory",
-        "blue circle with white keep left arrow mandatory", "blue circle with white arrows indicating a traffic circle",
-        "white circle with gray strike bar indicating no passing for cars has ended",
-        "white circle with gray strike bar indicating no passing for trucks has ended",
-    ],
+    k: v for k, v in json.loads(CLASSNAMES_FILE.read_text(encoding="utf-8")).items() if not k.startswith("_")
 }
 
 TEMPLATES: dict[str, list[str]] = {
@@ -150,4 +101,20 @@ def resolve_classnames(value, from_data: list[str] | None) -> list[str]:
             f"{len(names)} class names given but the data has {len(from_data)} classes; check the classnames "
             "setting against the dataset (or use classnames: from_data)"
         )
+    if from_data and _same_names_other_order(names, from_data):
+        i = next(i for i, (a, b) in enumerate(zip(names, from_data)) if _norm(a) != _norm(b))
+        raise ValueError(
+            f"the class names given are the data's own names in another order (label {i} is {from_data[i]!r} in "
+            f"the data but {names[i]!r} here), so every label would be scored against the wrong prompt; list the "
+            "names in the data's label order, or use classnames: from_data"
+        )
     return names
+
+
+def _norm(name) -> str:
+    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+
+
+def _same_names_other_order(names: list[str], data: list) -> bool:
+    ours, theirs = [_norm(n) for n in names], [_norm(n) for n in data]
+    return ours != theirs and sorted(ours) == sorted(theirs)
