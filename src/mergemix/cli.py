@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("configfile")
     s.add_argument("--schema", default=None)
 
+    s = stage("pin-revisions", "pin a study's hub datasets to commits in its config file (local; asks the hub)")
+    s.add_argument("configfile")
+    s.add_argument("--from-downloads", action="store_true",
+                   help="take the commits the study's downloads recorded (no network) instead of asking the hub")
+    s.add_argument("--write", action="store_true", help="rewrite the config file (comments and layout kept)")
+
     s = stage("download", "fetch a dataset's files (local rule; the only data step that may download)")
     s.add_argument("--name", required=True)
     s.add_argument("--spec", type=_json, required=True)
@@ -145,6 +151,8 @@ def run(args) -> None:
         for tgt in targets_of(cfg):
             c = candidates_of(cfg, tgt)
             print(f"{tgt}: {len(c)} candidates, {2 ** len(c) - 1} merged models")
+    elif args.stage == "pin-revisions":
+        _pin_revisions(args)
     elif args.stage == "download":
         stages.download(args.name, args.spec, args.out)
     elif args.stage == "prepare":
@@ -190,9 +198,31 @@ def run(args) -> None:
         print(format_table(pd.read_csv(args.csv)))
 
 
+def _pin_revisions(args) -> None:
+    from pathlib import Path
+
+    from mergemix import pins
+    from mergemix.config import load_yaml, validate_config
+
+    raw = load_yaml(args.configfile)
+    cfg = validate_config(raw)
+    results = Path(cfg["results_dir"]) / cfg["study"] if args.from_downloads else None
+    found = pins.resolve_pins(cfg, results)
+    if not found:
+        print("no dataset of this study is read from a hub; nothing to pin")
+        return
+    for name, p in found.items():
+        print(f"{name}: {p['repo']} {p['revision'] or '(default branch)'} -> {p['commit']}")
+    if args.write:
+        changed = pins.pin_config_file(args.configfile, found, raw)
+        print(f"{args.configfile}: {'pinned' if changed else 'already pinned'}")
+    else:
+        print(f"(dry run: add --write to set these revisions in {args.configfile})")
+
+
 # Stages that may use the network (local rules on a login node); every other stage runs with
 # the Hugging Face hubs set offline, so a compute job never tries to download.
-ONLINE_STAGES = {"download", "fetch-pretrained"}
+ONLINE_STAGES = {"download", "fetch-pretrained", "pin-revisions"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,165 @@
+"""Pin a study's hub datasets to commits: ``mergemix pin-revisions CONFIG [--write]``.
+
+A hub revision such as ``main`` is a branch: it moves, and the same config can fetch other data a
+month later. Pinning replaces it with the commit it resolves to, in the config file itself, so the
+study is reproducible and its hash-triggered reruns mean what they say.
+
+Pin *before* the first download: the revision is part of every data rule's params, so pinning a study
+that has already downloaded makes Snakemake redo it from the download on (the data may be the same
+bytes, but Snakemake cannot know that). The commits come from the hub (a local step, like download),
+or, with ``from_downloads``, from the ``resolved_revision`` each download recorded.
+
+The config text is edited in place, not re-serialised, so comments and layout survive; the edit is
+checked by parsing the result (every other value unchanged) before the file is atomically replaced.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from mergemix import io
+
+#: source -> the spec key holding its hub repository id
+REPO_KEYS = {"hf_images": "hub_id", "hf_chat": "path"}
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_datasets(config: dict) -> dict[str, tuple[str, Optional[str]]]:
+    """name -> (hub repository id, configured revision) for every dataset read from a hub
+    (local paths, which need no pin, are left out)."""
+    out = {}
+    for name, spec in config["datasets"].items():
+        key = REPO_KEYS.get(spec.get("source"))
+        if key and spec.get(key) and not Path(str(spec[key])).expanduser().exists():
+            out[name] = (str(spec[key]), spec.get("revision"))
+    return out
+
+
+def hub_commit(repo: str, revision: Optional[str]) -> str:
+    """The commit a hub dataset revision resolves to (network)."""
+    from huggingface_hub import HfApi
+
+    return HfApi().dataset_info(repo, revision=revision).sha
+
+
+def downloaded_commit(download_dir: Path) -> Optional[str]:
+    """The commit the download stage recorded in ``download_dir/download.json``, if any."""
+    path = Path(download_dir) / "download.json"
+    if not path.exists():
+        return None
+    info = io.read_json(path).get("info", {})
+    return info.get("resolved_revision")
+
+
+def resolve_pins(config: dict, results_dir: Optional[Path] = None,
+                 resolver: Optional[Callable[[str, Optional[str]], str]] = None) -> dict[str, dict]:
+    """name -> {repo, revision (configured), commit} for each hub dataset.
+
+    ``results_dir`` given: the commits the downloads recorded under ``results_dir/downloads/<name>``
+    (no network); otherwise ``resolver`` (default: ``hub_commit``) asks the hub. A dataset already
+    pinned keeps its commit."""
+    resolver = resolver or hub_commit
+    pins = {}
+    for name, (repo, revision) in hub_datasets(config).items():
+        if revision and _SHA.match(str(revision)):
+            commit = str(revision)
+        elif results_dir is not None:
+            commit = downloaded_commit(Path(results_dir) / "downloads" / name)
+            if commit is None:
+                raise ValueError(
+                    f"dataset {name!r} has no recorded commit in {Path(results_dir) / 'downloads' / name / 'download.json'}; "
+                    "run its download first, or pin from the hub (leave out --from-downloads)"
+                )
+        else:
+            commit = resolver(repo, revision)
+        if not _SHA.match(str(commit)):
+            raise ValueError(f"dataset {name!r}: {repo}@{revision} resolved to {commit!r}, which is not a commit sha")
+        pins[name] = {"repo": repo, "revision": revision, "commit": str(commit)}
+    return pins
+
+
+def _block(lines: list[str], name: str) -> tuple[int, int]:
+    """Line range [start, end) of ``name``'s entry in the top-level ``datasets:`` mapping."""
+    try:
+        top = next(i for i, ln in enumerate(lines) if re.match(r"^datasets:\s*(#.*)?$", ln))
+    except StopIteration:
+        raise ValueError("the config has no top-level 'datasets:' block to edit") from None
+    entry_indent = None
+    for i in range(top + 1, len(lines)):
+        ln = lines[i]
+        if not ln.strip() or ln.lstrip().startswith("#"):
+            continue
+        if not ln.startswith((" ", "\t")):
+            break  # the next top-level key
+        indent = len(ln) - len(ln.lstrip())
+        entry_indent = indent if entry_indent is None else entry_indent
+        if indent == entry_indent and re.match(rf"^\s+{re.escape(name)}:(\s|$)", ln):
+            end = i + 1
+            while end < len(lines):
+                nxt = lines[end]
+                if nxt.strip() and not nxt.lstrip().startswith("#") and len(nxt) - len(nxt.lstrip()) <= indent:
+                    break
+                end += 1
+            return i, end
+    raise ValueError(f"dataset {name!r} not found under 'datasets:' in the config text")
+
+
+def _pin_block(block: list[str], name: str, repo_key: str, commit: str) -> list[str]:
+    text = "\n".join(block)
+    if not isinstance(yaml.safe_load(commit), str):  # an all-digit sha would read back as a number
+        commit = f'"{commit}"'
+
+    def in_comment(m) -> bool:
+        return "#" in text[text.rfind("\n", 0, m.start()) + 1: m.start()]
+
+    found = [m for m in re.finditer(r"(\brevision:[ \t]*)([^,}\s#]+|\"[^\"]*\"|'[^']*')", text)
+             if not in_comment(m)]
+    if len(found) > 1:
+        raise ValueError(f"dataset {name!r} has {len(found)} 'revision:' keys in the config text; leave one")
+    if found:
+        m = found[0]
+        return (text[:m.start(2)] + commit + text[m.end(2):]).split("\n")
+    repo = next((m for m in re.finditer(rf"\b{repo_key}:[ \t]*([^,}}\s#]+)", text) if not in_comment(m)), None)
+    if repo is None:
+        raise ValueError(f"dataset {name!r}: no '{repo_key}:' in its config text; add 'revision: {commit}' by hand")
+    line_no = text[:repo.start()].count("\n")
+    line = block[line_no]
+    if "{" in block[0].split("#", 1)[0]:  # {source: ..., hub_id: X, ...}: insert after the repo value
+        return (text[:repo.end(1)] + f", revision: {commit}" + text[repo.end(1):]).split("\n")
+    indent = line[: len(line) - len(line.lstrip())]
+    return block[: line_no + 1] + [f"{indent}revision: {commit}"] + block[line_no + 1:]
+
+
+def pin_text(text: str, config: dict, pins: dict[str, dict]) -> str:
+    """The config text with each pinned dataset's ``revision`` set to its commit.
+
+    Raises ValueError, leaving nothing changed, when the edit cannot be made safely or the result
+    does not parse to the same config with only those revisions changed."""
+    lines = text.split("\n")
+    for name, pin in pins.items():
+        start, end = _block(lines, name)
+        key = REPO_KEYS[config["datasets"][name]["source"]]
+        lines[start:end] = _pin_block(lines[start:end], name, key, pin["commit"])
+    new = "\n".join(lines)
+    after, expected = yaml.safe_load(new), yaml.safe_load(text)
+    for name, pin in pins.items():
+        expected["datasets"][name]["revision"] = pin["commit"]
+    if after != expected:
+        raise ValueError("pinning would change more than the revisions; the config was left as it is. Set each "
+                         "dataset's 'revision:' to the commits printed above by hand")
+    return new
+
+
+def pin_config_file(path, pins: dict[str, dict], config: dict) -> bool:
+    """Rewrite ``path`` atomically with the pins; False when it already had them all."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    new = pin_text(text, config, pins)
+    if new == text:
+        return False
+    io.write_text(path, new)
+    return True
