@@ -1,5 +1,7 @@
 """Small real runs of the stages in-process: a tiny convnet really trained, merged and evaluated."""
 
+import copy
+
 import pandas as pd
 import pytest
 import torch
@@ -106,25 +108,29 @@ def test_select_best_breaks_ties_towards_the_smallest_subset():
     assert stages.select_best(df, "val_acc", maximize=False)["subset"] == "a"
 
 
-@pytest.mark.parametrize("name,cls,kw", [
-    ("adamw", "AdamW", {"weight_decay": 0.1}),
-    ("adam", "Adam", {"weight_decay": 0.01}),
-    ("sgd", "SGD", {"weight_decay": 0.01, "momentum": 0.9}),
+@pytest.mark.parametrize("name,cls,kw,foreach", [
+    ("adamw", "AdamW", {"weight_decay": 0.1}, False),
+    ("adamw", "AdamW", {"weight_decay": 0.1}, True),
+    ("adam", "Adam", {"weight_decay": 0.01}, False),
+    ("adam", "Adam", {"weight_decay": 0.01}, True),
+    ("sgd", "SGD", {"weight_decay": 0.01, "momentum": 0.9}, None),
 ])
-def test_optimizer_matches_torch_optim(name, cls, kw):
+def test_optimizer_matches_torch_optim(name, cls, kw, foreach):
     from mergemix.backends.training import Optimizer
 
     torch.manual_seed(0)
-    a = torch.nn.Linear(5, 3)
-    b = torch.nn.Linear(5, 3)
-    b.load_state_dict(a.state_dict())
-    ours = Optimizer(a.parameters(), name, lr=0.01, **kw)
+    a = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    b = copy.deepcopy(a)
+    ours = Optimizer(a.parameters(), name, lr=0.01, foreach=foreach, **kw)
     ref = getattr(torch.optim, cls)(b.parameters(), lr=0.01, **kw)
     x, y = torch.randn(16, 5), torch.randn(16, 3)
-    for _ in range(5):
+    for step in range(6):
         for m, opt in ((a, ours), (b, ref)):
             opt.zero_grad()
-            ((m(x) - y) ** 2).mean().backward()
+            # the last layer gets no gradient (and no update) in the first steps; the learning rate changes
+            out = m[:3](x) if step < 3 else m[:3](x) + 0 * m[3](m[:3](x)).sum()
+            ((out - y) ** 2).mean().backward()
+            (opt.param_groups[0] if hasattr(opt, "param_groups") else opt.__dict__)["lr"] = 0.01 * (1 + step) / 6
             opt.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6)
