@@ -15,6 +15,7 @@ checked by parsing the result (every other value unchanged) before the file is a
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +24,7 @@ import yaml
 
 from mergemix import io
 
+log = logging.getLogger("mergemix.data")
 #: source -> the spec key holding its hub repository id
 REPO_KEYS = {"hf_images": "hub_id", "hf_chat": "path"}
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -44,6 +46,16 @@ def hub_commit(repo: str, revision: Optional[str]) -> str:
     from huggingface_hub import HfApi
 
     return HfApi().dataset_info(repo, revision=revision).sha
+
+
+def commit_or_none(repo: str, revision: Optional[str]) -> Optional[str]:
+    """``hub_commit`` for a download's record: None, with a warning, where the hub cannot say (the
+    download itself has succeeded; the record only informs a later pin)."""
+    try:
+        return hub_commit(repo, revision)
+    except Exception as e:
+        log.warning("could not resolve the commit of %s: %s", repo, e)
+        return None
 
 
 def downloaded_commit(download_dir: Path) -> Optional[str]:

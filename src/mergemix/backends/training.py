@@ -29,7 +29,6 @@ class Optimizer:
         self.params = [p for p in params if p.requires_grad]
         self.name, self.base_lr, self.lr, self.wd = name, lr, lr, weight_decay
         self.momentum, self.betas, self.eps = momentum, betas, eps
-        self.t = 0
         self.steps = [0] * len(self.params)
         self.foreach = foreach  # multi-tensor kernels; None: on CUDA tensors only, as torch.optim does
         self.m = [torch.zeros_like(p) for p in self.params]
@@ -41,7 +40,6 @@ class Optimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.t += 1
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not live:
             return

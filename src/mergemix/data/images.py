@@ -32,6 +32,7 @@ import numpy as np
 
 from mergemix.data.clip_datasets import resolve_classnames, resolve_templates
 from mergemix.data.registry import RawDataset, register_source
+from mergemix.pins import commit_or_none
 
 log = logging.getLogger("mergemix.data")
 SPLIT_NAMES = ("train", "val", "test")
@@ -159,18 +160,6 @@ def _load_remote_or_local(spec: dict, their_split: str, cache_dir=None):
                                  cache_dir=cache_dir)
 
 
-def _resolved_revision(spec: dict):
-    if Path(str(spec["hub_id"])).expanduser().exists():
-        return None
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(spec["hub_id"], revision=spec.get("revision")).sha
-    except Exception as e:  # informative only; the download itself already succeeded
-        log.warning("could not resolve the commit of %s: %s", spec["hub_id"], e)
-        return None
-
-
 def download_hf(spec: dict, out_dir: Path) -> dict:
     """Fetch each split with ``datasets.load_dataset`` and save it under ``out_dir/<split>``.
 
@@ -197,7 +186,8 @@ def download_hf(spec: dict, out_dir: Path) -> dict:
         ds.select_columns(cols).save_to_disk(str(Path(out_dir) / ours))
         rows[ours] = ds.num_rows
     shutil.rmtree(cache, ignore_errors=True)
-    return {"hub_id": spec["hub_id"], "revision": spec.get("revision"), "resolved_revision": _resolved_revision(spec),
+    return {"hub_id": spec["hub_id"], "revision": spec.get("revision"), "resolved_revision": (None if Path(str(spec["hub_id"])).expanduser().exists()
+                                  else commit_or_none(spec["hub_id"], spec.get("revision"))),
             "rows": rows}
 
 

@@ -33,6 +33,7 @@ from typing import Any, Optional
 import numpy as np
 
 from mergemix.data.registry import RawDataset, register_source
+from mergemix.pins import commit_or_none
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_CONVERSATION = {"role_key": "role", "content_key": "content", "roles": {}}
@@ -149,19 +150,6 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
 
 
-def _hub_commit(repo: str, revision) -> Optional[str]:
-    """The commit a hub dataset revision resolves to (put it in the config to pin the data)."""
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(repo, revision=revision).sha
-    except Exception as e:  # the download itself succeeded; the pin is informative only
-        import logging
-
-        logging.getLogger("mergemix.data").warning("could not resolve the commit of %s: %s", repo, e)
-        return None
-
-
 def download_hf_dataset(spec: dict, out_dir: Path) -> dict:
     """Save the dataset's split to ``out_dir/dataset`` (hub id, or a local save_to_disk folder)."""
     import datasets
@@ -177,7 +165,7 @@ def download_hf_dataset(spec: dict, out_dir: Path) -> dict:
     else:
         ds = datasets.load_dataset(str(spec["path"]), spec.get("name"), split=split, revision=spec.get("revision"))
         origin = {"hub": spec["path"], "name": spec.get("name"), "revision": spec.get("revision"),
-                  "resolved_revision": _hub_commit(str(spec["path"]), spec.get("revision"))}
+                  "resolved_revision": commit_or_none(str(spec["path"]), spec.get("revision"))}
     ds.save_to_disk(str(out_dir / "dataset"))
     return {**origin, "split": split, "n_rows": len(ds), "columns": list(ds.column_names)}
 
