@@ -134,3 +134,32 @@ def test_optimizer_matches_torch_optim(name, cls, kw, foreach):
             opt.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_eval_pretrained_scores_each_target_on_its_own_data(trained, tmp_path):
+    # eval-pretrained loads one target after another in one process; a split cache keyed by id()
+    # once handed a target the tensors of an earlier, freed one whose id had been reused
+    names = ["clean", "mirror", "rotate", "thin"] * 3
+    dirs = {f"{n}{i}": trained / "data" / n for i, n in enumerate(names)}
+    df = stages.eval_pretrained(BACKEND, trained / "pre/model.safetensors", dirs, tmp_path / "pre.csv")
+    fresh = {}
+    for n in set(names):
+        b = get_backend(BACKEND)
+        model = b.load_pretrained(trained / "pre/model.safetensors")
+        fresh[n] = b.evaluate(model, load_prepared(trained / "data" / n), "test")
+    assert len(set(fresh.values())) == 4  # the domains really score differently
+    for _, row in df.iterrows():
+        assert row["test_acc"] == fresh[row["target"].rstrip("0123456789")], row["target"]
+
+
+def test_split_cache_never_serves_another_dataset_under_a_reused_id(trained):
+    b = get_backend(BACKEND)
+    model = b.load_pretrained(trained / "pre/model.safetensors")
+    mirror, rotate = load_prepared(trained / "data/mirror"), load_prepared(trained / "data/rotate")
+    expected = b.evaluate(model, rotate, "val")
+    b2 = get_backend(BACKEND)
+    b2.evaluate(model, mirror, "val")
+    # what the cache would hold had mirror been freed and rotate been allocated at its address
+    (_, split), entry = next(iter(b2._tensors.items()))
+    b2._tensors[(id(rotate), split)] = entry
+    assert b2.evaluate(model, rotate, "val") == expected != b.evaluate(model, mirror, "val")

@@ -88,6 +88,17 @@ class Backend:
             for k, p in params.items():
                 p.copy_(state[k].to(p.device, p.dtype))
 
+    @staticmethod
+    def cached(store: dict, data: PreparedDataset, key, build):
+        """``build()`` once per dataset object and ``key`` (a split, say) within a job.
+
+        The entry holds the dataset object itself: a key of ``id(data)`` alone would hand a later
+        dataset the cached tensors of an earlier one that was freed and whose id was reused."""
+        entry = store.get((id(data), key))
+        if entry is None or entry[0] is not data:
+            entry = store[(id(data), key)] = (data, build())
+        return entry[1]
+
     def describe(self) -> dict:
         return {"name": self.name, "params": self.params}
 

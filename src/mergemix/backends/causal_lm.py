@@ -292,8 +292,7 @@ class CausalLMBackend(Backend):
         raise ValueError(f"record with keys {sorted(record)} is neither a chat nor a benchmark example")
 
     def _encode(self, data: PreparedDataset, split: str):
-        key = (id(data), split, "train")
-        if key not in self._encoded:
+        def build():
             recs, _ = data.split(split)
             for r in recs[:1]:
                 if "messages" not in r:
@@ -306,8 +305,9 @@ class CausalLMBackend(Backend):
             if n_empty:
                 log.warning("%s/%s: %d of %d examples have no assistant token within max_length=%s",
                             data.name, split, n_empty, len(enc), self.params["max_length"])
-            self._encoded[key] = enc
-        return self._encoded[key]
+            return enc
+
+        return self.cached(self._encoded, data, (split, "train"), build)
 
     def _token_loss_sum(self, model, examples) -> tuple[torch.Tensor, int]:
         ids, mask, labels = pad_batch([e[0] for e in examples], self.tokenizer.pad_token_id, False, [e[1] for e in examples])

@@ -360,15 +360,16 @@ class ClipBackend(Backend):
         Only the splits of the dataset used last are kept: a merge-eval job evaluates one target
         many times, while eval-pretrained visits each target once (8 targets' val and test splits
         at 224 px would be 16 GB)."""
-        key = (str(data.path or id(data)), split)
-        if key not in self._tensors:
-            for other in [k for k in self._tensors if k[0] != key[0]]:
-                del self._tensors[other]
+        for other in [k for k, (d, _) in self._tensors.items() if d is not data]:
+            del self._tensors[other]
+
+        def build():
             self._check_size(model, data)
             idx = data.indices[split]
             x, y = self._read(data.x, idx), data.y[idx]
-            self._tensors[key] = (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
-        return self._tensors[key]
+            return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+        return self.cached(self._tensors, data, split, build)
 
     @torch.no_grad()
     def _count_correct(self, model, data: PreparedDataset, split: str) -> tuple[int, int]:

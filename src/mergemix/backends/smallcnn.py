@@ -67,11 +67,11 @@ class SmallCNNBackend(Backend):
 
     # data -------------------------------------------------------------------------------------
     def _split(self, data: PreparedDataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (id(data), split)
-        if key not in self._tensors:
+        def build():
             x, y = data.split(split)
-            self._tensors[key] = (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
-        return self._tensors[key]
+            return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+        return self.cached(self._tensors, data, split, build)
 
     def _concat(self, data: Sequence[PreparedDataset], split: str):
         xs, ys = zip(*(self._split(d, split) for d in data))
