@@ -169,9 +169,10 @@ def download_hf(spec: dict, out_dir: Path) -> dict:
 
     if "hub_id" not in spec:
         raise ValueError("source hf_images needs 'hub_id': a Hugging Face dataset id or a local dataset path")
-    if spec.get("revision") in (None, "main") and not Path(str(spec["hub_id"])).expanduser().exists():
-        log.warning("dataset %s is not pinned to a commit (revision: %r); pin it for reproducible data",
-                    spec["hub_id"], spec.get("revision"))
+    from_hub = not Path(str(spec["hub_id"])).expanduser().exists()
+    if from_hub and spec.get("revision") in (None, "main"):
+        log.warning("dataset %s is not pinned to a commit (revision: %r); pin it for reproducible data "
+                    "(mergemix pin-revisions <config> --write, before downloading)", spec["hub_id"], spec.get("revision"))
     cols = [spec.get("image_column", "image"), spec.get("label_column", "label")]
     rows = {}
     cache = Path(out_dir) / ".datasets_cache"
@@ -186,9 +187,8 @@ def download_hf(spec: dict, out_dir: Path) -> dict:
         ds.select_columns(cols).save_to_disk(str(Path(out_dir) / ours))
         rows[ours] = ds.num_rows
     shutil.rmtree(cache, ignore_errors=True)
-    return {"hub_id": spec["hub_id"], "revision": spec.get("revision"), "resolved_revision": (None if Path(str(spec["hub_id"])).expanduser().exists()
-                                  else commit_or_none(spec["hub_id"], spec.get("revision"))),
-            "rows": rows}
+    commit = commit_or_none(spec["hub_id"], spec.get("revision")) if from_hub else None
+    return {"hub_id": spec["hub_id"], "revision": spec.get("revision"), "resolved_revision": commit, "rows": rows}
 
 
 @register_source("hf_images", params=HF_PARAMS, download=download_hf)
