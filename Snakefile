@@ -23,8 +23,29 @@ rule all:
     default_target: True
 
 
+onstart:
+    # one checkout at a time per results folder (Snakemake's own lock is per checkout)
+    from mergemix.runlock import LockError, acquire
+
+    try:
+        acquire(R, workflow.basedir)
+    except LockError as e:
+        from snakemake.exceptions import WorkflowError
+
+        raise WorkflowError(f"mergemix: {e}") from None
+
+
+onerror:
+    from mergemix.runlock import release
+
+    release(R, workflow.basedir)
+
+
 onsuccess:
+    from mergemix.runlock import release
+
+    release(R, workflow.basedir)
     sel = Path(R) / "selection.csv"
     if sel.exists():
         print(f"\nSelection table ({sel}):", flush=True)
-        shell(f"mergemix show {sel}")
+        shell(f"{MERGEMIX} show {shlex.quote(str(sel))}")

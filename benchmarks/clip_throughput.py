@@ -65,13 +65,16 @@ def write_prepared(folder: Path, name: str, sizes: dict, size: int, classes: int
     n = sum(sizes.values())
     x = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
     y = rng.integers(0, classes, n).astype(np.int64)
-    io.save_arrays(folder / "arrays.safetensors", {"x": x, "y": y})
+    sha = io.save_arrays(folder / "arrays.safetensors", {"x": x, "y": y})
+    data = {"file": "arrays.safetensors", "sha256": sha, "bytes": (folder / "arrays.safetensors").stat().st_size,
+            "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in {"x": x, "y": y}.items()}}
     bounds = np.cumsum([0, *sizes.values()])
     indices = {k: list(range(int(a), int(b))) for k, a, b in zip(sizes, bounds[:-1], bounds[1:])}
     io.write_json(folder / "splits.json", {
         "name": name, "spec": {"source": "synthetic", "templates": ["a photo of a {}."]},
         "split": {"seed": seed}, "classes": [f"class {i}" for i in range(classes)],
         "sizes": {k: len(v) for k, v in indices.items()}, "indices": indices, "info": {},
+        "data": data,  # load_prepared checks the data file against it
     })
     return folder
 

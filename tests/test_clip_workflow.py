@@ -65,7 +65,8 @@ def test_output_contract(study):
         me = pd.read_csv(out / "merge_eval" / f"{t}.csv")
         mix = pd.read_csv(out / "mixture" / f"{t}.csv")
         sim = pd.read_csv(out / "similarity" / f"{t}.csv")
-        assert list(me.columns) == list(mix.columns) == ["subset", "size", "val_acc", "test_acc"]
+        assert list(mix.columns) == ["subset", "size", "val_acc", "test_acc"]
+        assert list(me.columns) == ["subset", "size", "val_acc", "test_acc", "order", "val_examples"]
         assert sorted(me["subset"]) == sorted(mix["subset"]) == sorted(sim["subset"]) == expected
         assert list(sim.columns) == ["subset", "size", *METRICS]
         assert me[["val_acc", "test_acc"]].stack().between(0, 1).all()

@@ -69,8 +69,9 @@ def test_lm_output_contract(study):
     expected = sorted(subset_id(s) for s in all_subsets(CANDIDATES))
     me = pd.read_csv(out / "merge_eval" / "skill.csv")
     mix = pd.read_csv(out / "mixture" / "skill.csv")
+    assert list(me.columns) == ["subset", "size", "val_acc", "test_acc", "order", "val_examples"]
+    assert list(mix.columns) == ["subset", "size", "val_acc", "test_acc"]
     for df in (me, mix):
-        assert list(df.columns) == ["subset", "size", "val_acc", "test_acc"]
         assert sorted(df["subset"]) == expected
         assert df[["val_acc", "test_acc"]].stack().between(0, 1).all()
     # the merged model of one dataset is that dataset's fine-tuned adapter

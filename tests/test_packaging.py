@@ -32,4 +32,4 @@ def test_rules_are_thin_calls_of_the_cli():
         for rule in re.findall(r"^\s*rule (\w+):", text, re.M):
             body = re.split(r"\n\s*rule \w+:|\nelse:", text.split(f"rule {rule}:")[1])[0]
             assert "log:" in body and "resources:" in body and "threads:" in body, (smk.name, rule)
-            assert re.search(r'shell:\s*\n\s*"mergemix [a-z-]+ ', body), (smk.name, rule)
+            assert re.search(r'shell:\s*\n\s*"{MERGEMIX} [a-z-]+ ', body), (smk.name, rule)

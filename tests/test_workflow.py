@@ -59,8 +59,11 @@ def test_output_contract(study):
         cands = [n for n in names if n != t]
         expected = {subset_id(s) for s in all_subsets(cands)}
         me = pd.read_csv(out / "merge_eval" / f"{t}.csv")
-        assert list(me.columns) == ["subset", "size", "val_acc", "test_acc"]
+        assert list(me.columns) == ["subset", "size", "val_acc", "test_acc", "order", "val_examples"]
         assert sorted(me["subset"]) == sorted(expected)  # every non-empty subset exactly once
+        assert sorted(me["order"]) == list(range(len(expected))) and me["val_examples"].nunique() == 1
+        cost = io.read_json(out / "merge_eval" / f"{t}.json")
+        assert cost["strategy"] == "exhaustive" and cost["evaluations"] == cost["exhaustive_evaluations"] == 7
         assert (me["size"] == me["subset"].str.count(r"\+") + 1).all()
         assert me[["val_acc", "test_acc"]].stack().between(0, 1).all()
         assert len(list((out / "merge_eval" / "chunks" / t).glob("*.csv"))) == cfg["merge_eval"]["chunks"]

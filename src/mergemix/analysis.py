@@ -14,24 +14,28 @@ import pandas as pd
 
 from mergemix import io, metrics
 from mergemix.similarity import METRICS
-from mergemix.stages import select_best
+from mergemix.stages import full_rows, select_best
 from mergemix.subsets import subset_id
 
 SELECTION_COLUMNS = [
     "target", "pretrained", "m2m_merged", "m2m_finetuned", "all_datasets", "similarity", "similarity_metric",
     "random", "oracle", "selected", "similarity_subset", "oracle_subset",
+    # how the choice was searched and what the random/oracle columns range over
+    "search", "evaluations", "exhaustive_evaluations", "val_examples", "exhaustive_val_examples",
+    "mixtures", "oracle_scope",
 ]
-
-
-def has_all_mixtures(mixture: pd.DataFrame | None, merged: pd.DataFrame) -> bool:
-    return mixture is not None and set(merged["subset"]) <= set(mixture["subset"])
+# analysis option `mixtures`: which mixtures were fine-tuned (every one, a fixed sample, or none
+# beyond all candidates); random, the oracle and the correlations range over the fine-tuned ones
+MIXTURE_MODES = {"all": "all mixtures", "sampled": "sampled mixtures", "off": ""}
 
 
 def correlation_row(target, base_acc, merged, mixture, sim, eps) -> dict:
+    """Pearson correlations over the subsets that have both a merged and a fine-tuned model
+    (all of them when every mixture is fine-tuned; the sample's with mixture.sample)."""
     row = {"target": target, "n_points": float("nan"), "pearson_acc": float("nan"), "pearson_logit": float("nan")}
     for m in METRICS:
         row[f"{m}_pearson_acc"] = row[f"{m}_pearson_logit"] = float("nan")
-    if not has_all_mixtures(mixture, merged):
+    if mixture is None:
         return row
     j = merged.merge(mixture, on=["subset", "size"], suffixes=("_merged", "_mixture"))
     m = metrics.merged_vs_mixture_pearson(j["size"], j["test_acc_merged"], j["test_acc_mixture"], base_acc)
@@ -63,6 +67,24 @@ def with_average(df: pd.DataFrame, key: str = "target") -> pd.DataFrame:
     return pd.concat([df, pd.DataFrame([avg])], ignore_index=True)
 
 
+def merged_for_correlation(merged: pd.DataFrame, sampled: pd.DataFrame | None) -> pd.DataFrame:
+    """Merged models scored on the whole val and test splits: the search's, plus the mixture
+    sample's evaluated apart for a budgeted search; one row per subset."""
+    full = full_rows(merged)
+    if sampled is not None:
+        full = pd.concat([full, sampled[~sampled["subset"].isin(full["subset"])]], ignore_index=True)
+    return full[["subset", "size", "val_acc", "test_acc"]]
+
+
+def with_selected(mix: pd.DataFrame, fin: dict) -> pd.DataFrame:
+    """The mixture table plus the target's selected mixture (its final fine-tune: the same
+    hyperparameters and seed as every mixture fine-tune), when a sample does not contain it."""
+    if fin["selected"] in set(mix["subset"]):
+        return mix
+    row = {"subset": fin["selected"], "size": fin["selected"].count("+") + 1, "val_acc": fin["val_acc"], "test_acc": fin["test_acc"]}
+    return pd.concat([mix, pd.DataFrame([row])], ignore_index=True)
+
+
 def analyze(
     targets: Mapping[str, Sequence[str]],
     pretrained_csv,
@@ -73,28 +95,44 @@ def analyze(
     out_dir,
     eps: float = metrics.LOGIT_EPS,
     figure_formats: Sequence[str] = ("png", "pdf"),
+    search: Mapping[str, str] | None = None,
+    merge_eval_sampled: Mapping[str, str] | None = None,
+    mixtures: str = "all",
 ) -> dict[str, pd.DataFrame]:
+    if mixtures not in MIXTURE_MODES:
+        raise ValueError(f"analysis option mixtures must be one of {', '.join(MIXTURE_MODES)}, got {mixtures!r}")
     out_dir = Path(out_dir)
-    pre = pd.read_csv(pretrained_csv).set_index("target")
+    from mergemix.tables import check_final, read_result_table
+
+    pre = read_result_table(pretrained_csv, "pretrained").set_index("target")
+    search, merge_eval_sampled = search or {}, merge_eval_sampled or {}
     data = {}
     corr_rows, sel_rows, simsel_rows = [], [], []
     for t, cands in targets.items():
-        merged = pd.read_csv(merge_eval[t])
-        mix = pd.read_csv(mixture[t]) if t in mixture else None
-        sim = pd.read_csv(similarity[t])
-        fin = io.read_json(final[t])
-        base = float(pre.loc[t, "test_acc"])
-        data[t] = (merged, mix, sim, base)
-        corr_rows.append(correlation_row(t, base, merged, mix, sim, eps))
+        merged = read_result_table(merge_eval[t], "merge_eval")
+        sampled = read_result_table(merge_eval_sampled[t], "merge_eval") if t in merge_eval_sampled else None
+        mix = read_result_table(mixture[t], "mixture") if t in mixture else None
+        sim = read_result_table(similarity[t], "similarity")
+        fin = check_final(io.read_json(final[t]), final[t])
+        if t not in pre.index:
+            from mergemix.tables import TableError
 
-        complete = has_all_mixtures(mix, merged)
+            raise TableError(f"{pretrained_csv}: no row for target {t!r}; delete it and rerun snakemake to rebuild it")
+        base = float(pre.loc[t, "test_acc"])
+        studied = mix is not None and mixtures != "off"  # mixtures beyond all candidates were fine-tuned
+        mix_study = with_selected(mix, fin) if studied else None
+        merged_c = merged_for_correlation(merged, sampled)
+        data[t] = (merged_c, mix_study, sim, base)
+        corr_rows.append(correlation_row(t, base, merged_c, mix_study, sim, eps))
+
         choices = similarity_choices(sim)
         simsel = {"target": t}
         for m, sid in choices.items():
-            simsel[m] = _acc_of(mix, sid) if complete else float("nan")
+            simsel[m] = _acc_of(mix_study, sid) if studied else float("nan")
         simsel_rows.append(simsel)
         best = select_best(merged)
-        oracle = select_best(mix)["subset"] if complete else None
+        oracle = select_best(mix_study)["subset"] if studied else None
+        cost = io.read_json(search[t]) if t in search else {}
         sel_rows.append(
             {
                 "target": t,
@@ -102,10 +140,17 @@ def analyze(
                 "m2m_merged": float(best["test_acc"]),
                 "m2m_finetuned": float(fin["test_acc"]),
                 "all_datasets": _acc_of(mix, subset_id(cands)),
-                "random": float(mix["test_acc"].mean()) if complete else float("nan"),
-                "oracle": _acc_of(mix, oracle) if complete else float("nan"),
+                "random": float(mix_study["test_acc"].mean()) if studied else float("nan"),
+                "oracle": _acc_of(mix_study, oracle) if studied else float("nan"),
                 "selected": best["subset"],
                 "oracle_subset": oracle or "",
+                "search": cost.get("strategy", ""),
+                "evaluations": cost.get("evaluations", float("nan")),
+                "exhaustive_evaluations": cost.get("exhaustive_evaluations", float("nan")),
+                "val_examples": cost.get("val_examples", float("nan")),
+                "exhaustive_val_examples": cost.get("exhaustive_val_examples", float("nan")),
+                "mixtures": len(mix_study) if studied else float("nan"),
+                "oracle_scope": MIXTURE_MODES[mixtures] if studied else "",
                 "_sim_choices": choices,
             }
         )
@@ -120,7 +165,11 @@ def analyze(
         r["similarity"] = s[best_metric] if best_metric else float("nan")
         r["similarity_subset"] = choices[best_metric] if best_metric else ""
     sel_df = with_average(pd.DataFrame(sel_rows)[SELECTION_COLUMNS])
-    sel_df.loc[sel_df["target"] == "average", "similarity_metric"] = best_metric
+    avg = sel_df["target"] == "average"
+    sel_df.loc[avg, "similarity_metric"] = best_metric
+    for col in ("search", "oracle_scope"):  # one value for the study when all targets agree
+        vals = set(sel_df.loc[~avg, col])
+        sel_df.loc[avg, col] = vals.pop() if len(vals) == 1 else "mixed"
     corr_df = with_average(pd.DataFrame(corr_rows))
 
     io.write_csv(out_dir / "correlation.csv", corr_df)
@@ -132,6 +181,29 @@ def analyze(
     return {"correlation": corr_df, "selection": sel_df, "similarity_selection": simsel_df}
 
 
+TABLE_COLUMNS = [
+    "target", "pretrained", "m2m_merged", "m2m_finetuned", "all_datasets", "similarity", "similarity_metric",
+    "random", "oracle", "selected",
+]
+
+
 def format_table(df: pd.DataFrame) -> str:
-    cols = [c for c in SELECTION_COLUMNS if c in df.columns and c not in ("similarity_subset", "oracle_subset")]
-    return df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+    """The selection table as text, with a footer on how the choice was searched and what the
+    random and oracle columns range over."""
+    cols = [c for c in TABLE_COLUMNS if c in df.columns and c != "selected"]
+    text = df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+    rows = df[df["target"] != "average"]
+    if "search" in df.columns and len(rows):
+        ev, ex = rows["evaluations"].sum(), rows["exhaustive_evaluations"].sum()
+        vx, vex = rows["val_examples"].sum(), rows["exhaustive_val_examples"].sum()
+        text += (
+            f"\nsearch: {', '.join(sorted(set(rows['search'].astype(str))))}; {ev:,.0f} merged evaluations of "
+            f"{ex:,.0f} exhaustive ({ev / ex:.1%}), {vx:,.0f} val examples of {vex:,.0f} ({vx / vex:.1%})"
+        )
+        scope = set(rows["oracle_scope"].fillna("").astype(str)) - {""}
+        if scope == {"sampled mixtures"}:
+            text += (
+                f"\nrandom and oracle: among sampled mixtures ({rows['mixtures'].min():.0f}-{rows['mixtures'].max():.0f} "
+                "per target), not all 2^N-1: 'oracle among sampled'"
+            )
+    return text

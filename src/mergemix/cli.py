@@ -97,14 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merge", type=_json, required=True)
     s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
     s.add_argument("--target", required=True)
-    s.add_argument("--chunk", type=int, required=True)
-    s.add_argument("--chunks", type=int, required=True)
+    s.add_argument("--chunk", type=int, default=0)
+    s.add_argument("--chunks", type=int, default=1)
+    s.add_argument("--subsets", nargs="+", default=None, help="evaluate these subset ids instead of a chunk")
     s.add_argument("--out", required=True)
 
-    s = stage("gather", "join a target's merge-eval chunks and check coverage")
+    s = stage("search", "budgeted search over a target's subsets (one worker of merge_eval.strategy)", backend=True, pretrained=True)
+    s.add_argument("--merge", type=_json, required=True)
+    s.add_argument("--search", type=_json, required=True, help="JSON: {strategy, budget, seed, options}")
+    s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
+    s.add_argument("--target", required=True)
+    s.add_argument("--worker", type=int, default=0)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--journal", default=None, help="optuna journal file shared by the workers (resumable)")
+    s.add_argument("--out", required=True, help="CSV of this worker's evaluations")
+    s.add_argument("--summary", required=True, help="JSON summary of this worker's search")
+
+    s = stage("gather", "join a target's merge-eval chunks or search workers, check coverage, summarise the cost")
     s.add_argument("--candidates", nargs="+", required=True)
     s.add_argument("--chunks", nargs="+", required=True)
+    s.add_argument("--summaries", nargs="*", default=[], help="the search workers' JSON summaries (none: exhaustive)")
     s.add_argument("--out", required=True)
+    s.add_argument("--summary", default=None, help="JSON: strategy, evaluations and examples against exhaustive")
 
     s = stage("eval-models", "evaluate saved (mixture) models on a target", backend=True, pretrained=True)
     s.add_argument("--models", nargs="+", required=True, help="SUBSET=MODEL")
@@ -123,12 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("similarity", "the six similarity scores of every subset for one target")
     s.add_argument("--target", required=True, help="target embeddings")
     s.add_argument("--candidates", nargs="+", required=True, help="NAME=EMBEDDINGS")
+    s.add_argument("--subsets", nargs="+", default=None, help="score only these subset ids (default: all)")
     s.add_argument("--out", required=True)
 
     s = stage("analyze", "correlations, baselines, the selection table and figures")
     s.add_argument("--targets", type=_json, required=True, help='{"target": [candidates]}')
     s.add_argument("--pretrained-csv", required=True)
     s.add_argument("--merge-eval", nargs="+", required=True, help="TARGET=CSV")
+    s.add_argument("--search", nargs="*", default=[], help="TARGET=JSON: the search summary written by gather")
+    s.add_argument("--merge-eval-sampled", nargs="*", default=[], help="TARGET=CSV: merged models of the mixture sample")
     s.add_argument("--mixture", nargs="*", default=[], help="TARGET=CSV")
     s.add_argument("--similarity", nargs="+", required=True, help="TARGET=CSV")
     s.add_argument("--final", nargs="+", required=True, help="TARGET=JSON")
@@ -147,10 +164,15 @@ def run(args) -> None:
     if args.stage == "check-config":
         from mergemix.config import candidates_of, load_yaml, targets_of, validate_config
 
+        from mergemix.config import budget_evaluations, resolve_strategy
+
         cfg = validate_config(load_yaml(args.configfile), args.schema)
         for tgt in targets_of(cfg):
-            c = candidates_of(cfg, tgt)
-            print(f"{tgt}: {len(c)} candidates, {2 ** len(c) - 1} merged models")
+            n = len(candidates_of(cfg, tgt))
+            strategy = resolve_strategy(cfg, n)
+            cost = 2**n - 1 if strategy == "exhaustive" else min(2**n - 1, budget_evaluations(cfg["merge_eval"]["budget"], n))
+            unit = " (in val examples: budget x val size)" if strategy == "halving" else ""
+            print(f"{tgt}: {n} candidates, {2**n - 1} subsets; {strategy} search, at most {cost} merged evaluations{unit}")
     elif args.stage == "pin-revisions":
         _pin_revisions(args)
     elif args.stage == "download":
@@ -171,9 +193,17 @@ def run(args) -> None:
         )
         logging.getLogger("mergemix").info("final model: %s", r)
     elif args.stage == "merge-eval":
-        stages.merge_eval(args.backend, args.merge, args.pretrained, _pairs(args.models), args.target, args.chunk, args.chunks, args.out, t)
+        stages.merge_eval(
+            args.backend, args.merge, args.pretrained, _pairs(args.models), args.target, args.chunk, args.chunks, args.out, t,
+            subset_ids=args.subsets,
+        )
+    elif args.stage == "search":
+        stages.search(
+            args.backend, args.merge, args.search, args.pretrained, _pairs(args.models), args.target, args.out,
+            args.summary, args.worker, args.workers, args.journal, t,
+        )
     elif args.stage == "gather":
-        stages.gather(args.chunks, args.candidates, args.out)
+        stages.gather(args.chunks, args.candidates, args.out, args.summaries, args.summary)
     elif args.stage == "eval-models":
         stages.eval_models(args.backend, args.pretrained, _pairs(args.models), args.target, args.out, t)
     elif args.stage == "eval-pretrained":
@@ -181,7 +211,7 @@ def run(args) -> None:
     elif args.stage == "embed":
         stages.embed(args.backend, args.pretrained, args.data, args.split, args.out, t)
     elif args.stage == "similarity":
-        stages.similarity(args.target, _pairs(args.candidates), args.out)
+        stages.similarity(args.target, _pairs(args.candidates), args.out, subset_ids=args.subsets)
     elif args.stage == "analyze":
         from mergemix.analysis import analyze
 
@@ -189,6 +219,7 @@ def run(args) -> None:
         analyze(
             args.targets, args.pretrained_csv, _pairs(args.merge_eval), _pairs(args.mixture), _pairs(args.similarity),
             _pairs(args.final), args.out_dir, eps=opts.get("logit_eps", 1e-4), figure_formats=opts.get("figure_formats", ["png", "pdf"]),
+            search=_pairs(args.search), merge_eval_sampled=_pairs(args.merge_eval_sampled), mixtures=opts.get("mixtures", "all"),
         )
     elif args.stage == "show":
         import pandas as pd
@@ -238,10 +269,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mergemix.config import ConfigError
     from mergemix.io import ModelFileError
 
+    # Every error is one line (a config's problems: one line each) naming the problem and the fix;
+    # -v adds the traceback. Expected errors exit 2, anything else 1.
     try:
         run(args)
-    except (ConfigError, ModelFileError, ValueError, KeyError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"mergemix {args.stage}: error: {msg}", file=sys.stderr)
+    except (ConfigError, ModelFileError, ValueError, KeyError, OSError, RuntimeError) as e:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        if not isinstance(e, ConfigError):
+            msg = " ".join(line.strip() for line in msg.splitlines() if line.strip())
+        print(f"mergemix {args.stage}: error: {msg or type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mergemix {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an error of a library: still one line unless -v
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        tail = "" if args.verbose else "; rerun with -v for the traceback"
+        print(f"mergemix {args.stage}: unexpected error: {type(e).__name__}: {msg}{tail}", file=sys.stderr)
+        return 1
     return 0

@@ -37,8 +37,48 @@ def _path(err) -> str:
     return ".".join(str(p) for p in err.absolute_path) or "<top level>"
 
 
+def _number_hint(value) -> str | None:
+    """For a string YAML read from what was meant as a number (``1e-3``): how to write it."""
+    import re
+
+    if not isinstance(value, str):
+        return None
+    m = re.fullmatch(r"\s*([+-]?\d+)([eE][+-]?\d+)\s*", value)
+    if m:
+        return f"YAML reads {value!r} as text; write {m[1]}.0{m[2]}"
+    try:
+        float(value)
+    except ValueError:
+        return None
+    return f"write {value.strip()} without quotes"
+
+
+def _duplicates(items) -> list:
+    seen, dup = set(), []
+    for x in items:
+        key = repr(x)
+        if key in seen and x not in dup:
+            dup.append(x)
+        seen.add(key)
+    return dup
+
+
 def _message(err) -> str:
     key = _path(err)
+    if err.validator == "type" and _number_hint(err.instance) and {"number", "integer"} & set(
+        [err.validator_value] if isinstance(err.validator_value, str) else err.validator_value
+    ):
+        return f"{key}: expected a number, got the string {err.instance!r}; {_number_hint(err.instance)}"
+    if err.validator == "type" and err.instance is None:
+        return f"{key}: no value given (empty in the YAML file); give a {err.validator_value} or remove the key"
+    if err.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[err.validator]
+        return f"{key}: {err.instance!r} is not allowed; give a value {op} {err.validator_value}"
+    if err.validator == "minProperties" and not err.instance:
+        return f"{key}: empty; list at least {err.validator_value} entries (see README.md, Configuration)"
+    if err.validator == "uniqueItems" or (key == "targets" and isinstance(err.instance, list) and _duplicates(err.instance)):
+        dup = ", ".join(map(repr, _duplicates(err.instance)))
+        return f"{key}: {dup} listed more than once; list each name once"
     if err.validator == "required":
         return f"{key}: {err.message}; add it (see README.md, Configuration)"
     if err.validator == "additionalProperties":
@@ -50,14 +90,28 @@ def _message(err) -> str:
         return f"{key}: expected {err.validator_value}, got {type(err.instance).__name__} {err.instance!r}"
     if err.validator == "pattern":
         return f"{key}: {err.instance!r} is not a valid name; use letters, digits, '_' and '-' only"
+    if key == "merge_eval.budget":
+        return (
+            f"merge_eval.budget: {err.instance!r} is not a budget; give a number of merged evaluations (an integer "
+            ">= 1), a fraction of all subsets in (0, 1] such as 0.1, or null"
+        )
+    if key == "mixture.sample" and err.validator in ("oneOf", "anyOf"):
+        return f"mixture.sample: {err.instance!r} must be null or {{size: <integer >= 1>, seed: <integer>}}"
     if err.validator == "oneOf" and key == "targets":
         return f"targets: {err.instance!r} must be 'all' or a list of dataset names"
     return f"{key}: {err.message}"
 
 
 def load_yaml(path) -> dict:
+    """A YAML file's content; a syntax error is a :class:`ConfigError` naming the file, line and column."""
     with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+            raise ConfigError(f"{where}: YAML syntax error: {what}; fix the file at that line") from None
 
 
 def validate_config(config: dict, schema_path=None) -> dict:
@@ -79,7 +133,7 @@ def semantic_problems(config: dict) -> list[str]:
     from mergemix.merging import MERGE_METHODS
 
     _load_builtin()
-    problems: list[str] = []
+    problems: list[str] = _non_finite(config)
     names = list(config["datasets"])
     for name, spec in config["datasets"].items():
         problems += check_spec(name, spec)
@@ -94,6 +148,8 @@ def semantic_problems(config: dict) -> list[str]:
                 f"backend.params: unknown parameter(s) {', '.join(sorted(unknown))} for backend {backend!r}; "
                 f"allowed: {', '.join(sorted(cls.defaults))}"
             )
+        else:
+            problems += cls.check_params({**cls.defaults, **config["backend"].get("params", {})})
         if cls.can_pretrain and "pretrain" not in config:
             problems.append(f"pretrain: backend {backend!r} is pre-trained by the pipeline; add a pretrain section")
         if not cls.can_pretrain and "pretrain" in config:
@@ -103,6 +159,14 @@ def semantic_problems(config: dict) -> list[str]:
     method = config["merge_eval"]["method"]
     if method not in MERGE_METHODS:
         problems.append(f"merge_eval.method: unknown merge method {method!r}; allowed: {', '.join(sorted(MERGE_METHODS))}")
+    else:
+        problems += merge_option_problems(method, MERGE_METHODS[method], config["merge_eval"].get("options") or {})
+    split = config["split"]
+    if split["val"] + split["test"] >= 1:
+        problems.append(
+            f"split.val + split.test: {split['val']} + {split['test']} leaves no training data; make their sum below 1 "
+            "(e.g. val: 0.2, test: 0.3)"
+        )
 
     targets = names if config["targets"] == "all" else config["targets"]
     for t in targets:
@@ -121,19 +185,123 @@ def semantic_problems(config: dict) -> list[str]:
             )
     if problems:
         return problems
-    limit = config["merge_eval"]["max_candidates"]
-    mix = config["mixture"]
+    return problems + search_problems(config, targets)
+
+
+# The strategy `auto` picks when a target's 2^N-1 subsets exceed the budget: the one that came
+# closest to exhaustive in benchmarks/search.py (README, Search strategies).
+AUTO_STRATEGY = "beam"
+DEFAULT_BUDGET = 1023
+
+
+def budget_evaluations(budget, n: int) -> int:
+    """merge_eval.budget as a number of merged evaluations for ``n`` candidates (see search.make_budget)."""
+    from mergemix.search import make_budget
+
+    return make_budget(DEFAULT_BUDGET if budget is None else budget, n, 1, "evaluations").evaluations
+
+
+def resolve_strategy(config: dict, n: int) -> str:
+    """The search strategy a target with ``n`` candidates uses (``auto`` resolved)."""
+    me = config["merge_eval"]
+    if me["strategy"] != "auto":
+        return me["strategy"]
+    return "exhaustive" if 2**n - 1 <= budget_evaluations(me["budget"], n) else AUTO_STRATEGY
+
+
+def search_problems(config: dict, targets: list[str]) -> list[str]:
+    """merge_eval's search keys and the mixture study's size, per target."""
+    from mergemix.search import check_options, get_strategy, strategy_names
+
+    problems: list[str] = []
+    me, mix = config["merge_eval"], config["mixture"]
+    name = me["strategy"]
+    if name != "auto" and name not in strategy_names():
+        return [f"merge_eval.strategy: unknown search strategy {name!r}; allowed: auto, {', '.join(strategy_names())}"]
+    if name == "auto" and me["strategy_options"]:
+        problems.append(
+            "merge_eval.strategy_options: options need a named strategy; set merge_eval.strategy "
+            f"(one of {', '.join(strategy_names())}) or remove the options"
+        )
+    elif name != "auto":
+        problems += check_options(name, me["strategy_options"])
+    if me["workers"] > 1 and (name == "auto" or not get_strategy(name).supports_workers):
+        shared = [s for s in strategy_names() if get_strategy(s).supports_workers]
+        problems.append(
+            f"merge_eval.workers: {me['workers']} workers need a strategy that shares a journal ({', '.join(shared)}); "
+            f"strategy is {name!r}: set merge_eval.workers: 1 or merge_eval.strategy: {shared[0]}"
+        )
     for t in targets:
         n = len(candidates_of(config, t))
-        if n > limit:
+        strategy = resolve_strategy(config, n)
+        budget = budget_evaluations(me["budget"], n)
+        if strategy == "exhaustive":
+            if n > me["max_candidates"]:
+                problems.append(
+                    f"candidates.{t}: {n} candidates means {2**n - 1} merged models, above merge_eval.max_candidates="
+                    f"{me['max_candidates']}; choose a budgeted merge_eval.strategy (greedy, beam, optuna, halving, "
+                    "surrogate) or give fewer candidates"
+                )
+            elif me["budget"] is not None and budget < 2**n - 1:
+                problems.append(
+                    f"merge_eval.budget: {me['budget']} allows {budget} merged evaluations, but the exhaustive strategy "
+                    f"evaluates all {2**n - 1} subsets of target {t!r}; raise the budget or choose a budgeted strategy"
+                )
+        if mix["enabled"] and mix["sample"] is None and n > mix["max_candidates"]:
             problems.append(
-                f"candidates.{t}: {n} candidates means {2**n - 1} merged models, above merge_eval.max_candidates={limit}; "
-                "give fewer candidates or raise merge_eval.max_candidates (at most 30)"
+                f"candidates.{t}: {n} candidates means {2**n - 2} mixture fine-tunes, above mixture.max_candidates="
+                f"{mix['max_candidates']}; set mixture.sample: {{size: 100}} (a size-stratified sample), "
+                "mixture.enabled: false, or raise mixture.max_candidates"
             )
-        if mix["enabled"] and n > mix["max_candidates"]:
+    return problems
+
+
+def _non_finite(obj, key: str = "") -> list[str]:
+    """Every NaN or infinite number in the config (YAML's .nan, .inf), by key."""
+    import math
+
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _non_finite(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _non_finite(v, f"{key}.{i}")]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [f"{key}: {obj} is not a finite number; give a finite value"]
+    return []
+
+
+def merge_option_problems(method: str, fn, options: dict) -> list[str]:
+    """``merge_eval.options`` against the merge function's signature: its keyword names, and the
+    type of each keyword's default (an int is accepted where the default is a float)."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    allowed = {
+        n: p.default for n, p in sig.parameters.items()
+        if n not in ("thetas", "theta0") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+    }
+    problems = []
+    for k, v in options.items():
+        if k not in allowed:
+            if not takes_any:
+                problems.append(
+                    f"merge_eval.options.{k}: unknown option of merge method {method!r}; "
+                    f"allowed: {', '.join(sorted(allowed)) or 'none (remove merge_eval.options)'}"
+                )
+            continue
+        default = allowed[k]
+        if default is None:
+            continue
+        want = type(default)
+        ok = isinstance(v, bool) if want is bool else (
+            isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
+            isinstance(v, want) and not (isinstance(v, bool) and want is not bool)
+        )
+        if not ok:
+            hint = _number_hint(v)
             problems.append(
-                f"candidates.{t}: {n} candidates means {2**n - 1} mixture fine-tunes, above mixture.max_candidates="
-                f"{mix['max_candidates']}; set mixture.enabled: false or raise mixture.max_candidates"
+                f"merge_eval.options.{k}: {v!r} is a {type(v).__name__}, merge method {method!r} expects a "
+                f"{want.__name__} (default {default!r}){'; ' + hint if hint else ''}"
             )
     return problems
 

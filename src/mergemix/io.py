@@ -7,6 +7,7 @@ killed job never leaves a half-written output that a later run would trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,19 +20,50 @@ import numpy as np
 MANIFEST_VERSION = 1
 
 
+class DiskFullError(OSError):
+    """A write that ran out of disk space (or quota); nothing half-written is left behind."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(path, e: OSError) -> DiskFullError:
+    what = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on device"
+    return DiskFullError(
+        e.errno, f"{what} while writing {path}; nothing was written there: free space on the filesystem of "
+        f"{Path(path).parent} (or set results_dir to a larger one) and rerun"
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    On any failure the temporary file is removed and ``path`` is left as it was; a full disk
+    (ENOSPC, EDQUOT) becomes a :class:`DiskFullError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        if e.errno in _FULL and not isinstance(e, DiskFullError):
+            raise _disk_full(path, e) from e
+        raise
+    except Exception as e:  # writers in Rust or C (safetensors) report the OS error in their message
+        code = next((c for c in _FULL if f"(os error {c})" in str(e)), None)
+        if code is not None:
+            raise _disk_full(path, OSError(code, str(e))) from e
+        raise
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -49,11 +81,16 @@ def read_json(path) -> Any:
         return json.load(f)
 
 
-def write_jsonl(path, records) -> None:
+def write_jsonl(path, records) -> str:
+    """Write JSON lines; returns the sha256 of the file written."""
+    h = hashlib.sha256()
     with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "wb") as f:
             for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                line = (json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8")
+                h.update(line)
+                f.write(line)
+    return h.hexdigest()
 
 
 def read_jsonl(path) -> list:
@@ -74,13 +111,14 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def save_arrays(path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+def save_arrays(path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> str:
     """Write arrays as a safetensors file, streamed from the arrays' memory (no serialised copy).
 
     ``safetensors.numpy.save_file`` builds the whole file in memory first, which doubles the peak
     memory of a prepare job holding, e.g., 100k images at 224 px (15 GB). The format is simple
     enough to write directly: an 8-byte little-endian header size, a JSON header (dtype, shape and
     byte range of each tensor, padded with spaces to 8 bytes), then the raw little-endian data.
+    Returns the sha256 of the file, computed while writing.
     """
     codes = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
     header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}} if metadata else {}
@@ -94,16 +132,23 @@ def save_arrays(path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, s
         offset += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)
+    h = hashlib.sha256()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
+
+            def write(b) -> None:
+                h.update(b)
+                f.write(b)
+
+            write(len(raw).to_bytes(8, "little"))
+            write(raw)
             for key in order:
                 a = np.asarray(arrays[key])
                 a = a.astype(a.dtype.newbyteorder("<"), copy=False)
                 for start in range(0, max(1, len(a)) if a.ndim else 1, 4096):  # bounded temporaries
                     chunk = a[start : start + 4096] if a.ndim else a
-                    f.write(np.ascontiguousarray(chunk).data)
+                    write(np.ascontiguousarray(chunk).data)
+    return h.hexdigest()
 
 
 def load_arrays(path) -> dict[str, np.ndarray]:
@@ -114,6 +159,38 @@ def load_arrays(path) -> dict[str, np.ndarray]:
 
 _ST_DTYPES = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
               "F16": np.float16, "F32": np.float32, "F64": np.float64, "BOOL": np.bool_}
+
+
+def arrays_header(path) -> dict:
+    """The JSON header of a safetensors file (dtype, shape, byte range of each array, ``__metadata__``).
+
+    Raises :class:`ValueError` naming the file when it is too short or not a safetensors file."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path}: not a complete safetensors file ({size} bytes); it was truncated or overwritten")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: the safetensors header is not valid JSON; the file was truncated or overwritten") from None
+    try:
+        end = max((int(m["data_offsets"][1]) for k, m in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
+        raise ValueError(f"{path}: the safetensors header is malformed; the file was overwritten by something else") from None
+    if 8 + n + end != size:
+        raise ValueError(
+            f"{path}: {size} bytes, but its header describes {8 + n + end}; the file was truncated or overwritten"
+        )
+    return header
+
+
+def arrays_metadata(path) -> dict:
+    """The ``__metadata__`` of a safetensors file (strings), without reading its arrays."""
+    return dict(arrays_header(path).get("__metadata__", {}))
 
 
 def map_arrays(path) -> dict[str, np.ndarray]:
@@ -155,7 +232,11 @@ def save_model(path, state: Mapping[str, "torch.Tensor"], manifest: Mapping[str,
         digest = sha256_file(tmp)
     full = dict(manifest)
     full.update(format_version=MANIFEST_VERSION, tensors=path.name, sha256=digest)
-    write_json(manifest_path(path), full)
+    try:
+        write_json(manifest_path(path), full)
+    except BaseException:
+        path.unlink(missing_ok=True)  # a model without its manifest would only be refused later
+        raise
     return full
 
 

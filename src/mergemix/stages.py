@@ -38,11 +38,16 @@ def prepare(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=None) -> 
     return info
 
 
-def _manifest(backend, kind: str, datasets: Sequence[str], hp: dict | None, metrics: dict, **extra) -> dict:
+def _manifest(backend, kind: str, datasets: Sequence, hp: dict | None, metrics: dict, pretrained_sha256=None, **extra) -> dict:
+    """What a saved model derives from (see :mod:`mergemix.provenance`); ``datasets``: prepared datasets."""
+    from mergemix.provenance import data_record
+
     return {
         "kind": kind,
         "backend": backend.describe(),
-        "datasets": sorted(datasets),
+        "pretrained_sha256": pretrained_sha256,
+        "datasets": sorted(d.name for d in datasets),
+        "data": data_record(datasets),
         "hyperparameters": hp,
         "seed": (hp or {}).get("seed"),
         "metrics": metrics,
@@ -69,7 +74,7 @@ def pretrain(backend_spec: dict, hp: dict, data_dir, out_path, threads: int = 1)
     data = load_prepared(data_dir)
     metrics = backend.pretrain(model, [data], hp)
     log.info("pretrained: %s", metrics)
-    return io.save_model(out_path, backend.state_to_save(model), _manifest(backend, "pretrained", [data.name], hp, metrics))
+    return io.save_model(out_path, backend.state_to_save(model), _manifest(backend, "pretrained", [data], hp, metrics))
 
 
 def fetch_pretrained(backend_spec: dict, out_path, threads: int = 1) -> dict:
@@ -78,13 +83,16 @@ def fetch_pretrained(backend_spec: dict, out_path, threads: int = 1) -> dict:
 
 
 def _finetune(backend, hp: dict, pretrained, data_dirs: Sequence, out_path):
+    from mergemix.provenance import pretrained_manifest
+
     model = backend.load_pretrained(pretrained)
+    pre = pretrained_manifest(pretrained, backend)  # made with this backend's configuration (init_seed...)
     data = [load_prepared(d) for d in data_dirs]
     t0 = time.time()
     metrics = backend.finetune(model, data, hp)
     log.info("fine-tuned on %s in %.1fs: %s", "+".join(d.name for d in data), time.time() - t0, metrics)
     manifest = io.save_model(
-        out_path, backend.state_to_save(model), _manifest(backend, "finetuned", [d.name for d in data], hp, metrics)
+        out_path, backend.state_to_save(model), _manifest(backend, "finetuned", data, hp, metrics, pretrained_sha256=pre["sha256"])
     )
     return model, manifest
 
@@ -94,9 +102,17 @@ def finetune(backend_spec: dict, hp: dict, pretrained, data_dirs: Sequence, out_
     return _finetune(get_backend(backend_spec, threads=threads), hp, pretrained, data_dirs, out_path)[1]
 
 
+def full_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows scored on the whole val split: a search that scores slices (halving) selects among these only."""
+    if "val_examples" not in df.columns or df.empty:
+        return df
+    return df[df["val_examples"] == df["val_examples"].max()]
+
+
 def select_best(df: pd.DataFrame, column: str = "val_acc", maximize: bool = True) -> pd.Series:
-    """The row with the best ``column``; ties go to the smallest subset, then the first name."""
-    df = df.copy()
+    """The row with the best ``column``; ties go to the smallest subset, then the first name.
+    Only rows scored on the whole val split compete (see :func:`full_rows`)."""
+    df = full_rows(df).copy()
     df["_key"] = df["subset"].map(subsets.sort_key)
     best = df[column].max() if maximize else df[column].min()
     tied = df[np.isclose(df[column], best, rtol=0, atol=1e-12)]
@@ -109,7 +125,9 @@ def final_finetune(
     """Algorithm 1's deployed model: fine-tune on the mixture whose merged model is best on val."""
     import pandas as pd
 
-    best = select_best(pd.read_csv(merge_eval_csv))
+    from mergemix.tables import read_result_table
+
+    best = select_best(read_result_table(merge_eval_csv, "merge_eval"))
     chosen = subsets.parse_subset(best["subset"])
     missing = [c for c in chosen if c not in data_dirs]
     if missing:
@@ -130,14 +148,24 @@ def final_finetune(
     return result
 
 
-def merge_eval(
-    backend_spec: dict, merge_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir, chunk: int, chunks: int, out_csv, threads: int = 1
-) -> pd.DataFrame:
+def _evaluator(backend_spec: dict, merge_spec: dict, pretrained, model_paths: Mapping[str, str], threads: int):
     from mergemix.merge_eval import MergeEvaluator
 
     backend = get_backend(backend_spec, threads=threads)
-    ev = MergeEvaluator(backend, pretrained, model_paths, merge_spec.get("method", "uniform"), merge_spec.get("options"))
-    masks = subsets.chunk_range(len(ev.names), chunk, chunks)
+    return MergeEvaluator(backend, pretrained, model_paths, merge_spec.get("method", "uniform"), merge_spec.get("options"))
+
+
+def merge_eval(
+    backend_spec: dict, merge_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir, chunk: int, chunks: int,
+    out_csv, threads: int = 1, subset_ids: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Merged models of one chunk of all 2^N-1 subsets (exhaustive), or of the given ``subset_ids``
+    (the mixture sample's merged models, for the correlation study of a budgeted search)."""
+    ev = _evaluator(backend_spec, merge_spec, pretrained, model_paths, threads)
+    if subset_ids is not None:
+        masks = [subsets.names_to_mask(subsets.parse_subset(s), ev.names) for s in subset_ids]
+    else:
+        masks = subsets.chunk_range(len(ev.names), chunk, chunks)
     t0 = time.time()
     df = ev.run(load_prepared(target_dir), masks)
     log.info("chunk %d/%d: %d merged models in %.2fs", chunk + 1, chunks, len(df), time.time() - t0)
@@ -145,23 +173,145 @@ def merge_eval(
     return df
 
 
-def gather(chunk_csvs: Sequence, candidates: Sequence[str], out_csv) -> pd.DataFrame:
-    """Concatenate chunk CSVs and check that every non-empty subset appears exactly once."""
+def _search_fingerprint(backend_spec, merge_spec, search_spec, model_paths, target_dir) -> str:
+    """Identifies what a search's journal holds: a changed model, target, merge or search setting
+    starts a new optuna study in the same journal instead of resuming a stale one."""
+    import hashlib
+    import json
+
+    parts = {
+        "backend": backend_spec, "merge": merge_spec,
+        "search": {k: search_spec[k] for k in ("strategy", "budget", "seed", "options")},
+        "models": {n: io.read_json(io.manifest_path(p)).get("sha256") for n, p in sorted(model_paths.items())},
+        "target": io.sha256_file(Path(target_dir) / "splits.json"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Progress:
+    """A job-log line at least every ``every`` seconds: evaluations done / budget, rate, ETA, best so far."""
+
+    def __init__(self, label: str, every: float = 30.0):
+        self.label, self.every = label, every
+        self.t0 = self.last = time.time()
+
+    def __call__(self, evaluation, objective) -> None:
+        now = time.time()
+        if now - self.last < self.every and objective.evaluations > 1:
+            return
+        self.last = now
+        b = objective.budget
+        total, done = (b.examples, objective.examples_used) if b.examples else (b.evaluations, objective.evaluations)
+        unit = "val examples" if b.examples else "evaluations"
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (total - done) / rate if total and rate > 0 else float("nan")
+        best = objective.best()
+        log.info(
+            "%s: %d/%s %s (%.1f/s, ETA %.0fs), best val_acc so far %s",
+            self.label, done, total if total else "?", unit, rate, eta, f"{best.value:.4f}" if best else "-",
+        )
+
+
+def search(
+    backend_spec: dict, merge_spec: dict, search_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir,
+    out_csv, out_json, worker: int = 0, workers: int = 1, journal=None, threads: int = 1,
+) -> dict:
+    """A budgeted search over the subsets of a target's candidates (``merge_eval.strategy``).
+
+    Writes one row per evaluation this worker charged (halving scores a subset on several val
+    slices: one row each) and a JSON summary; ``gather`` joins the workers' files."""
+    import pandas as pd
+
+    from mergemix.search import Objective, get_strategy, make_budget, run_search
+
+    ev = _evaluator(backend_spec, merge_spec, pretrained, model_paths, threads)
+    target = load_prepared(target_dir)
+    n, n_val = len(ev.names), len(target.indices["val"])
+    cls = get_strategy(search_spec["strategy"])
+    budget = make_budget(search_spec["budget"], n, n_val, cls.cost)
+    runtime = {}
+    if cls.supports_workers:
+        fp = _search_fingerprint(backend_spec, merge_spec, search_spec, model_paths, target_dir)
+        runtime = {"journal": journal, "study_name": f"{target.name}-{fp}", "worker": worker, "workers": workers}
+    elif workers != 1 or worker != 0:
+        raise ValueError(f"search strategy {cls.name!r} runs as one job per target; set merge_eval.workers: 1")
+    strategy = cls(n, seed=search_spec["seed"], **search_spec.get("options", {}), **runtime)
+    score = ev.scorer(target, seed=search_spec["seed"])
+
+    def tagged(mask, examples=None):
+        value, info = score(mask, examples)
+        return value, {**info, "worker": worker}
+
+    label = f"{cls.name} search on {target.name} (worker {worker + 1}/{workers})"
+    objective = Objective(tagged, n, n_val, budget, on_evaluation=_Progress(label))
+    t0 = time.time()
+    result = run_search(strategy, objective)
+    mine = [r for r in result.records if r.info.get("worker", worker) == worker]
+    rows = [ev.row(r.mask, r.value, r.info.get("test_acc", float("nan")), r.order, r.examples) for r in mine]
+    from mergemix.merge_eval import COLUMNS
+
+    io.write_csv(out_csv, pd.DataFrame(rows, columns=COLUMNS))
+    summary = {
+        "target": target.name, "strategy": cls.name, "candidates": ev.names, "n_val": n_val, "seed": search_spec["seed"],
+        "options": strategy.opts, "budget": {"evaluations": budget.evaluations, "examples": budget.examples},
+        "stop_reason": result.stop_reason, "worker": worker, "workers": workers,
+        "evaluations": len(mine), "val_examples": int(sum(r.examples for r in mine)),
+        "best": subsets.subset_id(subsets.mask_to_names(result.best.mask, ev.names)) if result.best else None,
+        "seconds": round(time.time() - t0, 3),
+    }
+    io.write_json(out_json, summary)
+    log.info(
+        "%s stopped (%s) after %d evaluations, %d val examples; best %s",
+        label, result.stop_reason, result.evaluations, result.examples_used, summary["best"],
+    )
+    return summary
+
+
+def gather(chunk_csvs: Sequence, candidates: Sequence[str], out_csv, search_jsons: Sequence = (), out_json=None) -> pd.DataFrame:
+    """Join a target's merge-eval files into one row per subset, with a summary of the search cost.
+
+    Exhaustive (no ``search_jsons``): the chunks must cover every non-empty subset exactly once.
+    Budgeted search: the workers' rows must never score a subset twice on the same val slice;
+    a subset scored on several slices (halving) keeps its largest-slice row."""
     import pandas as pd
 
     df = pd.concat([pd.read_csv(p) for p in chunk_csvs], ignore_index=True)
+    n = len(candidates)
     expected = {subsets.subset_id(s) for s in subsets.all_subsets(sorted(candidates))}
-    counts = df["subset"].value_counts()
-    dup = sorted(counts[counts > 1].index)
-    missing = sorted(expected - set(df["subset"]))
     extra = sorted(set(df["subset"]) - expected)
-    if dup or missing or extra:
-        raise ValueError(
-            f"chunks do not cover the subsets of {sorted(candidates)} exactly once: duplicated {dup[:5]}, "
-            f"missing {missing[:5]}, unexpected {extra[:5]}; delete the chunk files and rerun merge-eval"
-        )
+    if search_jsons:
+        dup = df[df.duplicated(["subset", "val_examples"], keep=False)]["subset"].unique().tolist()
+        if dup or extra:
+            raise ValueError(
+                f"search results for {sorted(candidates)} are inconsistent: scored twice on the same val slice "
+                f"{sorted(dup)[:5]}, unexpected {extra[:5]}; delete {Path(out_csv).parent / 'search'} and rerun"
+            )
+        summaries = [io.read_json(p) for p in search_jsons]
+        s0 = summaries[0]
+        info = {
+            "strategy": s0["strategy"], "options": s0["options"], "budget": s0["budget"], "seed": s0["seed"],
+            "workers": s0["workers"], "stop_reasons": sorted({s["stop_reason"] for s in summaries}), "n_val": s0["n_val"],
+        }
+    else:
+        counts = df["subset"].value_counts()
+        dup = sorted(counts[counts > 1].index)
+        missing = sorted(expected - set(df["subset"]))
+        if dup or missing or extra:
+            raise ValueError(
+                f"chunks do not cover the subsets of {sorted(candidates)} exactly once: duplicated {dup[:5]}, "
+                f"missing {missing[:5]}, unexpected {extra[:5]}; delete the chunk files and rerun merge-eval"
+            )
+        info = {"strategy": "exhaustive", "options": {}, "budget": None, "seed": None, "workers": 1,
+                "stop_reasons": ["all subsets evaluated"], "n_val": int(df["val_examples"].max())}
+    info.update(
+        candidates=n, evaluations=int(len(df)), val_examples=int(df["val_examples"].sum()),
+        exhaustive_evaluations=2**n - 1, exhaustive_val_examples=(2**n - 1) * info["n_val"],
+    )
+    df = df.sort_values(["val_examples", "order"], ascending=[False, True]).drop_duplicates("subset")
     df = df.sort_values("subset", key=lambda s: s.map(subsets.sort_key)).reset_index(drop=True)
     io.write_csv(out_csv, df)
+    if out_json is not None:
+        io.write_json(out_json, info)
     return df
 
 
@@ -169,12 +319,20 @@ def eval_models(backend_spec: dict, pretrained, model_paths: Mapping[str, str], 
     """Evaluate saved models (keyed by subset id) on a target's val and test splits."""
     import pandas as pd
 
+    from mergemix import provenance
+
     backend = get_backend(backend_spec, threads=threads)
     model = backend.load_pretrained(pretrained)
+    pre = provenance.pretrained_manifest(pretrained, backend)
+    reference = {k: v.detach() for k, v in backend.merge_params(model).items()}
     target = load_prepared(target_dir)
-    rows = []
+    rows, first = [], {}
     for sid in sorted(model_paths, key=subsets.sort_key):
-        state, _ = io.load_model(model_paths[sid])
+        state, manifest = io.load_model(model_paths[sid])
+        provenance.check_model(manifest, state, path=model_paths[sid], expected_datasets=subsets.parse_subset(sid),
+                               pretrained=pre, backend=backend, reference=reference, pretrained_path=pretrained)
+        first = first or {model_paths[sid]: manifest}
+        provenance.check_same_hyperparameters({**first, model_paths[sid]: manifest})
         backend.load_state(model, state)
         rows.append(
             {
@@ -206,20 +364,59 @@ def eval_pretrained(backend_spec: dict, pretrained, target_dirs: Mapping[str, st
 def embed(backend_spec: dict, pretrained, data_dir, split: str, out_path, threads: int = 1) -> np.ndarray:
     backend = get_backend(backend_spec, threads=threads)
     model = backend.load_pretrained(pretrained)
-    emb = backend.embed(model, load_prepared(data_dir), split)
-    io.save_arrays(out_path, {"embeddings": emb}, {"split": split})
+    data = load_prepared(data_dir)
+    emb = backend.embed(model, data, split)
+    # what the embeddings derive from, checked by the similarity stage
+    meta = {"split": split, "dataset": data.name, "data_sha256": data.sha256, "pretrained_sha256": io.read_json(io.manifest_path(pretrained))["sha256"]}
+    io.save_arrays(out_path, {"embeddings": emb}, meta)
     return emb
 
 
-def similarity(target_emb, candidate_embs: Mapping[str, str], out_csv) -> pd.DataFrame:
+def _check_embeddings(target_emb, candidate_embs: Mapping[str, str]) -> None:
+    """Every embeddings file comes from the same pre-trained model and split, and each candidate's
+    file holds that candidate's embeddings."""
+    from mergemix.provenance import ProvenanceError
+
+    metas = {target_emb: io.arrays_metadata(target_emb)}
+    for name, path in candidate_embs.items():
+        metas[path] = meta = io.arrays_metadata(path)
+        if meta.get("dataset", name) != name:
+            raise ProvenanceError(
+                f"{path}: holds the embeddings of dataset {meta['dataset']!r}, not of candidate {name!r}; delete it and "
+                "rerun snakemake (it reruns the embed stage)"
+            )
+    first, ref = next(iter(metas.items()))
+    for path, meta in metas.items():
+        for key in ("pretrained_sha256", "split"):
+            if key not in meta:
+                raise ProvenanceError(
+                    f"{path}: no {key} in its metadata (written by an older mergemix); delete the embeddings folder "
+                    f"({Path(path).parent}) and rerun snakemake (it reruns the embed stage)"
+                )
+            if meta[key] != ref[key]:
+                raise ProvenanceError(
+                    f"{path}: {key} is {meta[key]} but {ref[key]} in {first}: embeddings of different pre-trained models "
+                    f"or splits are not comparable; delete the embeddings folder ({Path(path).parent}) and rerun snakemake"
+                )
+
+
+def similarity(target_emb, candidate_embs: Mapping[str, str], out_csv, subset_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """The six similarity scores of every subset of the candidates (or of ``subset_ids``)."""
     import pandas as pd
 
     from mergemix.similarity import METRICS, score_subsets
 
     names = sorted(candidate_embs)
+    _check_embeddings(target_emb, {n: candidate_embs[n] for n in names})
     tgt = io.load_arrays(target_emb)["embeddings"]
     cands = {n: io.load_arrays(candidate_embs[n])["embeddings"] for n in names}
-    subs = subsets.all_subsets(names)
+    if subset_ids is None:
+        subs = subsets.all_subsets(names)
+    else:
+        subs = [sorted(subsets.parse_subset(s)) for s in subset_ids]
+        unknown = sorted({n for s in subs for n in s} - set(names))
+        if unknown:
+            raise ValueError(f"subsets name datasets without embeddings among the candidates: {unknown}")
     scores = score_subsets(tgt, cands, subs)
     df = pd.DataFrame({"subset": [subsets.subset_id(s) for s in subs], "size": [len(s) for s in subs]})
     for m in METRICS:

@@ -59,3 +59,68 @@ def all_subsets(names: Sequence[str]) -> list[list[str]]:
 def sort_key(sid: str) -> tuple[int, str]:
     """Order subsets by size, then by name: the tie-break used for every selection."""
     return (sid.count(SEP) + 1, sid)
+
+
+def popcount(mask: int) -> int:
+    return bin(mask).count("1")
+
+
+def names_to_mask(names: Iterable[str], candidates: Sequence[str]) -> int:
+    index = {n: i for i, n in enumerate(candidates)}
+    mask = 0
+    for n in names:
+        if n not in index:
+            raise ValueError(f"{n!r} is not among the candidates {list(candidates)}")
+        mask |= 1 << index[n]
+    return mask
+
+
+def sample_mixtures(
+    names: Sequence[str], size: int, seed: int, min_size: int = 2, max_size: int | None = None
+) -> list[list[str]]:
+    """A fixed, size-stratified sample of ``size`` subsets of ``names`` with ``min_size`` to
+    ``max_size`` (default: all) members.
+
+    The sample is spread as evenly as possible over the subset sizes ``min_size .. max_size``
+    (a size with fewer subsets than its share gives them all and passes the rest on), and drawn
+    uniformly without replacement within each size, seeded. Subsets are returned as sorted name
+    lists, ordered by size then name, so the same config always plans the same jobs.
+    """
+    import math
+
+    import numpy as np
+
+    names = sorted(names)
+    m = len(names)
+    sizes = list(range(min_size, min(m, max_size or m) + 1))
+    if size < 1:
+        raise ValueError(f"mixture sample size must be >= 1, got {size}")
+    if not sizes:
+        return []
+    avail = {k: math.comb(m, k) for k in sizes}
+    quota = {k: 0 for k in sizes}
+    left = min(size, sum(avail.values()))
+    open_sizes = list(sizes)
+    while left > 0:  # water-filling: equal shares, capped by what each size has
+        share, extra = divmod(left, len(open_sizes))
+        for i, k in enumerate(open_sizes):
+            quota[k] += min(share + (1 if i < extra else 0), avail[k] - quota[k])
+        left = min(size, sum(avail.values())) - sum(quota.values())
+        open_sizes = [k for k in open_sizes if quota[k] < avail[k]]
+    rng = np.random.default_rng(seed)
+    out: list[list[str]] = []
+    for k in sizes:
+        if quota[k] == avail[k]:
+            from itertools import combinations
+
+            picked = [list(c) for c in combinations(range(m), k)]
+        else:
+            seen: set[tuple[int, ...]] = set()
+            picked = []
+            while len(picked) < quota[k]:  # rejection sampling: quota < C(m, k), so this ends
+                c = tuple(sorted(rng.choice(m, size=k, replace=False).tolist()))
+                if c not in seen:
+                    seen.add(c)
+                    picked.append(list(c))
+        out += [[names[i] for i in c] for c in picked]
+    return sorted(out, key=lambda s: (len(s), s))

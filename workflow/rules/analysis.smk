@@ -15,7 +15,7 @@ rule embed:
     resources:
         **GPU_RES,
     shell:
-        "mergemix embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
+        "{MERGEMIX} embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
         "--data {params.data} --split {params.split} --out {output} 2> {log}"
 
 
@@ -28,13 +28,14 @@ rule similarity:
         f"{R}/similarity/{{target}}.csv",
     params:
         candidates=lambda wc: " ".join(f"{c}={R}/embeddings/{c}.safetensors" for c in CANDIDATES[wc.target]),
+        subsets=lambda wc: "" if similarity_subsets(wc.target) is None else "--subsets " + " ".join(similarity_subsets(wc.target)),
     log:
         f"{R}/logs/similarity/{{target}}.log",
     threads: 1
     resources:
         **CPU_RES,
     shell:
-        "mergemix similarity --target {input.target} --candidates {params.candidates} --out {output} 2> {log}"
+        "{MERGEMIX} similarity --target {input.target} --candidates {params.candidates} {params.subsets} --out {output} 2> {log}"
 
 
 FIG_FORMATS = config["analysis"]["figure_formats"]
@@ -48,6 +49,8 @@ rule analyze:
     input:
         pretrained=f"{R}/pretrained.csv",
         merge_eval=expand(f"{R}/merge_eval/{{target}}.csv", target=TARGETS),
+        search=expand(f"{R}/merge_eval/{{target}}.json", target=TARGETS),
+        sampled=[f"{R}/merge_eval/sampled/{t}.csv" for t in TARGETS if needs_sampled_merges(t)],
         mixture=expand(f"{R}/mixture/{{target}}.csv", target=TARGETS),
         similarity=expand(f"{R}/similarity/{{target}}.csv", target=TARGETS),
         final=expand(f"{R}/final/{{target}}.json", target=TARGETS),
@@ -62,8 +65,10 @@ rule analyze:
         ),
     params:
         targets=js(CANDIDATES),
-        options=js(config["analysis"]),
+        options=js({**config["analysis"], "mixtures": "off" if not MIXTURE_ON else "sampled" if SAMPLE else "all"}),
         merge_eval=" ".join(f"{t}={R}/merge_eval/{t}.csv" for t in TARGETS),
+        search=" ".join(f"{t}={R}/merge_eval/{t}.json" for t in TARGETS),
+        sampled=" ".join(f"{t}={R}/merge_eval/sampled/{t}.csv" for t in TARGETS if needs_sampled_merges(t)),
         mixture=" ".join(f"{t}={R}/mixture/{t}.csv" for t in TARGETS),
         similarity=" ".join(f"{t}={R}/similarity/{t}.csv" for t in TARGETS),
         final=" ".join(f"{t}={R}/final/{t}.json" for t in TARGETS),
@@ -73,6 +78,7 @@ rule analyze:
     resources:
         **CPU_RES,
     shell:
-        "mergemix analyze --targets {params.targets:q} --options {params.options:q} "
-        "--pretrained-csv {input.pretrained} --merge-eval {params.merge_eval} --mixture {params.mixture} "
+        "{MERGEMIX} analyze --targets {params.targets:q} --options {params.options:q} "
+        "--pretrained-csv {input.pretrained} --merge-eval {params.merge_eval} --search {params.search} "
+        "--merge-eval-sampled {params.sampled} --mixture {params.mixture} "
         "--similarity {params.similarity} --final {params.final} --out-dir {R} 2> {log}"

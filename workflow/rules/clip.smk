@@ -22,5 +22,5 @@ if getattr(BACKEND_CLASS, "has_heads", False):
         resources:
             **CPU_RES_THREADED,  # a few thousand prompts through the text tower: minutes on CPU, no GPU queue
         shell:
-            "mergemix head --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
+            "{MERGEMIX} head --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
             "--data {params.data} --templates {params.templates:q} --out {output.head} 2> {log}"

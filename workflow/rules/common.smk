@@ -1,12 +1,21 @@
 # Shared helpers: config loading and validation, paths, and the per-stage params.
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from mergemix.backends.base import backend_class
-from mergemix.config import ConfigError, candidates_of, load_yaml, targets_of, validate_config
+from mergemix.config import (
+    DEFAULT_BUDGET,
+    ConfigError,
+    candidates_of,
+    load_yaml,
+    resolve_strategy,
+    targets_of,
+    validate_config,
+)
 from mergemix.data.registry import needs_download
-from mergemix.subsets import all_subsets, parse_subset, subset_id
+from mergemix.subsets import all_subsets, parse_subset, sample_mixtures, sort_key, subset_id
 
 # The embedded study is the default; a --configfile replaces it (it is not merged into it).
 if not config:
@@ -18,6 +27,10 @@ except ConfigError as e:
 config.clear()
 config.update(_checked)
 
+# Rules run the CLI of the interpreter that runs Snakemake, whatever PATH holds (a venv need not
+# be activated); quoted, so an interpreter path with spaces works.
+MERGEMIX = f"{shlex.quote(sys.executable)} -m mergemix"
+
 STUDY = config["study"]
 R = f"{config['results_dir']}/{STUDY}"
 DATASETS = sorted(config["datasets"])
@@ -25,6 +38,31 @@ TARGETS = targets_of(config)
 CANDIDATES = {t: candidates_of(config, t) for t in TARGETS}
 MIXTURE_ON = config["mixture"]["enabled"]
 CHUNKS = config["merge_eval"]["chunks"]
+# Search: each target's strategy (`auto` resolved: exhaustive while 2^N-1 fits the budget). The
+# exhaustive strategy fans out into CHUNKS jobs per target; a budgeted one runs WORKERS jobs
+# (optuna shares one journal between them; the others run one job).
+ME = config["merge_eval"]
+STRATEGY = {t: resolve_strategy(config, len(CANDIDATES[t])) for t in TARGETS}
+WORKERS = ME["workers"]
+
+
+def search_spec(target):
+    return {
+        "strategy": STRATEGY[target],
+        "budget": DEFAULT_BUDGET if ME["budget"] is None else ME["budget"],
+        "seed": ME["seed"],
+        "options": ME["strategy_options"],
+    }
+
+
+# Mixture study: every mixture, or a fixed size-stratified sample shared by all targets (each
+# target takes the sampled mixtures that avoid it), plus its single datasets and all its candidates.
+SAMPLE = config["mixture"]["sample"] if MIXTURE_ON else None
+if SAMPLE:
+    _pool = sorted({c for t in TARGETS for c in CANDIDATES[t]})
+    SAMPLED = sample_mixtures(_pool, SAMPLE["size"], SAMPLE["seed"], max_size=max(len(c) for c in CANDIDATES.values()))
+else:
+    SAMPLED = []
 RES = config["resources"]
 PRETRAIN = "_pretrain"
 
@@ -90,10 +128,27 @@ def mixture_model(sid):
 
 
 def mixtures_of(target):
-    """Mixtures fine-tuned for a target: all subsets with the oracle on, else only all candidates."""
-    if MIXTURE_ON:
-        return [subset_id(s) for s in all_subsets(CANDIDATES[target])]
-    return [subset_id(CANDIDATES[target])]
+    """Mixtures fine-tuned for a target: all subsets with the oracle on, the sample's (plus singles
+    and all candidates) with mixture.sample, else only all candidates."""
+    cands = CANDIDATES[target]
+    if not MIXTURE_ON:
+        return [subset_id(cands)]
+    if not SAMPLE:
+        return [subset_id(s) for s in all_subsets(cands)]
+    picked = [[c] for c in cands] + [s for s in SAMPLED if set(s) <= set(cands)] + [cands]
+    return sorted({subset_id(s) for s in picked}, key=sort_key)
+
+
+def similarity_subsets(target):
+    """Subsets the similarity baseline scores: all of them when every mixture is fine-tuned, else
+    the fine-tuned ones (a similarity choice is only reported where its mixture has a model)."""
+    return None if MIXTURE_ON and not SAMPLE else mixtures_of(target)
+
+
+def needs_sampled_merges(target):
+    """A budgeted search scores few of the fine-tuned mixtures' subsets: for the correlation study
+    their merged models are evaluated apart (never used for selection)."""
+    return MIXTURE_ON and STRATEGY[target] != "exhaustive"
 
 
 PRETRAINED = f"{R}/models/pretrained/model.safetensors"
@@ -120,3 +175,4 @@ wildcard_constraints:
     target="[A-Za-z0-9][A-Za-z0-9_-]*",
     subset="[A-Za-z0-9][A-Za-z0-9_+-]*",
     chunk="[0-9]+",
+    worker="[0-9]+",

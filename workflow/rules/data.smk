@@ -16,7 +16,7 @@ rule download_data:
     resources:
         **CPU_RES,
     shell:
-        "mergemix download --name {wildcards.dataset} --spec {params.spec:q} --out {params.out} 2> {log}"
+        "{MERGEMIX} download --name {wildcards.dataset} --spec {params.spec:q} --out {params.out} 2> {log}"
 
 
 rule prepare_data:
@@ -38,5 +38,5 @@ rule prepare_data:
     resources:
         **CPU_RES,
     shell:
-        "mergemix prepare --name {wildcards.dataset} --spec {params.spec:q} --split {params.split:q} "
+        "{MERGEMIX} prepare --name {wildcards.dataset} --spec {params.spec:q} --split {params.split:q} "
         "{params.local} --out {params.out} 2> {log}"

@@ -1,5 +1,19 @@
+def merge_eval_parts(target):
+    """The per-job CSVs of a target's merge-eval: exhaustive chunks, or budgeted-search workers."""
+    if STRATEGY[target] == "exhaustive":
+        return [f"{R}/merge_eval/chunks/{target}/{k}.csv" for k in range(CHUNKS)]
+    return [f"{R}/merge_eval/search/{target}/worker{k}.csv" for k in range(WORKERS)]
+
+
+def search_summaries(target):
+    if STRATEGY[target] == "exhaustive":
+        return []
+    return [f"{R}/merge_eval/search/{target}/worker{k}.json" for k in range(WORKERS)]
+
+
 rule merge_eval:
-    """One chunk of the 2^N-1 subsets of a target's candidates: merge (eq. 4) and evaluate."""
+    """One chunk of the 2^N-1 subsets of a target's candidates: merge (eq. 4) and evaluate
+    (the exhaustive strategy)."""
     input:
         pretrained=PRETRAINED,
         models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
@@ -19,17 +33,79 @@ rule merge_eval:
     resources:
         **GPU_RES,
     shell:
-        "mergemix merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
+        "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--pretrained {input.pretrained} --models {params.models} --target {params.target} "
         "--chunk {wildcards.chunk} --chunks {params.chunks} --out {output} 2> {log}"
 
 
-rule gather_merge_eval:
-    """All chunks of a target, checked to cover every non-empty subset exactly once."""
+rule merge_search:
+    """One worker of a budgeted search over a target's subsets (merge_eval.strategy). optuna's
+    workers share a journal file in the search folder: a killed search resumes where it stopped."""
     input:
-        lambda wc: [f"{R}/merge_eval/chunks/{wc.target}/{k}.csv" for k in range(CHUNKS)],
+        pretrained=PRETRAINED,
+        models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
+        target=lambda wc: data_file(wc.target),
+        heads=lambda wc: head_files([wc.target]),
     output:
-        f"{R}/merge_eval/{{target}}.csv",
+        csv=f"{R}/merge_eval/search/{{target}}/worker{{worker}}.csv",
+        summary=f"{R}/merge_eval/search/{{target}}/worker{{worker}}.json",
+    params:
+        backend=BACKEND,
+        merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
+        search=lambda wc: js(search_spec(wc.target)),
+        models=lambda wc: " ".join(f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]),
+        target=lambda wc: data_dir(wc.target),
+        workers=WORKERS,
+        # resume state, not a result: one optuna study per fingerprint of models, target and settings
+        journal=lambda wc: f"{R}/merge_eval/search/{wc.target}/journal.log",
+    log:
+        f"{R}/logs/merge_search/{{target}}/{{worker}}.log",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
+    shell:
+        "{MERGEMIX} search --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
+        "--search {params.search:q} --pretrained {input.pretrained} --models {params.models} "
+        "--target {params.target} --worker {wildcards.worker} --workers {params.workers} "
+        "--journal {params.journal:q} --out {output.csv} --summary {output.summary} 2> {log}"
+
+
+rule merge_eval_sampled:
+    """Merged models of the mixture sample's subsets, for the correlation study of a budgeted
+    search (the search itself scores few of them). Not used for selection."""
+    input:
+        pretrained=PRETRAINED,
+        models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
+        target=lambda wc: data_file(wc.target),
+        heads=lambda wc: head_files([wc.target]),
+    output:
+        f"{R}/merge_eval/sampled/{{target}}.csv",
+    params:
+        backend=BACKEND,
+        merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
+        models=lambda wc: " ".join(f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]),
+        target=lambda wc: data_dir(wc.target),
+        subsets=lambda wc: " ".join(mixtures_of(wc.target)),
+    log:
+        f"{R}/logs/merge_eval_sampled/{{target}}.log",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
+    shell:
+        "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
+        "--pretrained {input.pretrained} --models {params.models} --target {params.target} "
+        "--subsets {params.subsets} --out {output} 2> {log}"
+
+
+rule gather_merge_eval:
+    """All of a target's merge-eval rows, one per subset, checked (every subset exactly once for
+    exhaustive; never the same subset and slice twice for a search), with the search's cost."""
+    input:
+        parts=lambda wc: merge_eval_parts(wc.target),
+        summaries=lambda wc: search_summaries(wc.target),
+    output:
+        csv=f"{R}/merge_eval/{{target}}.csv",
+        summary=f"{R}/merge_eval/{{target}}.json",
     params:
         candidates=lambda wc: " ".join(CANDIDATES[wc.target]),
     log:
@@ -38,4 +114,5 @@ rule gather_merge_eval:
     resources:
         **CPU_RES,
     shell:
-        "mergemix gather --candidates {params.candidates} --chunks {input} --out {output} 2> {log}"
+        "{MERGEMIX} gather --candidates {params.candidates} --chunks {input.parts} --summaries {input.summaries} "
+        "--out {output.csv} --summary {output.summary} 2> {log}"

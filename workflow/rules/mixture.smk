@@ -18,7 +18,7 @@ rule mixture_finetune:
     resources:
         **GPU_RES,
     shell:
-        "mergemix finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+        "{MERGEMIX} finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained} --data {params.data} --out {output.model} 2> {log}"
 
 
@@ -41,5 +41,5 @@ rule mixture_eval:
     resources:
         **GPU_RES,
     shell:
-        "mergemix eval-models --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
+        "{MERGEMIX} eval-models --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
         "--models {params.models} --target {params.target} --out {output} 2> {log}"

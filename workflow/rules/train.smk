@@ -17,7 +17,7 @@ if BACKEND_CLASS.can_pretrain:
         resources:
             **GPU_RES,
         shell:
-            "mergemix pretrain --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+            "{MERGEMIX} pretrain --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
             "--data {params.data} --out {output.model} 2> {log}"
 
 
@@ -40,7 +40,7 @@ else:
         resources:
             **CPU_RES,
         shell:
-            "mergemix fetch-pretrained --backend {params.backend:q} --out {output.model} 2> {log}"
+            "{MERGEMIX} fetch-pretrained --backend {params.backend:q} --out {output.model} 2> {log}"
 
 
 rule finetune:
@@ -62,7 +62,7 @@ rule finetune:
     resources:
         **GPU_RES,
     shell:
-        "mergemix finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+        "{MERGEMIX} finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained} --data {params.data} --out {output.model} 2> {log}"
 
 
@@ -83,7 +83,7 @@ rule eval_pretrained:
     resources:
         **GPU_RES,
     shell:
-        "mergemix eval-pretrained --threads {threads} --backend {params.backend:q} "
+        "{MERGEMIX} eval-pretrained --threads {threads} --backend {params.backend:q} "
         "--pretrained {input.pretrained} --targets {params.targets} --out {output} 2> {log}"
 
 
@@ -109,6 +109,6 @@ rule final_finetune:
     resources:
         **GPU_RES,
     shell:
-        "mergemix final-finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+        "{MERGEMIX} final-finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained} --merge-eval {input.merge_eval} --data {params.data} "
         "--target {params.target} --out {output.model} --eval-out {output.result} 2> {log}"

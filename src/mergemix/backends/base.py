@@ -33,6 +33,18 @@ class Backend:
     can_pretrain: bool = False
     needs_gpu: bool = False  # whether the study's heavy rules should request GPUs on a cluster
     defaults: dict = {}
+    # params that must be integers >= 1 (sizes of the model), checked with the study config
+    positive_int_params: tuple = ()
+
+    @classmethod
+    def check_params(cls, params: dict) -> list[str]:
+        """Problems with the backend params (defaults filled in), one message per bad key with the fix."""
+        problems = []
+        for k in cls.positive_int_params:
+            v = params.get(k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                problems.append(f"backend.params.{k}: {v!r} is not allowed for backend {cls.name!r}; give an integer >= 1")
+        return problems
 
     def __init__(self, params: dict | None = None, threads: int = 1, device: str | None = None):
         self.params = {**self.defaults, **(params or {})}
@@ -42,6 +54,9 @@ class Backend:
                 f"backend {self.name!r}: unknown parameter(s) {', '.join(sorted(unknown))}; "
                 f"allowed: {', '.join(sorted(self.defaults))}"
             )
+        bad = self.check_params(self.params)
+        if bad:
+            raise ValueError("; ".join(bad))
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -83,6 +98,13 @@ class Backend:
                 f"saved state does not fit backend {self.name!r} with params {self.params}: "
                 f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}; was it trained with another "
                 "backend configuration? Rerun the fine-tune stages after changing the backend."
+            )
+        wrong = next((k for k, p in params.items() if tuple(state[k].shape) != tuple(p.shape)), None)
+        if wrong is not None:
+            raise ValueError(
+                f"saved state does not fit backend {self.name!r} with params {self.params}: tensor {wrong!r} has shape "
+                f"{list(state[wrong].shape)}, the model's has {list(params[wrong].shape)}; was it trained with another "
+                "backend configuration? Rerun the pretrain and fine-tune stages after changing the backend."
             )
         with torch.no_grad():
             for k, p in params.items():

@@ -44,6 +44,18 @@ class SmallCNNBackend(Backend):
     name = "smallcnn"
     can_pretrain = True
     defaults = {"in_channels": 1, "image_size": 16, "channels": 16, "hidden": 64, "num_classes": 10, "init_seed": 0}
+    positive_int_params = ("in_channels", "image_size", "channels", "hidden", "num_classes")
+
+    @classmethod
+    def check_params(cls, params: dict) -> list[str]:
+        problems = super().check_params(params)
+        seed = params.get("init_seed")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            problems.append(f"backend.params.init_seed: {seed!r} is not allowed; give an integer >= 0")
+        size = params.get("image_size")
+        if isinstance(size, int) and not isinstance(size, bool) and 1 <= size < 4:
+            problems.append(f"backend.params.image_size: {size} is too small for two 2x2 poolings; give 4 or more")
+        return problems
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

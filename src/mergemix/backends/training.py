@@ -13,6 +13,10 @@ import torch
 log = logging.getLogger("mergemix.train")
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss or the weights became NaN or infinite: the job stops instead of saving them."""
+
+
 class Optimizer:
     """AdamW, Adam and SGD with momentum, numerically the same updates as ``torch.optim``'s.
 
@@ -169,10 +173,25 @@ def fit(
                 loss = step_loss(idx)
                 opt.zero_grad()
                 loss.backward()
+            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            if not math.isfinite(value):
+                step = epoch * steps_per_epoch + s + 1
+                raise TrainingDiverged(
+                    f"{log_name or 'training'}: the training loss is {value} at step {step} of {total} (epoch {epoch + 1}) "
+                    f"with learning rate {opt.lr:g}: training diverged; lower the learning rate (lr of finetune or "
+                    "pretrain.hparams) or set grad_clip"
+                )
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, float(clip))
             opt.step()
-            losses.append(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
+            losses.append(value)
         last = float(np.mean(losses))
+        bad = next((i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:  # a finite loss can still come with an overflowing update
+            raise TrainingDiverged(
+                f"{log_name or 'training'}: the weights hold NaN or infinite values after epoch {epoch + 1} "
+                f"(step {(epoch + 1) * steps_per_epoch}, learning rate {opt.lr:g}): training diverged; lower the learning "
+                "rate (lr of finetune or pretrain.hparams) or set grad_clip"
+            )
         log.info("%s epoch %d/%d loss %.4f (%.1fs)", log_name, epoch + 1, epochs, last, time.time() - t0)
     return {"train_loss": last, "steps": total, "train_seconds": round(time.time() - t0, 3)}

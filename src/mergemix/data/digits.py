@@ -81,6 +81,69 @@ def _clean(img, rng, s):
     return img
 
 
+def _affine(img, matrix):
+    """Apply ``out[o] = img[matrix @ (o - c) + c]`` about the image centre (bilinear, zero outside)."""
+    c = np.array([(SIZE - 1) / 2.0] * 2)
+    return ndimage.affine_transform(img, matrix, offset=c - matrix @ c, order=1, mode="constant")
+
+
+def _shear(img, rng, s):
+    k = rng.uniform(0.35, 0.6) * s * rng.choice([-1, 1])
+    return _affine(img, np.array([[1.0, 0.0], [k, 1.0]]))  # rows slide sideways: italic digits
+
+
+def _zoom(img, f):
+    return _affine(img, np.eye(2) / f)  # f > 1 magnifies (the digit's edges leave the frame)
+
+
+def _zoom_in(img, rng, s):
+    return _zoom(img, 1.0 + rng.uniform(0.3, 0.45) * s)
+
+
+def _zoom_out(img, rng, s):
+    return _zoom(img, 1.0 / (1.0 + rng.uniform(0.5, 0.8) * s))
+
+
+def _occlude(img, rng, s):
+    # a seeded block erased somewhere over the digit (the central 12x12)
+    h = min(10, max(1, int(round(6 * s))))
+    y, x = rng.integers(2, SIZE - 2 - h + 1, size=2)
+    out = img.copy()
+    out[y : y + h, x : x + h] = 0.0
+    return out
+
+
+def _erode(img, rng, s):
+    # morphological erosion (3x3 at s = 1), brightened: strokes lose their ends and thin parts
+    return ndimage.grey_erosion(img, size=(1 + int(round(2 * s)),) * 2) * 1.5
+
+
+def _clutter(img, rng, s):
+    # four random straight strokes drawn over the digit (distractor lines)
+    out = img.copy()
+    for _ in range(max(1, int(round(4 * s)))):
+        (y0, x0), (y1, x1) = rng.uniform(0, SIZE - 1, size=(2, 2))
+        t = np.linspace(0, 1, 3 * SIZE)
+        ys = np.round(y0 + t * (y1 - y0)).astype(int)
+        xs = np.round(x0 + t * (x1 - x0)).astype(int)
+        out[ys, xs] = np.maximum(out[ys, xs], 0.8)
+    return out
+
+
+def _saltpepper(img, rng, s):
+    u = rng.uniform(size=img.shape)
+    p = 0.24 * s  # fraction of pixels set to white or black
+    return np.where(u < p / 2, 1.0, np.where(u < p, 0.0, img))
+
+
+def _stripes(img, rng, s):
+    # a sinusoidal grating of random orientation and phase added to the background
+    theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    yy, xx = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")
+    wave = np.sin(2 * np.pi / 4.0 * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
+    return img + 0.6 * s * (wave + 1.0) / 2.0
+
+
 DOMAINS = {
     "clean": _clean,
     "rotate": _rotate,
@@ -93,10 +156,42 @@ DOMAINS = {
     "elastic": _elastic,
     "mirror": _mirror,
     "squeeze": _squeeze,
+    "shear": _shear,
+    "zoom_in": _zoom_in,
+    "zoom_out": _zoom_out,
+    "occlude": _occlude,
+    "erode": _erode,
+    "clutter": _clutter,
+    "saltpepper": _saltpepper,
+    "stripes": _stripes,
 }
 
 
-@register_source("digits", params={"domain": sorted(DOMAINS), "strength": None})
+def label_permutation(permute) -> np.ndarray:
+    """The relabelling of a ``permute: [a, b, ..., z]`` spec as a map true class -> new label.
+
+    The listed classes are cycled: a digit of class ``a`` is labelled ``b``, ``b`` is labelled the
+    next one, ..., and the last listed class ``z`` is labelled ``a``. Unlisted classes keep their
+    label. The map is fixed by the spec alone (the same for every seed).
+    """
+    perm = np.arange(10)
+    if permute is None:
+        return perm
+    if isinstance(permute, (str, bytes)) or not hasattr(permute, "__iter__"):
+        raise ValueError(f"digits permute must be a list of classes 0-9, got {permute!r}")
+    cyc = list(permute)
+    if (
+        len(cyc) < 2
+        or len(set(cyc)) != len(cyc)
+        or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 9 for c in cyc)
+    ):
+        raise ValueError(f"digits permute must list 2 to 10 distinct classes 0-9, got {permute!r}")
+    for a, b in zip(cyc, cyc[1:] + cyc[:1]):
+        perm[a] = b
+    return perm
+
+
+@register_source("digits", params={"domain": sorted(DOMAINS), "strength": None, "permute": None})
 def digits(spec: dict, seed: int, local_dir=None) -> RawDataset:
     domain = spec.get("domain", "clean")
     strength = float(spec.get("strength", 1.0))
@@ -104,15 +199,19 @@ def digits(spec: dict, seed: int, local_dir=None) -> RawDataset:
         raise ValueError(f"unknown digits domain {domain!r}; allowed: {', '.join(sorted(DOMAINS))}")
     if strength <= 0:
         raise ValueError(f"digits strength must be > 0, got {strength}")
+    perm = label_permutation(spec.get("permute"))
     imgs, labels = _base_images()
     rng = np.random.default_rng(seed)
     fn = DOMAINS[domain]
     out = np.stack([fn(im, rng, strength) for im in imgs]).astype(np.float32)
     out = np.clip(out, 0.0, 1.0)[:, None]  # [N, 1, 16, 16]
+    info = {"domain": domain, "strength": strength, "base": "sklearn.load_digits"}
+    if spec.get("permute") is not None:
+        info["label_map"] = perm.tolist()  # true class -> label used by this dataset
     return RawDataset(
         x=out,
-        y=labels,
+        y=perm[labels],
         classes=[str(i) for i in range(10)],
         groups=np.arange(len(labels)),
-        info={"domain": domain, "strength": strength, "base": "sklearn.load_digits"},
+        info=info,
     )

@@ -2,7 +2,9 @@
 
 A prepared dataset is a folder with ``arrays.safetensors`` (``x``, ``y``) and ``splits.json``
 (the indices of each split, the seed, the spec and class names), written once by the prepare
-stage. Reruns read the saved indices, so splits never drift.
+stage. Reruns read the saved indices, so splits never drift. ``splits.json`` also records the
+data file's size, sha256 (and the arrays' shapes), checked on every load, so a truncated or
+overwritten data file is refused instead of trained on.
 """
 
 from __future__ import annotations
@@ -81,12 +83,16 @@ def prepare_dataset(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=N
         arrays = {"x": raw.x}
         if raw.y is not None:
             arrays["y"] = np.asarray(raw.y, dtype=np.int64)
-        io.save_arrays(out_dir / "arrays.safetensors", arrays)
+        sha = io.save_arrays(out_dir / "arrays.safetensors", arrays)
+        data = {"file": "arrays.safetensors", "sha256": sha,
+                "arrays": {k: {"shape": list(v.shape), "dtype": str(np.dtype(v.dtype))} for k, v in arrays.items()}}
     else:
         records = list(raw.x)
         if raw.y is not None:
             records = [{**r, "label": int(l)} for r, l in zip(records, raw.y)]
-        io.write_jsonl(out_dir / "samples.jsonl", records)
+        sha = io.write_jsonl(out_dir / "samples.jsonl", records)
+        data = {"file": "samples.jsonl", "sha256": sha, "records": len(records)}
+    data["bytes"] = (out_dir / data["file"]).stat().st_size
     info = {
         "name": name,
         "spec": spec,
@@ -95,6 +101,7 @@ def prepare_dataset(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=N
         "sizes": {k: int(len(v)) for k, v in splits.items()},
         "indices": {k: v.tolist() for k, v in splits.items()},
         "info": raw.info,
+        "data": data,  # checked by load_prepared
     }
     io.write_json(out_dir / "splits.json", info)
     return info
@@ -115,6 +122,7 @@ class PreparedDataset:
     indices: dict[str, np.ndarray]
     spec: dict = None
     path: Path = None
+    sha256: str = None  # of the prepared data file (recorded by prepare, verified on load)
 
     def split(self, which: str):
         """(samples, labels) of a split; labels are None for record datasets without labels."""
@@ -123,15 +131,66 @@ class PreparedDataset:
         return x, (self.y[idx] if self.y is not None else None)
 
 
+class PreparedDataError(ValueError):
+    """A prepared dataset folder whose files are missing, truncated or overwritten."""
+
+
+def _rebuild(data_dir: Path) -> str:
+    return f"delete {data_dir} and rerun snakemake (it rebuilds the dataset with `mergemix prepare`)"
+
+
+def verify_prepared(data_dir, meta: dict) -> Path:
+    """Check the data file against the size, sha256 and shapes ``splits.json`` recorded; returns its path."""
+    data_dir = Path(data_dir)
+    rec = meta.get("data")
+    if not isinstance(rec, dict) or not {"file", "sha256", "bytes"} <= set(rec):
+        raise PreparedDataError(
+            f"{data_dir / 'splits.json'}: no checksum of the prepared data (written by an older mergemix); {_rebuild(data_dir)}"
+        )
+    path = data_dir / rec["file"]
+    if not path.is_file():
+        raise PreparedDataError(f"{path} is missing; {_rebuild(data_dir)}")
+    size = path.stat().st_size
+    if size != rec["bytes"]:
+        raise PreparedDataError(
+            f"{path}: {size} bytes, but splits.json records {rec['bytes']}: the file was truncated or overwritten; "
+            f"{_rebuild(data_dir)}"
+        )
+    sha = io.sha256_file(path)
+    if sha != rec["sha256"]:
+        raise PreparedDataError(
+            f"{path}: sha256 {sha} differs from {rec['sha256']} recorded in splits.json: the file was overwritten; "
+            f"{_rebuild(data_dir)}"
+        )
+    if "arrays" in rec:
+        try:
+            header = io.arrays_header(path)
+        except ValueError as e:
+            raise PreparedDataError(f"{e}; {_rebuild(data_dir)}") from None
+        for key, want in rec["arrays"].items():
+            got = header.get(key, {}).get("shape")
+            if got != want["shape"]:
+                raise PreparedDataError(
+                    f"{path}: array {key!r} has shape {got}, splits.json records {want['shape']}; {_rebuild(data_dir)}"
+                )
+    return path
+
+
 def load_prepared(data_dir) -> PreparedDataset:
     data_dir = Path(data_dir)
-    meta = io.read_json(data_dir / "splits.json")
-    if (data_dir / "arrays.safetensors").exists():
-        arrays = io.map_arrays(data_dir / "arrays.safetensors")  # memory-mapped: splits are sliced, not read whole
+    if not (data_dir / "splits.json").is_file():
+        raise PreparedDataError(f"{data_dir / 'splits.json'} is missing: {data_dir} is not a prepared dataset; {_rebuild(data_dir)}")
+    try:
+        meta = io.read_json(data_dir / "splits.json")
+    except ValueError as e:
+        raise PreparedDataError(f"{data_dir / 'splits.json'} is not valid JSON ({e}); {_rebuild(data_dir)}") from None
+    path = verify_prepared(data_dir, meta)
+    if path.suffix == ".safetensors":
+        arrays = io.map_arrays(path)  # memory-mapped: splits are sliced, not read whole
         x = arrays["x"]
         y = np.array(arrays["y"]) if "y" in arrays else None
     else:
-        x = io.read_jsonl(data_dir / "samples.jsonl")
+        x = io.read_jsonl(path)
         y = np.asarray([r["label"] for r in x], dtype=np.int64) if x and "label" in x[0] else None
     return PreparedDataset(
         name=meta["name"],
@@ -141,4 +200,5 @@ def load_prepared(data_dir) -> PreparedDataset:
         indices={k: np.asarray(v, dtype=np.int64) for k, v in meta["indices"].items()},
         spec=meta["spec"],
         path=data_dir,
+        sha256=meta["data"]["sha256"],
     )
