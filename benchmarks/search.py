@@ -69,18 +69,40 @@ def exhaustive_table(cfg: dict, out: Path, target: str, cands: list[str], seed: 
     perm = np.random.default_rng(seed).permutation(len(val))  # the scorer's slice order (MergeEvaluator.scorer)
     xv, yv = (torch.from_numpy(a) for a in data.split("val"))
     xv, yv = xv[perm], yv[perm]
+    xt, yt = (torch.from_numpy(a) for a in data.split("test"))
     n = len(cands)
     correct = np.zeros((2**n, len(val)), dtype=bool)
     test = np.full(2**n, np.nan)
     t0 = time.time()
+    # Many merged models per forward pass (torch.func.vmap over stacked parameters): the same
+    # uniform averages the engine writes into its live model, scored ~10x faster on this CPU.
+    from torch.func import functional_call, vmap
+
+    names = [k for k, _ in ev.model.named_parameters()]
+    shapes = [p.shape for _, p in ev.model.named_parameters()]
+    sizes = [p.numel() for _, p in ev.model.named_parameters()]
+
+    def batched(vecs, x):
+        params = {k: t.reshape(len(vecs), *s) for k, t, s in zip(names, vecs.split(sizes, dim=1), shapes)}
+        return vmap(lambda p: functional_call(ev.model, p, (x,)))(params).argmax(-1)
+
+    masks = np.arange(1, 2**n)
+    bits = torch.from_numpy(((masks[:, None] >> np.arange(n)) & 1).astype(np.float32))
     with torch.inference_mode():
-        for mask in range(1, 2**n):
-            ev.load_subset(mask)
-            correct[mask] = (ev.model(xv).argmax(1) == yv).numpy()
-            test[mask] = backend.evaluate(ev.model, data, "test")
-    # the engine's own val accuracy agrees with the correctness kept here
-    ev.load_subset(2**n - 1)
-    assert abs(backend.evaluate(ev.model, data, "val") - correct[-1].mean()) < 1e-12
+        for s in range(0, len(masks), 128):
+            w = bits[s : s + 128]
+            vecs = (w / w.sum(1, keepdim=True)) @ ev.thetas
+            correct[masks[s : s + 128]] = (batched(vecs, xv) == yv).numpy()
+            test[masks[s : s + 128]] = (batched(vecs, xt) == yt).float().mean(1).numpy()
+    # check against the engine itself on a sample of subsets: same val and test accuracy
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for mask in rng.choice(masks, size=24, replace=False).tolist() + [2**n - 1]:
+        ev.load_subset(mask)
+        worst = max(worst, abs(backend.evaluate(ev.model, data, "val") - correct[mask].mean()),
+                    abs(backend.evaluate(ev.model, data, "test") - test[mask]))
+    if worst > 1.5 / len(val):  # at most one example's prediction flipped by float rounding
+        raise AssertionError(f"batched scoring differs from the engine by {worst:.4f} on {target}")
     cache.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(cache_file, correct=correct, test=test)
     meta_file.write_text(json.dumps(key))

@@ -94,11 +94,13 @@ def summary(records):
 def test_objective_caches_orders_and_charges():
     counting = Counting(lambda m, e: m / 10)
     seen = []
-    obj = Objective(counting, 4, 100, Budget(), on_evaluation=lambda ev, o: seen.append((ev.order, o.evaluations)))
+    obj = Objective(counting, 4, 100, Budget(), lambda ev, o: seen.append((ev.order, o.evaluations)))
     assert obj(3) == 0.3 and obj(3) == 0.3 and obj(3, 100) == 0.3 and obj(3, 500) == 0.3
     assert obj(3, 10) == 0.3 and obj(5, order=7) == 0.5 and obj(6) == 0.6
     assert counting.calls == [(3, None), (3, 10), (5, None), (6, None)]
-    assert [(r.order, r.mask, r.examples) for r in obj.records] == [(0, 3, 100), (1, 3, 10), (7, 5, 100), (8, 6, 100)]
+    assert [(r.order, r.mask, r.examples) for r in obj.records] == [
+        (0, 3, 100), (1, 3, 10), (7, 5, 100), (8, 6, 100)
+    ]
     assert obj.records[0].info == {"call": 1} and seen == [(0, 1), (1, 2), (7, 3), (8, 4)]
     assert (obj.evaluations, obj.examples_used) == (4, 310)
     assert obj.cached(3, 10) == 0.3 and obj.cached(3, 11) is None and obj.cached(9) is None
@@ -131,8 +133,8 @@ def test_objective_budget():
 
 def test_objective_preload_and_best():
     obj = Objective(Counting(lambda m, e: 0.0), 4, 100, Budget(evaluations=3))
-    for ev in [Evaluation(5, 0b0111, 100, 0.8), Evaluation(6, 0b1000, 100, 0.8), Evaluation(2, 0b0001, 10, 0.9)]:
-        obj.preload(ev)
+    for order, mask, examples, value in [(5, 0b0111, 100, 0.8), (6, 0b1000, 100, 0.8), (2, 0b0001, 10, 0.9)]:
+        obj.preload(Evaluation(order, mask, examples, value))
     assert obj.evaluations == 3 and obj.examples_used == 210 and obj.cached(8) == 0.8
     assert obj.best().mask == 0b1000  # a slice evaluation is never best; ties: fewer members
     with pytest.raises(ValueError, match="already recorded"):
@@ -179,12 +181,16 @@ def test_registry_and_check_options():
         "merge_eval.strategy_options.width: must be an integer >= 1, got 0",
         "merge_eval.strategy_options.foo: unknown option for strategy 'beam'; allowed: width, patience",
     ]
-    assert check_options("beam", {"width": True}) == ["merge_eval.strategy_options.width: must be an integer >= 1, got True"]
+    assert check_options("beam", {"width": True}) == [
+        "merge_eval.strategy_options.width: must be an integer >= 1, got True"
+    ]
     assert check_options("greedy", {"backward": 1, "min_improvement": -0.1}) == [
         "merge_eval.strategy_options.backward: must be true or false, got 1",
         "merge_eval.strategy_options.min_improvement: must be a number >= 0, got -0.1",
     ]
-    assert check_options("halving", {"eta": 2.0})[0].startswith("merge_eval.strategy_options.eta: must be an integer >= 2")
+    assert check_options("halving", {"eta": 2.0}) == [
+        "merge_eval.strategy_options.eta: must be an integer >= 2, got 2.0"
+    ]
     assert "model: must be 'ridge' or 'gbm'" in check_options("surrogate", {"model": "svm"})[0]
     assert check_options("exhaustive", {"width": 3}) == [
         "merge_eval.strategy_options.width: unknown option for strategy 'exhaustive'; it takes no options"
@@ -220,7 +226,7 @@ def test_import_is_light():
 @pytest.mark.parametrize("budget", [1, 20, None])
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_strategy_contract(name, budget):
-    n = 6 if budget != None else 4  # noqa: E711
+    n = 4 if budget is None else 6
     score, _ = noisy_slices(n, 50, seed=1)
     results = []
     for _ in range(2):
@@ -234,7 +240,7 @@ def test_strategy_contract(name, budget):
         assert result.records and result.best is not None and result.stop_reason
         assert len({r.order for r in result.records}) == len(result.records)
     assert results[0] == results[1]  # deterministic for a seed
-    if budget == 1:
+    if budget == 1 and name != "halving":  # halving plans its rungs to fit, here one full evaluation
         assert results[0].stop_reason == "budget exhausted"
 
 
@@ -244,7 +250,7 @@ def test_strategy_contract(name, budget):
 def test_exhaustive():
     score, best = quadratic(8, seed=0)
     result, _ = search("exhaustive", score, 8, 100, None)
-    assert result.best.mask == best and result.evaluations == 255 and result.stop_reason == "all subsets evaluated"
+    assert result.best.mask == best and result.stop_reason == "all subsets evaluated"
     assert [r.mask for r in result.records] == list(range(1, 256))
 
 
@@ -262,7 +268,7 @@ def test_greedy_backward_pass_removes_a_member():
     both, _ = search("greedy", lambda m, e: table[m], 3, 10, None)  # 6 and 3 are cached: only 5 is new
     assert both.best.mask == 5 and [r.mask for r in both.records] == [1, 2, 4, 3, 6, 7, 5]
     strict, _ = search("greedy", lambda m, e: table[m], 3, 10, None, min_improvement=0.06)
-    assert strict.best.mask == 3 and [r.mask for r in strict.records] == [1, 2, 4, 3, 6]  # stays at {1}
+    assert strict.best.mask == 3 and [r.mask for r in strict.records] == [1, 2, 4, 3, 6]  # stays at mask 2
 
 
 def test_beam_beats_greedy_on_interactions():
@@ -281,11 +287,20 @@ def test_optuna_finds_optimum(seed):
     assert result.best.mask == best and result.evaluations == 90 and result.stop_reason == "budget exhausted"
 
 
-@pytest.mark.parametrize("model", ["ridge", "gbm"])
-def test_surrogate_finds_optimum(model):
+def test_surrogate_finds_optimum():
     score, best = quadratic(10, seed=4, pair=0.5, squash=True)
-    result, _ = search("surrogate", score, 10, 100, 0.3, model=model)
+    result, _ = search("surrogate", score, 10, 100, 0.3)
     assert result.best.mask == best and result.evaluations == 307
+
+
+def test_surrogate_gbm_in_batches():
+    """Wiring of model="gbm" and batch (gradient boosting is weak on so few samples: a smoke test)."""
+    strategy = get_strategy("surrogate")(8, seed=2, model="gbm", batch=27)
+    assert type(strategy.model()).__name__ == "HistGradientBoostingRegressor"
+    score, best = quadratic(8, seed=2, pair=0.5, squash=True)
+    objective = Objective(score, 8, 100, make_budget(0.35, 8, 100, "evaluations"))
+    result = run_search(strategy, objective)  # 9 initial subsets, then 3 batches of 27
+    assert result.evaluations == 90 and result.stop_reason == "budget exhausted" and result.best.mask == best
 
 
 def test_halving_finds_optimum_on_noisy_slices():
@@ -321,7 +336,7 @@ def test_optuna_resumes_from_journal(tmp_path):
     resumed_calls = Counting(score)
     resumed, _ = search("optuna", resumed_calls, 8, 100, 20, seed=7, journal=journal)
     assert not first & {m for m, _ in resumed_calls.calls} and len(resumed_calls.calls) == 13
-    assert summary(resumed.records) != [] and resumed.evaluations == 20
+    assert resumed.evaluations == 20
     strip = [(m, e, v) for m, e, v, _ in summary(reference.records)]
     assert [(m, e, v) for m, e, v, _ in summary(resumed.records)] == strip
     assert resumed.best.mask == reference.best.mask and resumed.stop_reason == "budget exhausted"
@@ -330,10 +345,10 @@ def test_optuna_resumes_from_journal(tmp_path):
 
 def test_optuna_workers_share_budget(tmp_path):
     import optuna
-    from mergemix.search.optuna_tpe import _storage, journal_records
+    from mergemix.search.optuna_tpe import journal_records
 
     score, _ = quadratic(6, seed=8)
-    journal, calls = tmp_path / "shared.log", []
+    journal = tmp_path / "shared.log"
     common = dict(journal=journal, workers=2, max_duplicate_streak=50)
     w0 = Counting(score, fail_at=6)
     with pytest.raises(RuntimeError):
@@ -347,7 +362,8 @@ def test_optuna_workers_share_budget(tmp_path):
     records = journal_records(journal)
     assert len(calls) == len(set(calls)) == len(records) == again.evaluations == 20
     assert sorted(r.mask for r in records) == sorted(calls)
-    study = optuna.load_study(study_name="mergemix", storage=_storage(journal))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="mergemix", storage=storage)
     attrs = [t.user_attrs for t in study.get_trials()]
     assert all({"mask", "worker"} <= a.keys() for a in attrs) and any(a.get("duplicate") for a in attrs)
 
@@ -356,7 +372,7 @@ def test_optuna_concurrent_workers(tmp_path):
     from mergemix.search.optuna_tpe import journal_records
 
     score, _ = quadratic(6, seed=9)
-    journal, calls = tmp_path / "threads.log", []
+    journal = tmp_path / "threads.log"
     counting = [Counting(score), Counting(score)]
 
     def work(w):
@@ -368,4 +384,4 @@ def test_optuna_concurrent_workers(tmp_path):
     for t in threads:
         t.join()
     calls = [m for c in counting for m, _ in c.calls]
-    assert len(calls) == len(set(calls)) == len(journal_records(journal)) == 25
+    assert all(c.calls for c in counting) and len(calls) == len(set(calls)) == len(journal_records(journal)) == 25

@@ -125,7 +125,9 @@ def test_optuna_search_killed_midway_resumes_without_repeating(trained, tmp_path
     # the 6 evaluations that finished before the kill are taken from the journal, never repeated
     assert len(done_before - set(calls)) >= 6 and max(calls.values()) == 1
     assert summary["best"] == ref["best"]
-    pd.testing.assert_frame_equal(rows.sort_values("order").reset_index(drop=True), ref_rows)
+    # the same evaluations as the uninterrupted run (the killed trial only shifts later trial numbers)
+    cols = ["subset", "size", "val_acc", "test_acc", "val_examples"]
+    pd.testing.assert_frame_equal(rows.sort_values("order")[cols].reset_index(drop=True), ref_rows[cols])
 
 
 def test_search_rejects_workers_for_a_single_job_strategy(trained, tmp_path):

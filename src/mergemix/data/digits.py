@@ -191,21 +191,59 @@ def label_permutation(permute) -> np.ndarray:
     return perm
 
 
-@register_source("digits", params={"domain": sorted(DOMAINS), "strength": None, "permute": None})
+def _mix_spec(mix) -> dict[str, float]:
+    """``mix`` of a ``domain: mixed`` spec: a list of domains, or a mapping domain -> strength."""
+    if isinstance(mix, dict):
+        items = dict(mix)
+    elif isinstance(mix, (list, tuple)):
+        items = {name: 1.0 for name in mix}
+    else:
+        raise ValueError(f"digits mix must be a list of domains or a mapping domain -> strength, got {mix!r}")
+    bad = [n for n in items if n not in DOMAINS]
+    if not items or bad:
+        raise ValueError(f"digits mix: unknown or no domains {bad}; allowed: {', '.join(sorted(DOMAINS))}")
+    out = {}
+    for name, st in items.items():
+        st = float(st)
+        if st <= 0:
+            raise ValueError(f"digits mix: strength of {name} must be > 0, got {st}")
+        out[name] = st
+    return out
+
+
+MIXED = "mixed"  # domain whose images each get one transform drawn from the spec's `mix`
+
+
+@register_source(
+    "digits", params={"domain": sorted([*DOMAINS, MIXED]), "strength": None, "permute": None, "mix": None}
+)
 def digits(spec: dict, seed: int, local_dir=None) -> RawDataset:
+    """Spec keys: ``domain`` (a transform of ``DOMAINS``, or ``mixed``), ``strength`` (scales the
+    transform, default 1), ``mix`` (for ``mixed`` only: the domains drawn from, uniformly per image,
+    as a list or a mapping domain -> strength) and ``permute`` (classes whose labels are cycled,
+    see :func:`label_permutation`)."""
     domain = spec.get("domain", "clean")
     strength = float(spec.get("strength", 1.0))
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown digits domain {domain!r}; allowed: {', '.join(sorted(DOMAINS))}")
+    if domain not in DOMAINS and domain != MIXED:
+        raise ValueError(f"unknown digits domain {domain!r}; allowed: {', '.join(sorted([*DOMAINS, MIXED]))}")
     if strength <= 0:
         raise ValueError(f"digits strength must be > 0, got {strength}")
+    if (domain == MIXED) != ("mix" in spec):
+        raise ValueError("digits: `mix` is required with domain: mixed and allowed only there")
     perm = label_permutation(spec.get("permute"))
     imgs, labels = _base_images()
     rng = np.random.default_rng(seed)
-    fn = DOMAINS[domain]
-    out = np.stack([fn(im, rng, strength) for im in imgs]).astype(np.float32)
-    out = np.clip(out, 0.0, 1.0)[:, None]  # [N, 1, 16, 16]
     info = {"domain": domain, "strength": strength, "base": "sklearn.load_digits"}
+    if domain == MIXED:
+        mix = _mix_spec(spec["mix"])
+        names = list(mix)
+        pick = rng.integers(len(names), size=len(imgs))  # which transform each image gets
+        out = np.stack([DOMAINS[names[k]](im, rng, mix[names[k]] * strength) for im, k in zip(imgs, pick)])
+        info["mix"] = mix
+    else:
+        fn = DOMAINS[domain]
+        out = np.stack([fn(im, rng, strength) for im in imgs])
+    out = np.clip(out.astype(np.float32), 0.0, 1.0)[:, None]  # [N, 1, 16, 16]
     if spec.get("permute") is not None:
         info["label_map"] = perm.tolist()  # true class -> label used by this dataset
     return RawDataset(

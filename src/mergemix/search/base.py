@@ -106,6 +106,7 @@ class Objective:
         self.evaluations = 0
         self.examples_used = 0
         self._cache: dict[tuple[int, int], Evaluation] = {}
+        self._next_order = 0
 
     def _key(self, mask: int, examples: int | None) -> tuple[int, int]:
         if isinstance(mask, bool) or not isinstance(mask, int) or not 1 <= mask < 1 << self.n_candidates:
@@ -144,8 +145,7 @@ class Objective:
             )
         out = self.score(mask, None if key[1] == self.n_examples else key[1])
         value, info = out if isinstance(out, tuple) else (out, {})
-        if order is None:
-            order = max((r.order for r in self.records), default=-1) + 1
+        order = self._next_order if order is None else order
         evaluation = Evaluation(order, mask, key[1], float(value), dict(info))
         self._record(evaluation)
         if self.on_evaluation is not None:
@@ -157,11 +157,13 @@ class Objective:
         key = self._key(evaluation.mask, evaluation.examples)
         if key in self._cache:
             raise ValueError(f"mask {evaluation.mask} on {key[1]} examples is already recorded")
-        self._record(Evaluation(evaluation.order, key[0], key[1], float(evaluation.value), dict(evaluation.info)))
+        ev = evaluation
+        self._record(Evaluation(ev.order, key[0], key[1], float(ev.value), dict(ev.info)))
 
     def _record(self, evaluation: Evaluation) -> None:
         self._cache[evaluation.mask, evaluation.examples] = evaluation
         self.records.append(evaluation)
+        self._next_order = max(self._next_order, evaluation.order + 1)
         self.evaluations += 1
         self.examples_used += evaluation.examples
 
@@ -269,7 +271,8 @@ def check_options(name: str, options: dict) -> list[str]:
     """Problems with ``options`` for strategy ``name``, each naming its key; empty if all is well."""
     _load_builtin()
     if name not in _REGISTRY:
-        return [f"merge_eval.strategy: unknown search strategy {name!r}; registered: {', '.join(sorted(_REGISTRY))}"]
+        registered = ", ".join(sorted(_REGISTRY))
+        return [f"merge_eval.strategy: unknown search strategy {name!r}; registered: {registered}"]
     return _option_problems(name, _REGISTRY[name].options, options)
 
 

@@ -15,7 +15,7 @@ class Beam(SearchStrategy):
     levels in a row fail to beat the best value so far, or after the level of all N candidates.
     All evaluations use the full validation split.
 
-    Cost: at most N + width * N per level. Options: ``width`` (integer >= 1, default 3),
+    Cost: N evaluations for level 1, at most width * N per later level. Options: ``width`` (integer >= 1, default 3),
     ``patience`` (integer >= 0, default 1).
     """
 

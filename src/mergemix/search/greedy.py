@@ -15,7 +15,8 @@ class Greedy(SearchStrategy):
     removal while it improves by more than ``min_improvement``. All evaluations use the full
     validation split.
 
-    Cost: at most N + (N - 1) + ... evaluations forward (N(N+1)/2), plus |S| per backward step.
+    Cost: at most N + (N - 1) + ... + 1 = N(N+1)/2 evaluations forward, plus at most |S| per
+    backward step (neighbours already scored are cached).
     Options: ``backward`` (bool, default True), ``min_improvement`` (number >= 0, default 0.0).
     """
 
@@ -34,9 +35,10 @@ class Greedy(SearchStrategy):
             nonlocal current, best
             if not neighbours:
                 return False
-            value, mask = min(((objective(m), m) for m in neighbours), key=lambda vm: rank_key(vm[1], vm[0]))
-            if value > best + eps:
-                current, best = mask, value
+            values = {m: objective(m) for m in neighbours}
+            mask = min(neighbours, key=lambda m: rank_key(m, values[m]))
+            if values[mask] > best + eps:
+                current, best = mask, values[mask]
                 return True
             return False
 

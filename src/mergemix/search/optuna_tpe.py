@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 from .base import BudgetExhausted, Evaluation, Objective, Option, SearchStrategy, register_strategy
 
 WORKER_SEED_STRIDE = 1_000_003  # worker w > 0 seeds its samplers from seed + w * stride
+CLAIM_LOCK_SUFFIX = ".claims"  # workers claim subsets under the file lock <journal>.claims.lock
 
 
 def _storage(journal: str | os.PathLike | None):
@@ -28,15 +30,11 @@ def _charged(trial) -> bool:
     return trial.state == TrialState.COMPLETE and not attrs.get("duplicate") and not attrs.get("empty")
 
 
-def _spent(trials, below: int | None = None) -> int:
-    """Evaluations charged to a shared budget: charged trials plus evaluations in flight (numbered
-    below ``below``, if given)."""
+def _committed(trial) -> bool:
+    """Whether a trial is an evaluation in flight: running, and has claimed its subset."""
     from optuna.trial import TrialState
 
-    def in_flight(t) -> bool:
-        return t.state == TrialState.RUNNING and "examples" in t.user_attrs and (below is None or t.number < below)
-
-    return sum(_charged(t) or in_flight(t) for t in trials)
+    return trial.state == TrialState.RUNNING and "examples" in trial.user_attrs
 
 
 def _evaluation(trial, n_examples: int | None = None) -> Evaluation:
@@ -64,13 +62,15 @@ class OptunaTPE(SearchStrategy):
     that did not fail, so a search killed mid-way and resumed on its journal replays the same
     sequence (with one worker the result is deterministic for a seed).
 
-    Workers: with a ``journal`` file, several workers (``worker`` in ``0 .. workers - 1``) share
-    one study. On start, complete evaluations already in the journal are preloaded into the
-    objective (never scored again, charged to the budget) and this worker's trials left running by
-    a kill are marked failed. The evaluation budget is global: before each new evaluation the
-    charged trials in the journal (plus other workers' evaluations in flight) are counted. A
-    subset another worker is scoring right now is not scored again (trial failed, user attr
-    ``in_flight``). Each trial stores user attrs ``mask``, ``worker`` and, when evaluated,
+    Journal and workers: with a ``journal`` file the study persists, and several workers
+    (``worker`` in ``0 .. workers - 1``, each its own process) can share it. On start, this
+    worker's trials left running by a kill are marked failed; before every proposal, complete
+    evaluations in the journal are preloaded into the objective (never scored again, charged to
+    the budget). The evaluation budget is global: a worker claims a new subset (user attr
+    ``examples``) only while the journal's charged trials plus claimed evaluations in flight stay
+    below ``Budget.evaluations``, and never claims a subset another worker is scoring (that trial
+    fails with user attr ``in_flight``); with several workers claims are made under a file lock
+    next to the journal. Each trial stores user attrs ``mask``, ``worker`` and, when evaluated,
     ``examples`` and ``info``.
 
     Cost: evaluations. Options: ``n_startup_trials`` (integer >= 1, default 10: random trials
@@ -114,6 +114,24 @@ class OptunaTPE(SearchStrategy):
         finally:
             optuna.logging.set_verbosity(verbosity)
 
+    def _claim_lock(self):
+        """A file lock serialising claims of several workers (no lock for a single worker)."""
+        if self.workers == 1:
+            return contextlib.nullcontext()
+        from optuna.storages.journal import JournalFileSymlinkLock
+
+        lock = JournalFileSymlinkLock(os.fspath(self.journal) + CLAIM_LOCK_SUFFIX)
+
+        @contextlib.contextmanager
+        def held():
+            lock.acquire()
+            try:
+                yield
+            finally:
+                lock.release()
+
+        return held()
+
     def _search(self, objective: Objective) -> str:
         import optuna
         from optuna.distributions import CategoricalDistribution
@@ -121,22 +139,30 @@ class OptunaTPE(SearchStrategy):
 
         n, n_full, limit = self.n_candidates, objective.n_examples, objective.budget.evaluations
         study = optuna.create_study(
-            storage=_storage(self.journal), study_name=self.study_name, direction="maximize", load_if_exists=True
+            storage=_storage(self.journal),
+            study_name=self.study_name,
+            direction="maximize",
+            load_if_exists=True,
         )
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = t.user_attrs.get("worker", self.worker if self.workers == 1 else None)
             if owner == self.worker:  # left running by a kill
                 study.tell(t.number, state=TrialState.FAIL)
         space = {f"d{i}": CategoricalDistribution([0, 1]) for i in range(n)}
+
+        def spent(trials) -> int:
+            return sum(_charged(t) or _committed(t) for t in trials)
+
         streak = 0
         while True:
             trials = self._sync(study, objective)
             if len({r.mask for r in objective.records if r.examples == n_full}) == (1 << n) - 1:
                 return "all subsets evaluated"
-            if limit is not None and _spent(trials) >= limit:
+            if limit is not None and spent(trials) >= limit:
                 return "budget exhausted"
+            t_index = sum(t.state != TrialState.FAIL for t in trials)  # unchanged by a kill and resume
             study.sampler = optuna.samplers.TPESampler(
-                seed=self.seed + sum(t.state != TrialState.FAIL for t in trials) + self.worker * WORKER_SEED_STRIDE,
+                seed=self.seed + t_index + self.worker * WORKER_SEED_STRIDE,
                 n_startup_trials=self.opts["n_startup_trials"],
                 multivariate=self.opts["multivariate"],
             )
@@ -144,16 +170,20 @@ class OptunaTPE(SearchStrategy):
             trial.set_user_attr("worker", self.worker)
             mask = sum(trial.params[f"d{i}"] << i for i in range(n))
             trial.set_user_attr("mask", mask)
-            # another worker may have scored or claimed this subset since the last look
-            trials = self._sync(study, objective)
-            cached = None if mask == 0 else objective.cached(mask)
-            claimed = any(
-                t.state == TrialState.RUNNING and t.user_attrs.get("mask") == mask and t.number < trial.number
-                for t in trials
-            )
-            if mask == 0 or cached is not None or claimed:
+            with self._claim_lock():  # look again: another worker may have scored or claimed it
+                trials = self._sync(study, objective)
+                cached = None if mask == 0 else objective.cached(mask)
+                in_flight = any(_committed(t) and t.user_attrs["mask"] == mask for t in trials)
+                free = mask != 0 and cached is None and not in_flight
+                exhausted = free and limit is not None and spent(trials) >= limit
+                if free and not exhausted:
+                    trial.set_user_attr("examples", n_full)  # the claim
+            if exhausted:
+                study.tell(trial, state=TrialState.FAIL)
+                return "budget exhausted"
+            if not free:
                 streak += 1
-                if claimed:
+                if in_flight:
                     trial.set_user_attr("in_flight", True)
                     study.tell(trial, state=TrialState.FAIL)
                 else:
@@ -163,10 +193,6 @@ class OptunaTPE(SearchStrategy):
                     return "sampler keeps proposing evaluated subsets"
                 continue
             streak = 0
-            trial.set_user_attr("examples", n_full)  # commits to an evaluation, seen by other workers
-            if limit is not None and self.workers > 1 and _spent(study.get_trials(deepcopy=False), trial.number) >= limit:
-                study.tell(trial, state=TrialState.FAIL)
-                return "budget exhausted"
             try:
                 value = objective(mask, order=trial.number)
             except BudgetExhausted:

@@ -43,11 +43,11 @@ class Surrogate(SearchStrategy):
         import numpy as np
 
         n = self.n_candidates
-        bits = (masks[:, None] >> np.arange(n)) & 1
-        if self.opts["pairwise"]:
-            i, j = np.triu_indices(n, 1)
-            bits = np.hstack([bits, bits[:, i] * bits[:, j]])
-        return bits.astype(np.float32)
+        bits = ((masks[:, None] >> np.arange(n)) & 1).astype(np.float32)
+        if not self.opts["pairwise"]:
+            return bits
+        i, j = np.triu_indices(n, 1)
+        return np.hstack([bits, bits[:, i] * bits[:, j]])
 
     def model(self):
         if self.opts["model"] == "gbm":
@@ -97,7 +97,7 @@ class Surrogate(SearchStrategy):
                 if whole is not None:
                     pool, pool_x = whole, whole_x
                 else:
-                    flips = np.array([r.mask ^ 1 << c for r in done[:FLIPPED_TOP] for c in range(n)], dtype=np.int64)
+                    flips = np.array([r.mask ^ 1 << c for r in done[:FLIPPED_TOP] for c in range(n)])
                     pool = np.union1d(rng.integers(1, total + 1, size=SAMPLED_POOL), flips[flips > 0])
                     pool_x = self.features(pool)
                 fresh = np.flatnonzero(~np.isin(pool, seen))
