@@ -2,7 +2,8 @@ rule embed:
     """Embeddings of a dataset's split from the pre-trained model (appendix A.4)."""
     input:
         pretrained=PRETRAINED,
-        data=lambda wc: data_file(wc.dataset),
+        pretrained_manifest=PRETRAINED_MANIFEST,
+        data=lambda wc: prepared_files(wc.dataset),
     output:
         f"{R}/embeddings/{{dataset}}.safetensors",
     params:
@@ -15,8 +16,8 @@ rule embed:
     resources:
         **GPU_RES,
     shell:
-        "{MERGEMIX} embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
-        "--data {params.data} --split {params.split} --out {output} 2> {log}"
+        "{MERGEMIX} embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
+        "--data {params.data:q} --split {params.split:q} --out {output:q} 2> {log:q}"
 
 
 rule similarity:
@@ -27,15 +28,16 @@ rule similarity:
     output:
         f"{R}/similarity/{{target}}.csv",
     params:
-        candidates=lambda wc: " ".join(f"{c}={R}/embeddings/{c}.safetensors" for c in CANDIDATES[wc.target]),
-        subsets=lambda wc: "" if similarity_subsets(wc.target) is None else "--subsets " + " ".join(similarity_subsets(wc.target)),
+        candidates=lambda wc: [f"{c}={R}/embeddings/{c}.safetensors" for c in CANDIDATES[wc.target]],
+        subsets=lambda wc: [] if similarity_subsets(wc.target) is None else ["--subsets", *similarity_subsets(wc.target)],
     log:
         f"{R}/logs/similarity/{{target}}.log",
     threads: 1
     resources:
         **CPU_RES,
     shell:
-        "{MERGEMIX} similarity --target {input.target} --candidates {params.candidates} {params.subsets} --out {output} 2> {log}"
+        "{MERGEMIX} similarity --target {input.target:q} --candidates {params.candidates:q} {params.subsets:q} "
+        "--out {output:q} 2> {log:q}"
 
 
 FIG_FORMATS = config["analysis"]["figure_formats"]
@@ -66,12 +68,12 @@ rule analyze:
     params:
         targets=js(CANDIDATES),
         options=js({**config["analysis"], "mixtures": "off" if not MIXTURE_ON else "sampled" if SAMPLE else "all"}),
-        merge_eval=" ".join(f"{t}={R}/merge_eval/{t}.csv" for t in TARGETS),
-        search=" ".join(f"{t}={R}/merge_eval/{t}.json" for t in TARGETS),
-        sampled=" ".join(f"{t}={R}/merge_eval/sampled/{t}.csv" for t in TARGETS if needs_sampled_merges(t)),
-        mixture=" ".join(f"{t}={R}/mixture/{t}.csv" for t in TARGETS),
-        similarity=" ".join(f"{t}={R}/similarity/{t}.csv" for t in TARGETS),
-        final=" ".join(f"{t}={R}/final/{t}.json" for t in TARGETS),
+        merge_eval=[f"{t}={R}/merge_eval/{t}.csv" for t in TARGETS],
+        search=[f"{t}={R}/merge_eval/{t}.json" for t in TARGETS],
+        sampled=[f"{t}={R}/merge_eval/sampled/{t}.csv" for t in TARGETS if needs_sampled_merges(t)],
+        mixture=[f"{t}={R}/mixture/{t}.csv" for t in TARGETS],
+        similarity=[f"{t}={R}/similarity/{t}.csv" for t in TARGETS],
+        final=[f"{t}={R}/final/{t}.json" for t in TARGETS],
     log:
         f"{R}/logs/analyze.log",
     threads: 1
@@ -79,6 +81,6 @@ rule analyze:
         **CPU_RES,
     shell:
         "{MERGEMIX} analyze --targets {params.targets:q} --options {params.options:q} "
-        "--pretrained-csv {input.pretrained} --merge-eval {params.merge_eval} --search {params.search} "
-        "--merge-eval-sampled {params.sampled} --mixture {params.mixture} "
-        "--similarity {params.similarity} --final {params.final} --out-dir {R} 2> {log}"
+        "--pretrained-csv {input.pretrained:q} --merge-eval {params.merge_eval:q} --search {params.search:q} "
+        "--merge-eval-sampled {params.sampled:q} --mixture {params.mixture:q} "
+        "--similarity {params.similarity:q} --final {params.final:q} --out-dir {R:q} 2> {log:q}"

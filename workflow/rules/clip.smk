@@ -8,7 +8,8 @@ if getattr(BACKEND_CLASS, "has_heads", False):
         scaled by the logit scale. Never trained or merged."""
         input:
             pretrained=PRETRAINED,
-            data=lambda wc: data_file(wc.dataset),
+            pretrained_manifest=PRETRAINED_MANIFEST,
+            data=lambda wc: prepared_files(wc.dataset),
         output:
             head=f"{HEADS}/{{dataset}}.safetensors",
             manifest=f"{HEADS}/{{dataset}}.json",
@@ -22,5 +23,5 @@ if getattr(BACKEND_CLASS, "has_heads", False):
         resources:
             **CPU_RES_THREADED,  # a few thousand prompts through the text tower: minutes on CPU, no GPU queue
         shell:
-            "{MERGEMIX} head --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
-            "--data {params.data} --templates {params.templates:q} --out {output.head} 2> {log}"
+            "{MERGEMIX} head --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
+            "--data {params.data:q} --templates {params.templates:q} --out {output.head:q} 2> {log:q}"

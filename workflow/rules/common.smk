@@ -32,6 +32,14 @@ config.update(_checked)
 MERGEMIX = f"{shlex.quote(sys.executable)} -m mergemix"
 
 STUDY = config["study"]
+# Every path and free text in a rule's shell command is quoted (`:q`), so a results_dir with
+# spaces or shell characters is only a folder name; names (study, datasets, targets, candidates)
+# are restricted by the schema's name pattern. Braces would read as wildcards in rule paths.
+if any(c in config["results_dir"] for c in "{}") or any(ord(c) < 32 for c in config["results_dir"]):
+    raise ValueError(
+        f"results_dir: {config['results_dir']!r} has braces or control characters, which Snakemake cannot "
+        "use in file paths; choose another folder"
+    )
 R = f"{config['results_dir']}/{STUDY}"
 DATASETS = sorted(config["datasets"])
 TARGETS = targets_of(config)
@@ -113,6 +121,21 @@ def data_file(name):
     return f"{data_dir(name)}/splits.json"
 
 
+# The file a dataset's prepare job writes beside splits.json (mergemix.data.prepared): the record
+# sources (chat data and benchmark targets, mergemix.data.text) write JSON lines, the others
+# (digits, images) an array file. Declared, so that deleting it reruns prepare_data.
+RECORD_SOURCES = frozenset({"hf_chat", "jsonl_chat", "benchmarks", "lm_eval"})
+
+
+def data_file_name(name):
+    return "samples.jsonl" if DATA_SPECS[name]["source"] in RECORD_SOURCES else "arrays.safetensors"
+
+
+def prepared_files(*names):
+    """What a job reads of prepared datasets: each one's data file and its splits.json."""
+    return [f for n in names for f in (f"{data_dir(n)}/{data_file_name(n)}", data_file(n))]
+
+
 def download_dir(name):
     return f"{R}/downloads/{name}"
 
@@ -151,14 +174,22 @@ def needs_sampled_merges(target):
     return MIXTURE_ON and STRATEGY[target] != "exhaustive"
 
 
+def manifest(model_path):
+    """A model's manifest, written beside it (mergemix.io.manifest_path); jobs that load a model read both."""
+    return model_path.removesuffix(".safetensors") + ".json"
+
+
 PRETRAINED = f"{R}/models/pretrained/model.safetensors"
+PRETRAINED_MANIFEST = manifest(PRETRAINED)
 # per-dataset frozen heads (clip's zero-shot heads) live beside the pre-trained model
 HEADS = f"{R}/models/pretrained/heads"
 
 
 def head_files(names):
     """The head files a job on these datasets needs: none unless the backend has per-dataset heads."""
-    return [f"{HEADS}/{n}.safetensors" for n in names] if getattr(BACKEND_CLASS, "has_heads", False) else []
+    if not getattr(BACKEND_CLASS, "has_heads", False):
+        return []
+    return [f for n in names for f in (f"{HEADS}/{n}.safetensors", f"{HEADS}/{n}.json")]  # head and its manifest
 
 
 # dataset spec keys that only the head uses: changing prompt templates recomputes the head (and

@@ -16,7 +16,17 @@ rule download_data:
     resources:
         **CPU_RES,
     shell:
-        "{MERGEMIX} download --name {wildcards.dataset} --spec {params.spec:q} --out {params.out} 2> {log}"
+        "{MERGEMIX} download --name {wildcards.dataset:q} --spec {params.spec:q} --out {params.out:q} 2> {log:q}"
+
+
+# prepare_data writes a dataset's data file (data_file_name: arrays.safetensors or samples.jsonl)
+# and then splits.json; both are outputs. A rule's output names one file for all its jobs, so the
+# rule covers the datasets whose data file is PREPARED_FILE; a study with datasets of both kinds
+# gets a second rule for the others (prepare_data_records, below).
+PREPARED_KINDS = {}
+for _name in sorted(DATA_SPECS):
+    PREPARED_KINDS.setdefault(data_file_name(_name), []).append(_name)
+PREPARED_FILE = "arrays.safetensors" if "arrays.safetensors" in PREPARED_KINDS else "samples.jsonl"
 
 
 rule prepare_data:
@@ -24,19 +34,30 @@ rule prepare_data:
     input:
         lambda wc: [f"{download_dir(wc.dataset)}/download.json"] if wc.dataset in DOWNLOADED else [],
     output:
-        # splits.json is written last, beside arrays.safetensors (array samples) or samples.jsonl
-        # (record samples, e.g. chats); a rule output cannot name one or the other, so only it is declared
         splits=f"{R}/data/{{dataset}}/splits.json",
+        data=f"{R}/data/{{dataset}}/{PREPARED_FILE}",
+    wildcard_constraints:
+        dataset="|".join(PREPARED_KINDS[PREPARED_FILE]),
     params:
         spec=lambda wc: js(data_spec(wc.dataset)),
         split=js(config["split"]),
         out=lambda wc: data_dir(wc.dataset),
-        local=lambda wc: f"--local {download_dir(wc.dataset)}" if wc.dataset in DOWNLOADED else "",
+        local=lambda wc: ["--local", download_dir(wc.dataset)] if wc.dataset in DOWNLOADED else [],
     log:
         f"{R}/logs/prepare_data/{{dataset}}.log",
     threads: 1
     resources:
         **CPU_RES,
     shell:
-        "{MERGEMIX} prepare --name {wildcards.dataset} --spec {params.spec:q} --split {params.split:q} "
-        "{params.local} --out {params.out} 2> {log}"
+        "{MERGEMIX} prepare --name {wildcards.dataset:q} --spec {params.spec:q} --split {params.split:q} "
+        "{params.local:q} --out {params.out:q} 2> {log:q}"
+
+
+if len(PREPARED_KINDS) > 1:
+
+    use rule prepare_data as prepare_data_records with:
+        output:
+            splits=f"{R}/data/{{dataset}}/splits.json",
+            data=f"{R}/data/{{dataset}}/samples.jsonl",
+        wildcard_constraints:
+            dataset="|".join(PREPARED_KINDS["samples.jsonl"]),

@@ -16,15 +16,17 @@ rule merge_eval:
     (the exhaustive strategy)."""
     input:
         pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
         models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
-        target=lambda wc: data_file(wc.target),
+        manifests=lambda wc: [manifest(finetuned(c)) for c in CANDIDATES[wc.target]],
+        target=lambda wc: prepared_files(wc.target),
         heads=lambda wc: head_files([wc.target]),
     output:
         f"{R}/merge_eval/chunks/{{target}}/{{chunk}}.csv",
     params:
         backend=BACKEND,
         merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
-        models=lambda wc: " ".join(f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]),
+        models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
         chunks=CHUNKS,
     log:
@@ -34,8 +36,8 @@ rule merge_eval:
         **GPU_RES,
     shell:
         "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
-        "--pretrained {input.pretrained} --models {params.models} --target {params.target} "
-        "--chunk {wildcards.chunk} --chunks {params.chunks} --out {output} 2> {log}"
+        "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
+        "--chunk {wildcards.chunk} --chunks {params.chunks} --out {output:q} 2> {log:q}"
 
 
 rule merge_search:
@@ -43,8 +45,10 @@ rule merge_search:
     workers share a journal file in the search folder: a killed search resumes where it stopped."""
     input:
         pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
         models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
-        target=lambda wc: data_file(wc.target),
+        manifests=lambda wc: [manifest(finetuned(c)) for c in CANDIDATES[wc.target]],
+        target=lambda wc: prepared_files(wc.target),
         heads=lambda wc: head_files([wc.target]),
     output:
         csv=f"{R}/merge_eval/search/{{target}}/worker{{worker}}.csv",
@@ -53,7 +57,7 @@ rule merge_search:
         backend=BACKEND,
         merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
         search=lambda wc: js(search_spec(wc.target)),
-        models=lambda wc: " ".join(f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]),
+        models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
         workers=WORKERS,
         # resume state, not a result: one optuna study per fingerprint of models, target and settings
@@ -65,9 +69,9 @@ rule merge_search:
         **GPU_RES,
     shell:
         "{MERGEMIX} search --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
-        "--search {params.search:q} --pretrained {input.pretrained} --models {params.models} "
-        "--target {params.target} --worker {wildcards.worker} --workers {params.workers} "
-        "--journal {params.journal:q} --out {output.csv} --summary {output.summary} 2> {log}"
+        "--search {params.search:q} --pretrained {input.pretrained:q} --models {params.models:q} "
+        "--target {params.target:q} --worker {wildcards.worker} --workers {params.workers} "
+        "--journal {params.journal:q} --out {output.csv:q} --summary {output.summary:q} 2> {log:q}"
 
 
 rule merge_eval_sampled:
@@ -75,17 +79,19 @@ rule merge_eval_sampled:
     search (the search itself scores few of them). Not used for selection."""
     input:
         pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
         models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
-        target=lambda wc: data_file(wc.target),
+        manifests=lambda wc: [manifest(finetuned(c)) for c in CANDIDATES[wc.target]],
+        target=lambda wc: prepared_files(wc.target),
         heads=lambda wc: head_files([wc.target]),
     output:
         f"{R}/merge_eval/sampled/{{target}}.csv",
     params:
         backend=BACKEND,
         merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
-        models=lambda wc: " ".join(f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]),
+        models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
-        subsets=lambda wc: " ".join(mixtures_of(wc.target)),
+        subsets=lambda wc: mixtures_of(wc.target),
     log:
         f"{R}/logs/merge_eval_sampled/{{target}}.log",
     threads: GPU_THREADS
@@ -93,8 +99,8 @@ rule merge_eval_sampled:
         **GPU_RES,
     shell:
         "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
-        "--pretrained {input.pretrained} --models {params.models} --target {params.target} "
-        "--subsets {params.subsets} --out {output} 2> {log}"
+        "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
+        "--subsets {params.subsets:q} --out {output:q} 2> {log:q}"
 
 
 rule gather_merge_eval:
@@ -107,12 +113,12 @@ rule gather_merge_eval:
         csv=f"{R}/merge_eval/{{target}}.csv",
         summary=f"{R}/merge_eval/{{target}}.json",
     params:
-        candidates=lambda wc: " ".join(CANDIDATES[wc.target]),
+        candidates=lambda wc: CANDIDATES[wc.target],
     log:
         f"{R}/logs/gather_merge_eval/{{target}}.log",
     threads: 1
     resources:
         **CPU_RES,
     shell:
-        "{MERGEMIX} gather --candidates {params.candidates} --chunks {input.parts} --summaries {input.summaries} "
-        "--out {output.csv} --summary {output.summary} 2> {log}"
+        "{MERGEMIX} gather --candidates {params.candidates:q} --chunks {input.parts:q} --summaries {input.summaries:q} "
+        "--out {output.csv:q} --summary {output.summary:q} 2> {log:q}"

@@ -3,7 +3,8 @@ rule mixture_finetune:
     shared by every target whose candidates contain it."""
     input:
         pretrained=PRETRAINED,
-        data=lambda wc: [data_file(n) for n in parse_subset(wc.subset)],
+        pretrained_manifest=PRETRAINED_MANIFEST,
+        data=lambda wc: prepared_files(*parse_subset(wc.subset)),
         heads=lambda wc: head_files(parse_subset(wc.subset)),
     output:
         model=f"{R}/models/mixture/{{subset}}/model.safetensors",
@@ -11,7 +12,7 @@ rule mixture_finetune:
     params:
         backend=BACKEND,
         hp=FINETUNE_HP,
-        data=lambda wc: " ".join(data_dir(n) for n in parse_subset(wc.subset)),
+        data=lambda wc: [data_dir(n) for n in parse_subset(wc.subset)],
     log:
         f"{R}/logs/mixture_finetune/{{subset}}.log",
     threads: GPU_THREADS
@@ -19,21 +20,23 @@ rule mixture_finetune:
         **GPU_RES,
     shell:
         "{MERGEMIX} finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
-        "--pretrained {input.pretrained} --data {params.data} --out {output.model} 2> {log}"
+        "--pretrained {input.pretrained:q} --data {params.data:q} --out {output.model:q} 2> {log:q}"
 
 
 rule mixture_eval:
     """A target's mixture-fine-tuned models on its val and test splits."""
     input:
         pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
         models=lambda wc: [mixture_model(s) for s in mixtures_of(wc.target)],
-        target=lambda wc: data_file(wc.target),
+        manifests=lambda wc: [manifest(mixture_model(s)) for s in mixtures_of(wc.target)],
+        target=lambda wc: prepared_files(wc.target),
         heads=lambda wc: head_files([wc.target]),
     output:
         f"{R}/mixture/{{target}}.csv",
     params:
         backend=BACKEND,
-        models=lambda wc: " ".join(f"{s}={mixture_model(s)}" for s in mixtures_of(wc.target)),
+        models=lambda wc: [f"{s}={mixture_model(s)}" for s in mixtures_of(wc.target)],
         target=lambda wc: data_dir(wc.target),
     log:
         f"{R}/logs/mixture_eval/{{target}}.log",
@@ -41,5 +44,5 @@ rule mixture_eval:
     resources:
         **GPU_RES,
     shell:
-        "{MERGEMIX} eval-models --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained} "
-        "--models {params.models} --target {params.target} --out {output} 2> {log}"
+        "{MERGEMIX} eval-models --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
+        "--models {params.models:q} --target {params.target:q} --out {output:q} 2> {log:q}"

@@ -3,10 +3,10 @@ if BACKEND_CLASS.can_pretrain:
     rule pretrain:
         """The built-in model's pre-training (smallcnn); hub backends fetch weights instead."""
         input:
-            data_file(PRETRAIN),
+            prepared_files(PRETRAIN),
         output:
             model=PRETRAINED,
-            manifest=PRETRAINED.replace(".safetensors", ".json"),
+            manifest=PRETRAINED_MANIFEST,
         params:
             backend=BACKEND,
             hp=js(config.get("pretrain", {}).get("hparams", {})),
@@ -18,7 +18,7 @@ if BACKEND_CLASS.can_pretrain:
             **GPU_RES,
         shell:
             "{MERGEMIX} pretrain --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
-            "--data {params.data} --out {output.model} 2> {log}"
+            "--data {params.data:q} --out {output.model:q} 2> {log:q}"
 
 
 else:
@@ -31,7 +31,7 @@ else:
         rule, the only one that may download model weights."""
         output:
             model=PRETRAINED,
-            manifest=PRETRAINED.replace(".safetensors", ".json"),
+            manifest=PRETRAINED_MANIFEST,
         params:
             backend=BACKEND,
         log:
@@ -40,14 +40,15 @@ else:
         resources:
             **CPU_RES,
         shell:
-            "{MERGEMIX} fetch-pretrained --backend {params.backend:q} --out {output.model} 2> {log}"
+            "{MERGEMIX} fetch-pretrained --backend {params.backend:q} --out {output.model:q} 2> {log:q}"
 
 
 rule finetune:
     """theta_i: the pre-trained model fine-tuned on one dataset (identical hyperparameters for all)."""
     input:
         pretrained=PRETRAINED,
-        data=lambda wc: data_file(wc.dataset),
+        pretrained_manifest=PRETRAINED_MANIFEST,
+        data=lambda wc: prepared_files(wc.dataset),
         heads=lambda wc: head_files([wc.dataset]),
     output:
         model=f"{R}/models/finetuned/{{dataset}}/model.safetensors",
@@ -63,20 +64,21 @@ rule finetune:
         **GPU_RES,
     shell:
         "{MERGEMIX} finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
-        "--pretrained {input.pretrained} --data {params.data} --out {output.model} 2> {log}"
+        "--pretrained {input.pretrained:q} --data {params.data:q} --out {output.model:q} 2> {log:q}"
 
 
 rule eval_pretrained:
     """theta_0 on every target's val and test splits (the baseline of every logit delta)."""
     input:
         pretrained=PRETRAINED,
-        data=[data_file(t) for t in TARGETS],
+        pretrained_manifest=PRETRAINED_MANIFEST,
+        data=prepared_files(*TARGETS),
         heads=head_files(TARGETS),
     output:
         f"{R}/pretrained.csv",
     params:
         backend=BACKEND,
-        targets=" ".join(f"{t}={data_dir(t)}" for t in TARGETS),
+        targets=[f"{t}={data_dir(t)}" for t in TARGETS],
     log:
         f"{R}/logs/eval_pretrained.log",
     threads: GPU_THREADS
@@ -84,15 +86,16 @@ rule eval_pretrained:
         **GPU_RES,
     shell:
         "{MERGEMIX} eval-pretrained --threads {threads} --backend {params.backend:q} "
-        "--pretrained {input.pretrained} --targets {params.targets} --out {output} 2> {log}"
+        "--pretrained {input.pretrained:q} --targets {params.targets:q} --out {output:q} 2> {log:q}"
 
 
 rule final_finetune:
     """Algorithm 1's deployed model: fine-tuned on the mixture selected by merged val accuracy."""
     input:
         pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
         merge_eval=f"{R}/merge_eval/{{target}}.csv",
-        data=lambda wc: [data_file(c) for c in CANDIDATES[wc.target]] + [data_file(wc.target)],
+        data=lambda wc: prepared_files(*CANDIDATES[wc.target], wc.target),
         heads=lambda wc: head_files(CANDIDATES[wc.target] + [wc.target]),
     output:
         model=f"{R}/models/final/{{target}}/model.safetensors",
@@ -101,7 +104,7 @@ rule final_finetune:
     params:
         backend=BACKEND,
         hp=FINETUNE_HP,
-        data=lambda wc: " ".join(f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]),
+        data=lambda wc: [f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
     log:
         f"{R}/logs/final_finetune/{{target}}.log",
@@ -110,5 +113,5 @@ rule final_finetune:
         **GPU_RES,
     shell:
         "{MERGEMIX} final-finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
-        "--pretrained {input.pretrained} --merge-eval {input.merge_eval} --data {params.data} "
-        "--target {params.target} --out {output.model} --eval-out {output.result} 2> {log}"
+        "--pretrained {input.pretrained:q} --merge-eval {input.merge_eval:q} --data {params.data:q} "
+        "--target {params.target:q} --out {output.model:q} --eval-out {output.result:q} 2> {log:q}"
