@@ -20,6 +20,7 @@ include: "workflow/rules/analysis.smk"
 rule all:
     input:
         rules.analyze.output,
+        STUDY_FILES,  # every result (analysis.smk): deleting one and rerunning rebuilds it
     default_target: True
 
 

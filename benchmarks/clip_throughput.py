@@ -148,7 +148,11 @@ def main(argv=None) -> int:
             g = torch.Generator().manual_seed(i)
             noisy = {k: v + 1e-3 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in state.items()}
             paths[f"d{i}"] = str(tmp / "models" / f"d{i}.safetensors")
-            io.save_model(paths[f"d{i}"], noisy, {"kind": "finetuned", "backend": backend.describe()})
+            provenance = {  # what a real fine-tune records (the engine checks it before merging)
+                "pretrained_sha256": io.read_json(io.manifest_path(pre))["sha256"],
+                "data": [{"name": f"d{i}", "sha256": "stand-in"}], "hyperparameters": hp,
+            }
+            io.save_model(paths[f"d{i}"], noisy, {"kind": "finetuned", "backend": backend.describe(), **provenance})
         names = sorted(paths)
         masks = subsets.all_masks(len(names))[-args.merged:]  # the largest subsets: the most to merge
 

@@ -84,3 +84,24 @@ rule analyze:
         "--pretrained-csv {input.pretrained:q} --merge-eval {params.merge_eval:q} --search {params.search:q} "
         "--merge-eval-sampled {params.sampled:q} --mixture {params.mixture:q} "
         "--similarity {params.similarity:q} --final {params.final:q} --out-dir {R:q} 2> {log:q}"
+
+
+def study_files():
+    """Every file the study's jobs write (logs aside), for rule all. Snakemake reruns a job whose
+    output is missing only when a target, or a job that runs anyway, needs that file; with all of
+    them named by the target, deleting any file and rerunning rebuilds it and what depends on it."""
+    cands = sorted({c for t in TARGETS for c in CANDIDATES[t]})
+    used = sorted(set(TARGETS) | set(cands))
+    prepared = used + ([PRETRAIN] if PRETRAIN in DATA_SPECS else [])
+    files = [f"{download_dir(n)}/download.json" for n in prepared if n in DOWNLOADED]
+    files += prepared_files(*prepared) + [PRETRAINED, PRETRAINED_MANIFEST] + head_files(used)
+    models = {finetuned(c) for c in cands} | {mixture_model(s) for t in TARGETS for s in mixtures_of(t)}
+    files += [f for m in sorted(models) for f in (m, manifest(m))]
+    files += [f"{R}/embeddings/{n}.safetensors" for n in used]
+    for t in TARGETS:
+        files += merge_eval_parts(t) + search_summaries(t)
+        files += [f"{R}/models/final/{t}/model.safetensors", f"{R}/models/final/{t}/model.json"]
+    return files + list(rules.analyze.input)
+
+
+STUDY_FILES = study_files()
