@@ -54,6 +54,7 @@ def weird_study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hardening")
     cfg = tiny_config(tmp / WEIRD, study="hard", n=3, mixture=True, chunks=1)
     cfg["targets"] = [TARGET]
+    cfg["analysis"] = {"figure_formats": ["png"]}  # analyze runs after every deletion below
     path = tmp / "hard.yaml"
     path.write_text(yaml.safe_dump(cfg))
     before = sorted(os.listdir(tmp))
