@@ -137,5 +137,5 @@ def test_wide_study_has_thirteen_distinct_domains():
     assert len(cfg["datasets"]) >= 13 and len(doms) == len(cfg["datasets"])
     assert cfg["targets"] == "all"
     base_cfg = config("config.yaml")
-    for key in ("backend", "pretrain", "split", "finetune"):
+    for key in ("backend", "pretrain", "split"):
         assert cfg[key] == base_cfg[key], key

@@ -305,7 +305,7 @@ def test_surrogate_gbm_in_batches():
 
 def test_halving_finds_optimum_on_noisy_slices():
     score, best = noisy_slices(10, 300, seed=5)
-    result, objective = search("halving", Counting(score), 10, 300, 0.3)
+    result, objective = search("halving", Counting(score), 10, 300, 0.3, eta=3, min_examples=20)
     assert best is not None and result.best.mask == best and result.stop_reason == "all rungs done"
     assert result.examples_used <= objective.budget.examples
     screened = {r.mask for r in result.records}

@@ -190,7 +190,7 @@ def semantic_problems(config: dict) -> list[str]:
 
 # The strategy `auto` picks when a target's 2^N-1 subsets exceed the budget: the one that came
 # closest to exhaustive in benchmarks/search.py (README, Search strategies).
-AUTO_STRATEGY = "beam"
+AUTO_STRATEGY = "surrogate"
 DEFAULT_BUDGET = 1023
 
 

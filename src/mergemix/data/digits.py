@@ -5,6 +5,10 @@ upsampled to 16x16 and a domain transform is applied with per-image random param
 image index is the split group, so with one study seed a digit image that is in one domain's test
 split is in every domain's test split: no target's test image is seen, in any form, by a candidate's
 training set.
+
+Spec keys: ``domain`` (one of ``DOMAINS``, or ``mixed``: each image gets one transform drawn from
+``mix``), ``strength`` and ``permute`` (a fixed relabelling of some or all classes, the same for
+every seed), so a domain can look like others while its labels ask something else.
 """
 
 from __future__ import annotations
