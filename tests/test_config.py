@@ -88,3 +88,43 @@ def test_snakemake_refuses_a_bad_config_at_start(tmp_path):
     assert r.returncode != 0
     assert "candidates.rotate" in r.stdout + r.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "merge_eval, expected",
+    [
+        ({"strategy": "annealing"}, ["merge_eval.strategy", "'annealing'", "surrogate"]),
+        ({"strategy": "beam", "budget": 0}, ["merge_eval.budget", "0", "fraction"]),
+        ({"strategy": "beam", "budget": -0.5}, ["merge_eval.budget", "-0.5"]),
+        ({"strategy": "beam", "budget": 1.5}, ["merge_eval.budget", "1.5"]),
+        ({"strategy": "greedy", "workers": 2}, ["merge_eval.workers", "optuna", "'greedy'"]),
+        ({"workers": 3}, ["merge_eval.workers", "optuna"]),
+        ({"strategy": "beam", "strategy_options": {"width": 0}}, ["merge_eval.strategy_options.width", "integer >= 1"]),
+        ({"strategy": "beam", "strategy_options": {"depth": 2}}, ["merge_eval.strategy_options.depth", "width"]),
+        ({"strategy_options": {"width": 2}}, ["merge_eval.strategy_options", "named strategy"]),
+        ({"strategy": "exhaustive", "budget": 10}, ["merge_eval.budget", "exhaustive", "63"]),
+    ],
+)
+def test_bad_search_settings_are_refused_with_the_key_named(default_config, merge_eval, expected):
+    default_config["merge_eval"] = {**default_config["merge_eval"], **merge_eval}
+    msg = _error(default_config)
+    for part in expected:
+        assert part in msg, (part, msg)
+
+
+def test_search_strategy_auto_and_budgets(default_config):
+    from mergemix.config import resolve_strategy
+
+    cfg = validate_config(default_config)
+    assert resolve_strategy(cfg, 6) == "exhaustive"  # 63 subsets fit the default budget of 1023
+    assert resolve_strategy(cfg, 12) == "surrogate"
+    default_config["merge_eval"]["budget"] = 0.1
+    cfg = validate_config(default_config)
+    assert resolve_strategy(cfg, 6) == "surrogate"  # 0.1 x 63 = 7 evaluations: not exhaustive
+
+
+def test_too_many_mixtures_point_at_the_sample(default_config):
+    default_config["mixture"]["max_candidates"] = 4
+    assert "mixture.sample" in _error(default_config)
+    default_config["mixture"]["sample"] = {"size": 10}
+    assert validate_config(default_config)["mixture"]["sample"] == {"size": 10, "seed": 0}
