@@ -177,7 +177,7 @@ def analyze(
     io.write_csv(out_dir / "similarity_selection.csv", simsel_df)
     from mergemix.figures import plot_all
 
-    plot_all(data, corr_df, out_dir / "figures", eps, figure_formats)
+    plot_all(data, corr_df, out_dir / "figures", eps, figure_formats, sampled=mixtures == "sampled")
     return {"correlation": corr_df, "selection": sel_df, "similarity_selection": simsel_df}
 
 

@@ -35,7 +35,8 @@ def _save(fig, out_base: Path, formats) -> None:
     plt.close(fig)
 
 
-def plot_all(data, corr_df, out_dir, eps, formats) -> None:
+def plot_all(data, corr_df, out_dir, eps, formats, sampled: bool = False) -> None:
+    scope = " (sampled mixtures)" if sampled else ""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     corr = corr_df.set_index("target")
@@ -58,7 +59,7 @@ def plot_all(data, corr_df, out_dir, eps, formats) -> None:
         lo, hi = float(np.min([x.min(), y.min()])), float(np.max([x.max(), y.max()]))
         ax.plot([lo, hi], [lo, hi], lw=0.6, color="grey")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Merged vs mixture-fine-tuned (average r = {corr.loc['average', 'pearson_logit']:.2f})")
+    fig.suptitle(f"Merged vs mixture-fine-tuned{scope} (average r = {corr.loc['average', 'pearson_logit']:.2f})")
     fig.tight_layout()
     _save(fig, out_dir / "merged_vs_mixture", formats)
     # similarity metrics vs mixture
@@ -73,6 +74,6 @@ def plot_all(data, corr_df, out_dir, eps, formats) -> None:
                 continue
             j = sim.merge(mix, on=["subset", "size"])
             ax.scatter(j[m], metrics.logit(j["test_acc"], eps) - metrics.logit(base, eps), s=10, alpha=0.7)
-        fig.suptitle(f"{m} vs mixture-fine-tuned (average r = {corr.loc['average', f'{m}_pearson_logit']:.2f})")
+        fig.suptitle(f"{m} vs mixture-fine-tuned{scope} (average r = {corr.loc['average', f'{m}_pearson_logit']:.2f})")
         fig.tight_layout()
         _save(fig, out_dir / f"similarity_{m}", formats)
