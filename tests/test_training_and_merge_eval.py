@@ -75,6 +75,12 @@ def test_gather_rejects_incomplete_or_duplicated_chunks(trained, tmp_path):
         stages.gather([tmp_path / "c0.csv"], ["mirror", "thin"], tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="duplicated"):
         stages.gather([tmp_path / "c0.csv"] * 2 + [tmp_path / "c1.csv"], ["mirror", "thin"], tmp_path / "bad.csv")
+    # a chunk with an accuracy out of [0, 1] is refused by gather too, naming the file
+    bad = pd.read_csv(tmp_path / "c1.csv")
+    bad.loc[0, "val_acc"] = 1.7
+    bad.to_csv(tmp_path / "c1bad.csv", index=False)
+    with pytest.raises(ValueError, match=r"c1bad\.csv.*outside \[0, 1\]"):
+        stages.gather([tmp_path / "c0.csv", tmp_path / "c1bad.csv"], ["mirror", "thin"], tmp_path / "bad.csv")
     assert not (tmp_path / "bad.csv").exists()
 
 

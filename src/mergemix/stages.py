@@ -275,7 +275,10 @@ def gather(chunk_csvs: Sequence, candidates: Sequence[str], out_csv, search_json
     a subset scored on several slices (halving) keeps its largest-slice row."""
     import pandas as pd
 
-    df = pd.concat([pd.read_csv(p) for p in chunk_csvs], ignore_index=True)
+    from mergemix.tables import read_result_table
+
+    kind = "merge_eval_rows" if search_jsons else "merge_eval"
+    df = pd.concat([read_result_table(p, kind) for p in chunk_csvs], ignore_index=True)
     n = len(candidates)
     expected = {subsets.subset_id(s) for s in subsets.all_subsets(sorted(candidates))}
     extra = sorted(set(df["subset"]) - expected)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-KINDS = ("merge_eval", "mixture", "similarity", "pretrained")
+# merge_eval_rows: one merge-eval job's rows (a halving search scores a subset on several val slices:
+# one row per subset and slice); merge_eval: the gathered table, one row per subset
+KINDS = ("merge_eval", "merge_eval_rows", "mixture", "similarity", "pretrained")
 _ACC = ("val_acc", "test_acc")
 
 
@@ -20,7 +22,7 @@ class TableError(ValueError):
 
 
 def _columns(kind: str) -> list[str]:
-    if kind in ("merge_eval", "mixture"):
+    if kind in ("merge_eval", "merge_eval_rows", "mixture"):
         return ["subset", "size", *_ACC]
     if kind == "similarity":
         from mergemix.similarity import METRICS
@@ -71,9 +73,11 @@ def check_result_table(df, path, kind: str):
     bad = [i for i, v in enumerate(keys) if not isinstance(v, str) or not v.strip()]
     if bad:
         raise TableError(f"{path}: column {key!r} row {bad[0] + 2} is empty or not a name; {_fix(path)}")
-    dup = keys[keys.duplicated()]
+    rows = kind == "merge_eval_rows" and "val_examples" in df.columns
+    dup = keys[df.duplicated([key, "val_examples"] if rows else [key])]
     if len(dup):
-        raise TableError(f"{path}: {key} {dup.iloc[0]!r} appears more than once; {_fix(path)}")
+        where_dup = " on the same val slice" if rows else ""
+        raise TableError(f"{path}: {key} {dup.iloc[0]!r} appears more than once{where_dup}; {_fix(path)}")
 
     def numeric(col: str):
         values = pd.to_numeric(df[col], errors="coerce")
@@ -94,7 +98,7 @@ def check_result_table(df, path, kind: str):
                     f"{path}: column 'size' {where(i)}: {_show(df['size'].iloc[i])}, but the subset has {n} dataset(s); {_fix(path)}"
                 )
     partial = pd.Series(False, index=df.index)
-    if kind == "merge_eval" and "val_examples" in df.columns:
+    if kind in ("merge_eval", "merge_eval_rows") and "val_examples" in df.columns:
         ve = numeric("val_examples")
         low = [i for i in range(len(df)) if pd.isna(ve.iloc[i]) or ve.iloc[i] < 1 or ve.iloc[i] != int(ve.iloc[i])]
         if low:
@@ -103,7 +107,7 @@ def check_result_table(df, path, kind: str):
                 f"{_fix(path)}"
             )
         partial = ve < ve.max()
-    if kind == "merge_eval" and "order" in df.columns:
+    if kind in ("merge_eval", "merge_eval_rows") and "order" in df.columns:
         numeric("order")
     for col in [c for c in _ACC if c in required]:
         values = numeric(col)
