@@ -181,10 +181,7 @@ def analyze(
     return {"correlation": corr_df, "selection": sel_df, "similarity_selection": simsel_df}
 
 
-TABLE_COLUMNS = [
-    "target", "pretrained", "m2m_merged", "m2m_finetuned", "all_datasets", "similarity", "similarity_metric",
-    "random", "oracle", "selected",
-]
+TABLE_COLUMNS = SELECTION_COLUMNS[: SELECTION_COLUMNS.index("selected") + 1]  # the paper's Table 1 part
 
 
 def format_table(df: pd.DataFrame) -> str:
