@@ -11,6 +11,8 @@ A backend is one model family. The pipeline needs exactly these operations from 
 * ``finetune(model, data, hp)``   fine-tune in place on a list of training datasets (a mixture)
 * ``merge_params(model)``         the live tensors that are fine-tuned, saved and merged
 * ``evaluate(model, data)``       accuracy on a split of a target dataset
+* ``evaluate_many(model, data, split, states)``  the same for several merged states (default: one
+                                  by one; adapter backends run ``merges_per_forward`` per forward pass)
 * ``embed(model, data)``          one vector per sample, for the similarity baselines
 
 Saved models hold only ``merge_params`` (a full model for a small convnet, the image encoder for
@@ -35,6 +37,8 @@ class Backend:
     defaults: dict = {}
     # params that must be integers >= 1 (sizes of the model), checked with the study config
     positive_int_params: tuple = ()
+    # how many merged models ``evaluate_many`` scores per forward pass (1: one at a time)
+    merges_per_forward: int = 1
 
     @classmethod
     def check_params(cls, params: dict) -> list[str]:
@@ -84,6 +88,20 @@ class Backend:
 
     def embed(self, model: torch.nn.Module, data: PreparedDataset, split: str) -> np.ndarray:
         raise NotImplementedError
+
+    def evaluate_many(
+        self, model: torch.nn.Module, data: PreparedDataset, split: str, states: Sequence[Dict[str, torch.Tensor]]
+    ) -> list[float]:
+        """``evaluate`` of each merged state (name -> tensor, the keys of ``merge_params``), in order.
+
+        This default writes each state into the live model and evaluates it; a backend that scores
+        several merged models in one forward pass overrides it and sets ``merges_per_forward``. The
+        live model's merge params are unspecified afterwards: load a state before ``evaluate``."""
+        scores = []
+        for state in states:
+            self.load_state(model, state)
+            scores.append(self.evaluate(model, data, split))
+        return scores
 
     # --- shared -------------------------------------------------------------------------------
     def state_to_save(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
