@@ -31,3 +31,32 @@ def test_optimizer_benchmark_runs():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ratio torch.optim/ours" in r.stdout and r.stdout.count("ratio to torch.optim") == 3
+
+
+def test_engine_benchmark_reports_every_ratio(tmp_path):
+    """CPU tables (smallcnn, tiny clip, tiny causal_lm) and the --gpu code paths at toy sizes on CPU."""
+    for extra in ([], ["--gpu", "--device", "cpu", "--tiny"]):
+        out = tmp_path / f"engine{len(extra)}.json"
+        with offline_env():
+            r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--quick", *extra, "--json", str(out)],
+                               capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        fig = json.loads(out.read_text())
+        assert len(fig["engine"]) == (2 if extra else 3) and len(fig["batched_adapters"]) == 2
+        for row in fig["engine"]:
+            for key in ("merged_per_s", "engine_over_floor", "naive_over_engine", "merge_share"):
+                assert row[key] > 0, (row["backend"], key)
+            assert row["subsets"] == 2 ** row["candidates"] - 1
+        for row in fig["batched_adapters"]:
+            assert row["k"] == 8 and row["ratio"] > 0 and row["max_score_diff"] < 1e-9, row
+        assert "engine/floor" in r.stdout and "naive/engine" in r.stdout and "batched/seq" in r.stdout
+
+
+def test_engine_benchmark_gpu_without_cuda_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--gpu"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "needs CUDA" in r.stderr and "--device cpu --tiny" in r.stderr

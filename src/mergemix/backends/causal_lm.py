@@ -13,6 +13,13 @@
 * Targets are benchmark groups (``mergemix.data.text``): batched greedy generation with left
   padding and a generation-length limit per benchmark, each benchmark's metric, and their mean.
   This score is what the ``val_acc``/``test_acc`` columns hold in a language study.
+* ``evaluate_many`` scores up to ``merges_per_forward`` (8) merged adapters in one batched
+  generation: each batch of prompts is repeated K times along the batch and every adapted layer
+  applies the k-th merged adapter to the k-th copy (IA3: the k-th scaling vector; LoRA: the k-th
+  ``B_k A_k x``, from the merged factors as above), so the frozen base weights are read once for
+  K merged models. The scores are those of ``evaluate`` on each merged state. lm-eval targets,
+  and adapters this path does not cover (DoRA, LoRA bias, several active adapters), are scored one
+  state at a time.
 * Embeddings (appendix A.4): the mean of the last hidden layer over tokens that are neither
   special nor padding, over the full sample (assistant turns included).
 """
@@ -115,11 +122,144 @@ def _rel_or_abs(path: Path, start: Path) -> str:
         return str(path.resolve())
 
 
+class StackedAdapters:
+    """Within the block, every adapted linear layer of ``model`` applies K adapters at once.
+
+    ``states`` are K adapter states (the keys of ``merge_params``). The batch of each forward pass
+    must be K equal slices along dim 0 (copy k in rows ``k*b .. (k+1)*b - 1``); the layer applies
+    state k to slice k, computing what peft's own forward computes with state k loaded:
+
+    * IA3: the input (feed-forward modules) or the output of the frozen layer times the k-th vector;
+    * LoRA: the frozen layer's output plus ``scaling * B_k A_k x`` (two batched matmuls).
+
+    Only the layers' ``forward`` is replaced (an instance attribute, removed on exit): the live
+    adapter's parameters, requires_grad flags and peft's state are not touched.
+    """
+
+    def __init__(self, model, live: Dict[str, torch.nn.Parameter], states: Sequence[Dict[str, torch.Tensor]], backend=""):
+        why = self.unsupported(model, live)
+        if why:
+            raise ValueError(f"cannot stack these adapters: {why}")
+        for i, st in enumerate(states):
+            missing, extra = set(live) - set(st), set(st) - set(live)
+            if missing or extra:
+                raise ValueError(
+                    f"merged state {i} does not fit backend {backend!r}: missing {sorted(missing)[:5]}, unexpected "
+                    f"{sorted(extra)[:5]}; was it trained with another backend configuration?"
+                )
+            wrong = next((n for n, p in live.items() if tuple(st[n].shape) != tuple(p.shape)), None)
+            if wrong is not None:
+                raise ValueError(
+                    f"merged state {i} does not fit backend {backend!r}: tensor {wrong!r} has shape "
+                    f"{list(st[wrong].shape)}, the model's has {list(live[wrong].shape)}"
+                )
+        self.k = len(states)
+
+        def stack(name):  # [K, *shape] on the parameter's device, in its dtype (as load_state writes it)
+            p = live[name]
+            return torch.stack([st[name].detach().to(p.device, p.dtype) for st in states])
+
+        self.layers = []
+        for mname, layer in self._layers(model):
+            if hasattr(layer, "ia3_l"):
+                vec = stack(f"{mname}.ia3_l.default").flatten(1)  # [K, features], as peft's ia3_l.flatten()
+                fwd = self._ia3_forward(layer, vec)
+            else:
+                a = stack(f"{mname}.lora_A.default.weight")  # [K, r, in]
+                b = stack(f"{mname}.lora_B.default.weight")  # [K, out, r]
+                fwd = self._lora_forward(layer, a.transpose(1, 2), b.transpose(1, 2), layer.scaling["default"])
+            self.layers.append((layer, fwd))
+
+    @staticmethod
+    def _layers(model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+    @classmethod
+    def unsupported(cls, model, live: Dict[str, torch.nn.Parameter]) -> str | None:
+        """Why the adapters of ``model`` cannot be stacked (None: they can)."""
+        try:
+            from peft.tuners.ia3.layer import Linear as IA3Linear
+            from peft.tuners.lora.layer import Linear as LoraLinear
+        except ImportError as e:  # pragma: no cover - peft is a dependency of the backend
+            return f"peft layer classes not importable ({e})"
+        covered = set()
+        layers = cls._layers(model)
+        if not layers:
+            return "no adapter layers"
+        for name, m in layers:
+            if type(m) not in (IA3Linear, LoraLinear):
+                return f"{name} is a {type(m).__name__}, not a linear IA3 or LoRA layer"
+            if list(m.active_adapters) != ["default"] or m.merged or m.disable_adapters:
+                return f"{name}: adapters other than one unmerged, enabled 'default'"
+            if "forward" in vars(m) or hasattr(m, "_hf_hook"):
+                return f"{name}: its forward is already wrapped"
+            if type(m) is IA3Linear:
+                covered.add(f"{name}.ia3_l.default")
+                continue
+            if m.lora_variant.get("default") is not None or m.lora_B["default"].bias is not None:
+                return f"{name}: a LoRA variant (DoRA...) or LoRA bias"
+            drop = m.lora_dropout["default"]
+            inactive = isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and (drop.p == 0 or not drop.training))
+            if not inactive:
+                return f"{name}: active LoRA dropout"
+            covered |= {f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"}
+        if covered != set(live):
+            return f"trainable tensors outside the adapter layers: {sorted(set(live) - covered)[:3]}"
+        return None
+
+    def _slices(self, t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] % self.k:
+            raise RuntimeError(f"a batch of {t.shape[0]} rows is not {self.k} equal copies (one per stacked adapter)")
+        return t.reshape(self.k, -1, t.shape[-1])
+
+    def _ia3_forward(self, layer, vec: torch.Tensor):
+        base, ff = layer.base_layer, layer.is_feedforward
+
+        def forward(x, *args, **kwargs):  # peft's ia3.Linear.forward with adapter k on slice k
+            if ff:
+                prev = x.dtype
+                xs = x.to(vec.dtype)
+                interm = (self._slices(xs) * vec[:, None, :]).reshape(xs.shape).to(prev)
+                return base(interm, *args, **kwargs)
+            result = base(x, *args, **kwargs)
+            return (self._slices(result) * vec[:, None, :]).reshape(result.shape).to(result.dtype)
+
+        return forward
+
+    def _lora_forward(self, layer, a_t: torch.Tensor, b_t: torch.Tensor, scaling: float):
+        base = layer.base_layer
+
+        def forward(x, *args, **kwargs):  # peft's lora.Linear.forward with adapter k on slice k
+            result = base(x, *args, **kwargs)
+            xs = layer._cast_input_dtype(x, a_t.dtype)
+            delta = torch.bmm(torch.bmm(self._slices(xs), a_t), b_t) * scaling
+            return (result + delta.reshape(result.shape)).to(result.dtype)
+
+        return forward
+
+    def __enter__(self):
+        try:
+            for layer, fwd in self.layers:
+                layer.forward = fwd
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for layer, _ in self.layers:
+            vars(layer).pop("forward", None)
+        return False
+
+
 @register_backend
 class CausalLMBackend(Backend):
     name = "causal_lm"
     can_pretrain = False
     needs_gpu = True
+    merges_per_forward = 8  # merged adapters scored per batched generation (evaluate_many)
     defaults = {
         "model": "meta-llama/Meta-Llama-3-8B-Instruct",  # hub id or local folder
         "revision": None,
@@ -362,24 +502,36 @@ class CausalLMBackend(Backend):
     @torch.no_grad()
     def generate(self, model, prompts: List[list[dict]], max_new_tokens: int) -> List[str]:
         """Greedy completions of chat prompts, batched with left padding."""
+        return self._generate(model, prompts, max_new_tokens, copies=1)[0]
+
+    @torch.no_grad()
+    def _generate(self, model, prompts: List[list[dict]], max_new_tokens: int, copies: int) -> List[List[str]]:
+        """Completions per copy: each batch of prompts is repeated ``copies`` times along the batch
+        (copy k in rows ``k*b .. (k+1)*b - 1``), which :class:`StackedAdapters` gives adapter k."""
         tok = self.tokenizer
         enc = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))  # similar lengths share a batch
-        out: List[str] = [""] * len(enc)
-        bs = max(1, int(self.params["eval_batch_size"]))
+        out: List[List[str]] = [[""] * len(enc) for _ in range(copies)]
+        bs = self.eval_batch_size(int(self.params["eval_batch_size"]))  # merge_eval.eval_batch_size overrides
         dev = self._input_device(model)
         for s in range(0, len(order), bs):
             idx = order[s : s + bs]
             ids, mask, _ = pad_batch([enc[i] for i in idx], tok.pad_token_id, left=True)
+            if copies > 1:
+                ids, mask = ids.repeat(copies, 1), mask.repeat(copies, 1)
             gen = model.generate(
                 input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=int(max_new_tokens),
                 do_sample=False, pad_token_id=tok.pad_token_id,
             )
-            for j, i in enumerate(idx):
-                out[i] = tok.decode(gen[j, ids.shape[1] :], skip_special_tokens=True).strip()
+            for k in range(copies):
+                for j, i in enumerate(idx):
+                    out[k][i] = tok.decode(gen[k * len(idx) + j, ids.shape[1] :], skip_special_tokens=True).strip()
         return out
 
     def benchmark_scores(self, model, data: PreparedDataset, split: str) -> Dict[str, float]:
+        return self._benchmark_scores(model, data, split, copies=1)[0]
+
+    def _benchmark_scores(self, model, data: PreparedDataset, split: str, copies: int) -> List[Dict[str, float]]:
         from mergemix.text_metrics import score
 
         recs, _ = data.split(split)
@@ -393,13 +545,14 @@ class CausalLMBackend(Backend):
         by_bench: Dict[str, list] = {}
         for r in recs:
             by_bench.setdefault(r["benchmark"], []).append(r)
-        scores = {}
+        scores: List[Dict[str, float]] = [{} for _ in range(copies)]
         model.eval()
         for name in sorted(by_bench):
             rs = by_bench[name]
             prompts = [self._chat_of(r)[:-1] for r in rs]
-            preds = self.generate(model, prompts, rs[0]["max_new_tokens"])
-            scores[name] = score(rs[0]["metric"], preds, [r["references"] for r in rs])
+            preds = self._generate(model, prompts, rs[0]["max_new_tokens"], copies)
+            for k in range(copies):
+                scores[k][name] = score(rs[0]["metric"], preds[k], [r["references"] for r in rs])
         return scores
 
     def evaluate(self, model, data: PreparedDataset, split: str) -> float:
@@ -411,6 +564,28 @@ class CausalLMBackend(Backend):
         scores = self.benchmark_scores(model, data, split)
         log.info("%s/%s: %s", data.name, split, {k: round(v, 4) for k, v in scores.items()})
         return float(np.mean(list(scores.values())))
+
+    def evaluate_many(self, model, data: PreparedDataset, split: str, states: Sequence[Dict[str, torch.Tensor]]) -> List[float]:
+        """``evaluate`` of each merged adapter state, ``merges_per_forward`` of them per batched
+        generation (see :class:`StackedAdapters`); the live adapter's values are left as they were."""
+        states = list(states)
+        recs, _ = data.split(split)
+        k = max(1, int(self.merges_per_forward))
+        if len(states) < 2 or k < 2 or (recs and recs[0].get("lm_eval")):
+            return super().evaluate_many(model, data, split, states)
+        why = StackedAdapters.unsupported(model, self.merge_params(model))
+        if why:
+            log.info("evaluate_many: scoring merged adapters one at a time (%s)", why)
+            return super().evaluate_many(model, data, split, states)
+        out: List[float] = []
+        for s in range(0, len(states), k):
+            chunk = states[s : s + k]
+            with StackedAdapters(model, self.merge_params(model), chunk, backend=self.name):
+                per = self._benchmark_scores(model, data, split, copies=len(chunk))
+            for scores in per:
+                log.info("%s/%s: %s", data.name, split, {n: round(v, 4) for n, v in scores.items()})
+                out.append(float(np.mean(list(scores.values()))))
+        return out
 
     # --- embeddings ----------------------------------------------------------------------------
     @torch.no_grad()
