@@ -60,3 +60,30 @@ def test_engine_benchmark_gpu_without_cuda_says_so():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--gpu"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "needs CUDA" in r.stderr and "--device cpu --tiny" in r.stderr
+
+
+def test_workflow_benchmark_builds_valid_studies_and_compares_results(tmp_path, default_config):
+    """benchmarks/workflow.py without running Snakemake (tests/test_workflow.py runs a study both
+    ways): its tiny and unpacked studies are valid configs, and its comparison refuses any
+    difference between the two results folders."""
+    import importlib.util
+
+    from mergemix.config import pack_sizes, validate_config
+
+    spec = importlib.util.spec_from_file_location("bench_workflow", ROOT / "benchmarks" / "workflow.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = validate_config(bench.tiny(default_config))
+    assert sorted(tiny["datasets"]) == ["noise", "rotate", "thin"] and tiny["finetune"]["epochs"] == 1
+    assert pack_sizes(validate_config(bench.unpacked(tiny))) == {k: 1 for k in pack_sizes(tiny)}
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "x").mkdir(parents=True)
+        (d / "x" / "t.csv").write_text("subset,val_acc\na,0.5\n")
+        (d / "x" / "m.safetensors").write_bytes(b"model")
+    assert bench.compare(a, b) == (1, 1)
+    (b / "x" / "t.csv").write_text("subset,val_acc\na,0.6\n")
+    with pytest.raises(SystemExit, match="t.csv differs"):
+        bench.compare(a, b)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "workflow.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--tiny" in r.stdout

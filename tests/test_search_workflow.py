@@ -61,5 +61,10 @@ def test_wide_study_plans_a_bounded_number_of_jobs(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(path)
     assert jobs["merge_search"] == 13 * 2 and "merge_eval" not in jobs
+    # smallcnn packs 16 fine-tunes to a job (config `pack`): the 13 datasets in one, the mixtures in a few
+    assert jobs["finetune"] == 1 and jobs["mixture_finetune"] <= 4 and jobs["final_finetune"] == 1
+    assert sum(jobs.values()) < 150
+    path.write_text(yaml.safe_dump(dict(cfg, pack={"finetune": 1, "embed": 1})))  # one job per fine-tune
+    jobs = planned_jobs(path)
     assert jobs["finetune"] == 13 and jobs["mixture_finetune"] <= 40 + 13  # the sample plus each all-candidates mixture
     assert sum(jobs.values()) < 250

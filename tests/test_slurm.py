@@ -21,7 +21,8 @@ from conftest import ROOT, tiny_config
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 GPU_RULES = {"pretrain", "finetune", "mixture_finetune", "final_finetune", "merge_eval", "mixture_eval", "eval_pretrained", "embed"}
-CPU_RULES = {"prepare_data", "gather_merge_eval", "similarity", "analyze"}
+# group_short: the profile's job group of gather_merge_eval and similarity jobs (one sbatch for several)
+CPU_RULES = {"prepare_data", "gather_merge_eval", "similarity", "analyze", "group_short"}
 
 
 def _env():
@@ -64,6 +65,8 @@ def _slurm(configfile, logdir):
         # this CI cluster has no slurmdbd: poll squeue (MinJobAge=600 in its slurm.conf), no accounts
         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
         "--slurm-no-account", "--slurm-logdir", str(logdir),
+        # this node has 2 CPUs: a job group (group-components) runs at most 2 jobs side by side
+        "--cores", "2",
     ]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     out = r.stdout + r.stderr
@@ -75,10 +78,12 @@ def _slurm(configfile, logdir):
 
 
 def _submitted(log: str) -> dict[str, list[str]]:
-    """Rule -> Slurm job ids, from the executor's submission messages."""
+    """Rule (a packed rule under its family's name) or `group_<name>` -> Slurm job ids, from the
+    executor's submission messages."""
     jobs: dict[str, list[str]] = {}
-    for jobid, rule in re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*?/rule_(\w+)/", log):
-        jobs.setdefault(rule, []).append(jobid)
+    for jobid, kind, name in re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*?/(rule|group)_(\w+)/", log):
+        key = re.sub(r"_pack\d+$", "", name) if kind == "rule" else f"group_{name}"
+        jobs.setdefault(key, []).append(jobid)
     return jobs
 
 
@@ -93,14 +98,14 @@ def test_slurm_profile_runs_resumes_and_matches_a_local_run(cluster, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     local = tmp_path / "local" / "slurm"
 
-    # 1. a failing job: non-zero exit, no hang; independent branches still finish (keep-going)
+    # 1. a failing job: non-zero exit, no hang; independent branches still finish (keep-going). The
+    # three fine-tunes are one packed job (config `pack`), which needs mirror's data: none runs
     code, log1 = _slurm(_config(tmp_path, tmp_path / "cluster", broken=True), tmp_path / "logs1")
     assert code != 0, log1[-3000:]
     out = tmp_path / "cluster" / "slurm"
     done_before = {
         p: p.stat().st_mtime_ns
-        for p in [out / "models/pretrained/model.safetensors", out / "models/finetuned/noise/model.safetensors",
-                  out / "models/finetuned/rotate/model.safetensors", out / "data/noise/splits.json"]
+        for p in [out / "models/pretrained/model.safetensors", out / "data/noise/splits.json", out / "data/rotate/splits.json"]
     }
     assert not (out / "models/finetuned/mirror").exists()
 
@@ -110,7 +115,8 @@ def test_slurm_profile_runs_resumes_and_matches_a_local_run(cluster, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
     jobs = _submitted(log2)
     assert "pretrain" not in jobs and len(jobs.get("prepare_data", [])) == 1  # only mirror's data again
-    assert len(jobs["finetune"]) == 1  # only mirror's fine-tune
+    assert len(jobs["finetune"]) == 1  # the pack of the three fine-tunes, once
+    assert len(jobs["group_short"]) == 1  # 3 gathers and 3 similarity jobs in one sbatch (group-components)
     for rel in ["pretrained.csv", "selection.csv", "correlation.csv"] + [
         f"{d}/{t}.csv" for d in ("merge_eval", "mixture", "similarity") for t in ("mirror", "noise", "rotate")
     ]:

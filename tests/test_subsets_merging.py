@@ -22,8 +22,11 @@ def test_task_arithmetic_with_scale_one_over_k_is_the_average():
 
 
 def test_unknown_merge_method_names_the_registered_ones():
-    with pytest.raises(KeyError, match="uniform"):
-        merging.get_merge_method("ties")
+    with pytest.raises(KeyError, match="uniform.*weighted") as e:
+        merging.get_merge_method("slerp")
+    for name in ("dare", "dare_ties", "task_arithmetic", "ties"):
+        assert name in str(e.value)
+    assert set(merging.method_names()) >= {"uniform", "weighted", "task_arithmetic", "ties", "dare", "dare_ties"}
 
 
 def test_flatten_unflatten_roundtrip():

@@ -27,13 +27,22 @@ def snakemake(configfile, *args):
     return r.stdout + r.stderr
 
 
+def rule_family(name: str) -> str:
+    """A packed rule's family: `mixture_finetune_pack3` -> `mixture_finetune` (config `pack`)."""
+    return re.sub(r"_pack\d+$", "", name)
+
+
 def planned_jobs(configfile) -> dict:
-    """Rule -> job count of what a run would execute now (from a dry run's job stats)."""
+    """Rule -> job count of what a run would execute now (from a dry run's job stats); packed rules
+    (one rule per pack) count under their family's name."""
     out = snakemake(configfile, "-n")
     if "Nothing to be done" in out:
         return {}
     stats = out.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", stats, re.M)}
+    jobs: dict = {}
+    for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", stats, re.M):
+        jobs[rule_family(m.group(1))] = jobs.get(rule_family(m.group(1)), 0) + int(m.group(2))
+    return jobs
 
 
 def run_study(cfg, folder):
@@ -143,5 +152,34 @@ def test_reruns_do_only_what_changed(study, tmp_path):
     p2.write_text(yaml.safe_dump(new_lr))
     jobs = planned_jobs(p2)
     assert {"finetune", "mixture_finetune", "merge_eval", "final_finetune", "mixture_eval", "analyze"} <= set(jobs)
-    assert jobs["finetune"] == 4 and jobs["mixture_finetune"] == 10
+    # smallcnn packs 16 fine-tunes to a job: the 4 datasets in one, the 10 mixtures in another
+    assert jobs["finetune"] == 1 and jobs["mixture_finetune"] == 1 and jobs["final_finetune"] == 1
     assert not {"prepare_data", "pretrain", "embed", "similarity", "eval_pretrained"} & set(jobs)
+
+    unpacked = dict(new_lr, pack={"finetune": 1})
+    p3 = tmp_path / "lr_unpacked.yaml"
+    p3.write_text(yaml.safe_dump(unpacked))
+    jobs = planned_jobs(p3)  # one job per fine-tune
+    assert jobs["finetune"] == 4 and jobs["mixture_finetune"] == 10 and jobs["final_finetune"] == 4
+
+
+def test_packed_and_unpacked_runs_write_the_same_results(study, tmp_path):
+    """The study run with one job per fine-tune and embedding (pack 1) writes the same models, bit
+    for bit, and the same result tables as the packed run (the smallcnn default)."""
+    cfg, _, out, log = study
+    stats = log.split("Job stats:")[1].split("total")[0]
+    assert re.search(r"^mixture_finetune_pack0\s+1\s*$", stats, re.M)  # the fixture's run was packed
+    cfg1 = dict(cfg, results_dir=str(tmp_path / "results"), pack={"finetune": 1, "embed": 1})
+    _, _, out1, log1 = run_study(cfg1, tmp_path)
+    stats = log1.split("Job stats:")[1].split("total")[0]
+    assert re.search(r"^mixture_finetune\s+10\s*$", stats, re.M) and "_pack" not in stats
+    models = sorted(p.relative_to(out) for p in out.rglob("*.safetensors"))
+    assert len(models) > 20 and models == sorted(p.relative_to(out1) for p in out1.rglob("*.safetensors"))
+    for rel in models:
+        assert io.sha256_file(out / rel) == io.sha256_file(out1 / rel), rel
+    tables = sorted(p.relative_to(out) for p in out.rglob("*.csv"))
+    assert tables == sorted(p.relative_to(out1) for p in out1.rglob("*.csv"))
+    for rel in tables:
+        assert (out / rel).read_bytes() == (out1 / rel).read_bytes(), rel
+    for f in sorted((out / "final").glob("*.json")):
+        assert io.read_json(f) == io.read_json(out1 / "final" / f.name), f.name

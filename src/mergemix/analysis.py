@@ -15,7 +15,7 @@ import pandas as pd
 from mergemix import io, metrics
 from mergemix.similarity import METRICS
 from mergemix.stages import full_rows, select_best
-from mergemix.subsets import subset_id
+from mergemix.subsets import sort_key, subset_id
 
 SELECTION_COLUMNS = [
     "target", "pretrained", "m2m_merged", "m2m_finetuned", "all_datasets", "similarity", "similarity_metric",
@@ -69,11 +69,32 @@ def with_average(df: pd.DataFrame, key: str = "target") -> pd.DataFrame:
 
 def merged_for_correlation(merged: pd.DataFrame, sampled: pd.DataFrame | None) -> pd.DataFrame:
     """Merged models scored on the whole val and test splits: the search's, plus the mixture
-    sample's evaluated apart for a budgeted search; one row per subset."""
+    sample's evaluated apart for a budgeted search; one row per subset. Rows without a test
+    accuracy (merge_eval.test: selected) are left out; :func:`check_merged_tests` refuses a
+    studied mixture left without one."""
     full = full_rows(merged)
+    full = full[full["test_acc"].notna()]
     if sampled is not None:
         full = pd.concat([full, sampled[~sampled["subset"].isin(full["subset"])]], ignore_index=True)
     return full[["subset", "size", "val_acc", "test_acc"]]
+
+
+def check_merged_tests(merged: pd.DataFrame, merged_c: pd.DataFrame, mix_study: pd.DataFrame | None, path) -> None:
+    """The correlation study needs the merged test accuracy of every fine-tuned mixture that has a
+    merged model: refuse a merge-eval table that scored the val split of one but not its test split
+    (merge_eval.test: selected scores every studied mixture's test split; a table from another
+    setting or edited by hand would silently shrink the correlation)."""
+    from mergemix.tables import TableError
+
+    if mix_study is None:
+        return
+    lacking = sorted((set(mix_study["subset"]) & set(full_rows(merged)["subset"])) - set(merged_c["subset"]), key=sort_key)
+    if lacking:
+        raise TableError(
+            f"{path}: no merged test accuracy for {len(lacking)} fine-tuned mixture(s) of the correlation study "
+            f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}); set merge_eval.test: all or rerun the "
+            f"merge-eval jobs with the current config: delete {path} and its chunks and rerun snakemake"
+        )
 
 
 def with_selected(mix: pd.DataFrame, fin: dict) -> pd.DataFrame:
@@ -122,6 +143,7 @@ def analyze(
         studied = mix is not None and mixtures != "off"  # mixtures beyond all candidates were fine-tuned
         mix_study = with_selected(mix, fin) if studied else None
         merged_c = merged_for_correlation(merged, sampled)
+        check_merged_tests(merged, merged_c, mix_study, merge_eval[t])
         data[t] = (merged_c, mix_study, sim, base)
         corr_rows.append(correlation_row(t, base, merged_c, mix_study, sim, eps))
 

@@ -86,12 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", nargs="+", required=True, help="prepared dataset folders (several = a mixture)")
     s.add_argument("--out", required=True)
 
+    s = stage("finetune-pack", "several fine-tunes in one process, each as its own finetune job would write it",
+              backend=True, hparams=True, pretrained=True)
+    s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every dataset the fine-tunes use")
+    s.add_argument("--subsets", nargs="+", required=True, help="the datasets of each fine-tune, as subset ids (a+b+c)")
+    s.add_argument("--out", nargs="+", required=True, help="each fine-tune's model file, in the order of --subsets")
+
     s = stage("final-finetune", "fine-tune on the mixture selected by merge-eval and test it", backend=True, hparams=True, pretrained=True)
     s.add_argument("--merge-eval", required=True)
     s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate")
     s.add_argument("--target", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--eval-out", required=True)
+
+    s = stage("final-finetune-pack", "several targets' final-finetune in one process", backend=True, hparams=True, pretrained=True)
+    s.add_argument("--candidates", type=_json, required=True, help='JSON: {"target": [candidates]} for every target of the pack')
+    s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate and target")
+    s.add_argument("--merge-eval", nargs="+", required=True, help="TARGET=CSV")
+    s.add_argument("--out", nargs="+", required=True, help="TARGET=MODEL")
+    s.add_argument("--eval-out", nargs="+", required=True, help="TARGET=JSON")
 
     s = stage("merge-eval", "evaluate the merged models of one chunk of subsets", backend=True, pretrained=True)
     s.add_argument("--merge", type=_json, required=True)
@@ -100,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk", type=int, default=0)
     s.add_argument("--chunks", type=int, default=1)
     s.add_argument("--subsets", nargs="+", default=None, help="evaluate these subset ids instead of a chunk")
+    s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
+    s.add_argument("--test", choices=["all", "selected"], default="all",
+                   help="score the test split of every subset, or only of the chunk's best and --test-subsets")
+    s.add_argument("--test-subsets", nargs="*", default=[], help="subset ids whose test split is scored with --test selected")
     s.add_argument("--out", required=True)
 
     s = stage("search", "budgeted search over a target's subsets (one worker of merge_eval.strategy)", backend=True, pretrained=True)
@@ -110,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker", type=int, default=0)
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--journal", default=None, help="optuna journal file shared by the workers (resumable)")
+    s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
+    s.add_argument("--test", choices=["all", "selected"], default="all",
+                   help="score the test split of every full evaluation, or only of this worker's best subset")
     s.add_argument("--out", required=True, help="CSV of this worker's evaluations")
     s.add_argument("--summary", required=True, help="JSON summary of this worker's search")
 
@@ -133,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--split", default="val")
     s.add_argument("--out", required=True)
+
+    s = stage("embed-pack", "embed a split of several datasets with the pre-trained model, in one process", backend=True, pretrained=True)
+    s.add_argument("--data", nargs="+", required=True, help="prepared dataset folders")
+    s.add_argument("--split", default="val")
+    s.add_argument("--out", nargs="+", required=True, help="each dataset's embeddings file, in the order of --data")
 
     s = stage("similarity", "the six similarity scores of every subset for one target")
     s.add_argument("--target", required=True, help="target embeddings")
@@ -187,20 +212,24 @@ def run(args) -> None:
         stages.pretrain(args.backend, args.hparams, args.data, args.out, t)
     elif args.stage == "finetune":
         stages.finetune(args.backend, args.hparams, args.pretrained, args.data, args.out, t)
+    elif args.stage == "finetune-pack":
+        stages.finetune_pack(args.backend, args.hparams, args.pretrained, _pack_jobs(_pairs(args.data), args.subsets, args.out), t)
     elif args.stage == "final-finetune":
         r = stages.final_finetune(
             args.backend, args.hparams, args.pretrained, args.merge_eval, _pairs(args.data), args.target, args.out, args.eval_out, t
         )
         logging.getLogger("mergemix").info("final model: %s", r)
+    elif args.stage == "final-finetune-pack":
+        stages.final_finetune_pack(args.backend, args.hparams, args.pretrained, _final_jobs(args), t)
     elif args.stage == "merge-eval":
         stages.merge_eval(
             args.backend, args.merge, args.pretrained, _pairs(args.models), args.target, args.chunk, args.chunks, args.out, t,
-            subset_ids=args.subsets,
+            subset_ids=args.subsets, eval_spec=args.eval, test=args.test, test_subsets=args.test_subsets,
         )
     elif args.stage == "search":
         stages.search(
             args.backend, args.merge, args.search, args.pretrained, _pairs(args.models), args.target, args.out,
-            args.summary, args.worker, args.workers, args.journal, t,
+            args.summary, args.worker, args.workers, args.journal, t, eval_spec=args.eval, test=args.test,
         )
     elif args.stage == "gather":
         stages.gather(args.chunks, args.candidates, args.out, args.summaries, args.summary)
@@ -210,6 +239,10 @@ def run(args) -> None:
         stages.eval_pretrained(args.backend, args.pretrained, _pairs(args.targets), args.out, t)
     elif args.stage == "embed":
         stages.embed(args.backend, args.pretrained, args.data, args.split, args.out, t)
+    elif args.stage == "embed-pack":
+        if len(args.data) != len(args.out):
+            raise ValueError(f"--data names {len(args.data)} datasets but --out {len(args.out)} files; give one each")
+        stages.embed_pack(args.backend, args.pretrained, list(zip(args.data, args.out)), args.split, t)
     elif args.stage == "similarity":
         stages.similarity(args.target, _pairs(args.candidates), args.out, subset_ids=args.subsets)
     elif args.stage == "analyze":
@@ -227,6 +260,38 @@ def run(args) -> None:
         from mergemix.analysis import format_table
 
         print(format_table(pd.read_csv(args.csv)))
+
+
+def _pack_jobs(data: dict[str, str], subset_ids: Sequence[str], outs: Sequence[str]) -> list[tuple[list[str], str]]:
+    """``finetune-pack``'s jobs: (data folders, model file) for each subset id, in order."""
+    from mergemix.subsets import parse_subset
+
+    if len(subset_ids) != len(outs):
+        raise ValueError(f"--subsets names {len(subset_ids)} fine-tunes but --out {len(outs)} model files; give one each")
+    jobs = []
+    for sid, out in zip(subset_ids, outs):
+        names = parse_subset(sid)
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"--subsets {sid}: no --data NAME=FOLDER for {', '.join(missing)}")
+        jobs.append(([data[n] for n in names], out))
+    return jobs
+
+
+def _final_jobs(args) -> list[dict]:
+    """``final-finetune-pack``'s jobs, one per target of --candidates."""
+    data, merge_eval, out, eval_out = _pairs(args.data), _pairs(args.merge_eval), _pairs(args.out), _pairs(args.eval_out)
+    jobs = []
+    for target, cands in args.candidates.items():
+        for flag, given in (("--merge-eval", merge_eval), ("--out", out), ("--eval-out", eval_out), ("--data", data)):
+            if target not in given:
+                raise ValueError(f"{flag}: no {target}=PATH for target {target!r}")
+        missing = [c for c in cands if c not in data]
+        if missing:
+            raise ValueError(f"--data: no NAME=FOLDER for candidates {', '.join(missing)} of target {target!r}")
+        jobs.append({"merge_eval_csv": merge_eval[target], "data_dirs": {c: data[c] for c in cands},
+                     "target_dir": data[target], "out_path": out[target], "eval_out": eval_out[target]})
+    return jobs
 
 
 def _pin_revisions(args) -> None:

@@ -130,7 +130,7 @@ def validate_config(config: dict, schema_path=None) -> dict:
 def semantic_problems(config: dict) -> list[str]:
     from mergemix.backends.base import BACKENDS, _load_builtin
     from mergemix.data.registry import check_spec
-    from mergemix.merging import MERGE_METHODS
+    from mergemix.merging import get_merge_method, method_names
 
     _load_builtin()
     problems: list[str] = _non_finite(config)
@@ -157,10 +157,14 @@ def semantic_problems(config: dict) -> list[str]:
     if "pretrain" in config:
         problems += check_spec("<pretrain.data>", config["pretrain"]["data"])
     method = config["merge_eval"]["method"]
-    if method not in MERGE_METHODS:
-        problems.append(f"merge_eval.method: unknown merge method {method!r}; allowed: {', '.join(sorted(MERGE_METHODS))}")
-    else:
-        problems += merge_option_problems(method, MERGE_METHODS[method], config["merge_eval"].get("options") or {})
+    if method not in method_names():
+        problems.append(f"merge_eval.method: unknown merge method {method!r}; allowed: {', '.join(method_names())}")
+    elif hasattr(get_merge_method(method), "options"):  # declared options: keys, types and ranges checked
+        from mergemix import merge_methods
+
+        problems += merge_methods.check_options(method, config["merge_eval"].get("options") or {})
+    else:  # a plugin's method: its keyword names and default types
+        problems += merge_option_problems(method, get_merge_method(method), config["merge_eval"].get("options") or {})
     split = config["split"]
     if split["val"] + split["test"] >= 1:
         problems.append(
@@ -304,6 +308,15 @@ def merge_option_problems(method: str, fn, options: dict) -> list[str]:
                 f"{want.__name__} (default {default!r}){'; ' + hint if hint else ''}"
             )
     return problems
+
+
+def pack_sizes(config: dict) -> dict[str, int]:
+    """``pack``: items per job of each packable stage (fine-tunes, embeddings), a null key resolved to
+    the backend's ``pack_size`` (smallcnn 16; backends whose fine-tunes last minutes 1)."""
+    from mergemix.backends.base import backend_class
+
+    default = backend_class(config["backend"]["name"]).pack_size
+    return {k: default if v is None else int(v) for k, v in config.get("pack", {}).items()}
 
 
 def targets_of(config: dict) -> list[str]:

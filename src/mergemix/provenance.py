@@ -43,13 +43,15 @@ def data_record(datasets) -> list[dict]:
     return sorted(({"name": d.name, "sha256": d.sha256} for d in datasets), key=lambda r: r["name"])
 
 
-def _backend_diff(recorded: Mapping, expected: Mapping) -> tuple[str, Any, Any] | None:
-    """The first differing field of two backend descriptions, as (field, recorded, expected)."""
+def _backend_diff(recorded: Mapping, expected: Mapping, ignore: Sequence[str] = ()) -> tuple[str, Any, Any] | None:
+    """The first differing field of two backend descriptions, as (field, recorded, expected).
+    ``ignore``: params that change how models are merged or evaluated, not what was trained
+    (``Backend.merge_only_params``, e.g. causal_lm's ``lora_merge`` and ``eval_batch_size``)."""
     recorded, expected = _norm(dict(recorded)), _norm(dict(expected))
     if recorded.get("name") != expected.get("name"):
         return "backend.name", recorded.get("name"), expected.get("name")
     rp, ep = recorded.get("params") or {}, expected.get("params") or {}
-    for k in sorted(set(rp) | set(ep)):
+    for k in sorted((set(rp) | set(ep)) - set(ignore)):
         if rp.get(k, "<absent>") != ep.get(k, "<absent>"):
             return f"backend.params.{k}", rp.get(k, "<absent>"), ep.get(k, "<absent>")
     return None
@@ -70,7 +72,7 @@ def pretrained_manifest(path, backend) -> dict:
             f"{mpath}: no backend or sha256 field (written by an older mergemix); delete {Path(path).parent} and "
             "rerun snakemake (it reruns the pretrain or fetch_pretrained stage)"
         )
-    diff = _backend_diff(manifest["backend"], _describe(backend))
+    diff = _backend_diff(manifest["backend"], _describe(backend), getattr(backend, "merge_only_params", ()))
     if diff:
         field, got, want = diff
         raise ProvenanceError(
@@ -118,7 +120,7 @@ def check_model(
             f"{mpath}: pretrained_sha256 is {manifest['pretrained_sha256']} but the pre-trained model{where} has "
             f"sha256 {pre_sha}: it was fine-tuned from another pre-trained model; {_rerun(path)}"
         )
-    diff = _backend_diff(manifest["backend"], _describe(backend))
+    diff = _backend_diff(manifest["backend"], _describe(backend), getattr(backend, "merge_only_params", ()))
     if diff:
         field, got, want = diff
         raise ProvenanceError(

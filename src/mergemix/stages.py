@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from mergemix import __version__, io, subsets
-from mergemix.backends import get_backend
 from mergemix.data.prepared import load_prepared, prepare_dataset
 
 
@@ -18,6 +17,14 @@ if TYPE_CHECKING:  # pandas is imported lazily: it costs every short job ~0.3 s
     import pandas as pd
 
 log = logging.getLogger("mergemix")
+
+
+def get_backend(spec: dict, threads: int = 1, device: str | None = None):
+    """:func:`mergemix.backends.get_backend`, imported on first use: the backends import torch
+    (about 2 s per process), which the data, gather, similarity and analysis stages never need."""
+    from mergemix.backends import get_backend as make
+
+    return make(spec, threads=threads, device=device)
 
 
 def download(name: str, spec: dict, out_dir) -> dict:
@@ -82,12 +89,26 @@ def fetch_pretrained(backend_spec: dict, out_path, threads: int = 1) -> dict:
     return backend.fetch_pretrained(out_path)
 
 
-def _finetune(backend, hp: dict, pretrained, data_dirs: Sequence, out_path):
+def _prepared(data_dir, loaded: dict):
+    """A prepared dataset, read once per process when ``loaded`` (folder -> dataset) is shared."""
+    key = str(data_dir)
+    if key not in loaded:
+        loaded[key] = load_prepared(data_dir)
+    return loaded[key]
+
+
+def _finetune(backend, hp: dict, pretrained, data_dirs: Sequence, out_path, loaded: dict | None = None, pre: dict | None = None):
+    """Fine-tune the pre-trained model and save it with its manifest. ``loaded`` (data folder ->
+    prepared dataset) and ``pre`` (the checked pre-trained manifest) let a pack of fine-tunes read
+    each once (:func:`finetune_pack`)."""
     from mergemix.provenance import pretrained_manifest
 
     model = backend.load_pretrained(pretrained)
-    pre = pretrained_manifest(pretrained, backend)  # made with this backend's configuration (init_seed...)
-    data = [load_prepared(d) for d in data_dirs]
+    if pre is None:
+        pre = pretrained_manifest(pretrained, backend)  # made with this backend's configuration (init_seed...)
+    if loaded is None:
+        loaded = {}
+    data = [_prepared(d, loaded) for d in data_dirs]
     t0 = time.time()
     metrics = backend.finetune(model, data, hp)
     log.info("fine-tuned on %s in %.1fs: %s", "+".join(d.name for d in data), time.time() - t0, metrics)
@@ -100,6 +121,38 @@ def _finetune(backend, hp: dict, pretrained, data_dirs: Sequence, out_path):
 def finetune(backend_spec: dict, hp: dict, pretrained, data_dirs: Sequence, out_path, threads: int = 1) -> dict:
     """Fine-tune the pre-trained model on the union of the train splits of ``data_dirs``."""
     return _finetune(get_backend(backend_spec, threads=threads), hp, pretrained, data_dirs, out_path)[1]
+
+
+def _fresh_rng():
+    """A function that puts torch's global random state back to where this process started, so
+    each job of a pack begins as a job of its own would (backends seed what they use; this covers
+    any default-generator use they might make)."""
+    import torch
+
+    seed = torch.initial_seed()
+    return lambda: torch.manual_seed(seed)
+
+
+def finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence, threads: int = 1) -> list[dict]:
+    """Several fine-tunes in one process: ``jobs`` is a list of ``(data_dirs, out_path)``.
+
+    Each writes the model and manifest its own :func:`finetune` job would, bit for bit (same seed,
+    hyperparameters, threads and starting weights: the pre-trained model is loaded afresh for each);
+    torch is imported, the pre-trained manifest checked and each dataset read once for all of them.
+    Short jobs (a small convnet fine-tunes in about a second) otherwise spend most of their time
+    starting Python and importing torch."""
+    from mergemix.provenance import pretrained_manifest
+
+    backend = get_backend(backend_spec, threads=threads)
+    reset = _fresh_rng()
+    pre = pretrained_manifest(pretrained, backend)
+    loaded: dict = {}
+    manifests = []
+    for i, (data_dirs, out_path) in enumerate(jobs):
+        reset()
+        manifests.append(_finetune(backend, hp, pretrained, data_dirs, out_path, loaded, pre)[1])
+        log.info("pack: %d/%d fine-tunes written (%s)", i + 1, len(jobs), out_path)
+    return manifests
 
 
 def full_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -123,8 +176,14 @@ def final_finetune(
     backend_spec: dict, hp: dict, pretrained, merge_eval_csv, data_dirs: Mapping[str, str], target_dir, out_path, eval_out, threads: int = 1
 ) -> dict:
     """Algorithm 1's deployed model: fine-tune on the mixture whose merged model is best on val."""
-    import pandas as pd
+    return _final_finetune(lambda: get_backend(backend_spec, threads=threads), hp, pretrained, merge_eval_csv, data_dirs,
+                           target_dir, out_path, eval_out)
 
+
+def _final_finetune(backend, hp: dict, pretrained, merge_eval_csv, data_dirs: Mapping[str, str], target_dir, out_path, eval_out,
+                    loaded: dict | None = None, pre: dict | None = None) -> dict:
+    """:func:`final_finetune` with a backend (or a function making it, called once the selection is
+    read), and what a pack shares (see :func:`_finetune`)."""
     from mergemix.tables import read_result_table
 
     best = select_best(read_result_table(merge_eval_csv, "merge_eval"))
@@ -132,9 +191,11 @@ def final_finetune(
     missing = [c for c in chosen if c not in data_dirs]
     if missing:
         raise ValueError(f"selected datasets {missing} have no prepared data among the inputs")
-    backend = get_backend(backend_spec, threads=threads)
-    model, manifest = _finetune(backend, hp, pretrained, [data_dirs[c] for c in chosen], out_path)
-    target = load_prepared(target_dir)
+    if callable(backend):
+        backend = backend()
+    loaded = {} if loaded is None else loaded
+    model, manifest = _finetune(backend, hp, pretrained, [data_dirs[c] for c in chosen], out_path, loaded, pre)
+    target = _prepared(target_dir, loaded)
     result = {
         "target": target.name,
         "selected": best["subset"],
@@ -148,32 +209,61 @@ def final_finetune(
     return result
 
 
-def _evaluator(backend_spec: dict, merge_spec: dict, pretrained, model_paths: Mapping[str, str], threads: int):
+def final_finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence[Mapping], threads: int = 1) -> list[dict]:
+    """Several targets' :func:`final_finetune` in one process (see :func:`finetune_pack`): ``jobs`` are
+    dicts with the keys ``merge_eval_csv``, ``data_dirs``, ``target_dir``, ``out_path`` and ``eval_out``."""
+    from mergemix.provenance import pretrained_manifest
+
+    backend = get_backend(backend_spec, threads=threads)
+    reset = _fresh_rng()
+    pre = pretrained_manifest(pretrained, backend)
+    loaded: dict = {}
+    results = []
+    for job in jobs:
+        reset()
+        results.append(_final_finetune(backend, hp, pretrained, loaded=loaded, pre=pre, **job))
+        log.info("final model: %s", results[-1])
+    return results
+
+
+def _evaluator(backend_spec: dict, merge_spec: dict, pretrained, model_paths: Mapping[str, str], threads: int,
+               eval_spec: dict | None = None):
+    """The merge-eval engine; ``eval_spec``: merge_eval's ``eval_batch_size`` and ``precision``."""
     from mergemix.merge_eval import MergeEvaluator
 
     backend = get_backend(backend_spec, threads=threads)
+    spec = eval_spec or {}
+    backend.configure_eval(spec.get("eval_batch_size"), spec.get("precision", "auto"))
     return MergeEvaluator(backend, pretrained, model_paths, merge_spec.get("method", "uniform"), merge_spec.get("options"))
 
 
 def merge_eval(
     backend_spec: dict, merge_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir, chunk: int, chunks: int,
-    out_csv, threads: int = 1, subset_ids: Sequence[str] | None = None,
+    out_csv, threads: int = 1, subset_ids: Sequence[str] | None = None, eval_spec: dict | None = None,
+    test: str = "all", test_subsets: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Merged models of one chunk of all 2^N-1 subsets (exhaustive), or of the given ``subset_ids``
-    (the mixture sample's merged models, for the correlation study of a budgeted search)."""
-    ev = _evaluator(backend_spec, merge_spec, pretrained, model_paths, threads)
+    """Merged models of one chunk of all 2^N-1 subsets (exhaustive, in Gray-code order: one model
+    added to or removed from a running sum per step), or of the given ``subset_ids`` (the mixture
+    sample's merged models, for the correlation study of a budgeted search).
+
+    ``test``: ``all`` scores every subset's test split; ``selected`` only the chunk's best on val
+    and ``test_subsets`` (the subsets the tables report), leaving ``test_acc`` empty elsewhere."""
+    ev = _evaluator(backend_spec, merge_spec, pretrained, model_paths, threads, eval_spec)
     if subset_ids is not None:
         masks = [subsets.names_to_mask(subsets.parse_subset(s), ev.names) for s in subset_ids]
+        orders = None
     else:
-        masks = subsets.chunk_range(len(ev.names), chunk, chunks)
+        pairs = subsets.gray_chunk(len(ev.names), chunk, chunks)
+        orders, masks = [o for o, _ in pairs], [m for _, m in pairs]
+    wanted = [subsets.names_to_mask(subsets.parse_subset(s), ev.names) for s in test_subsets]
     t0 = time.time()
-    df = ev.run(load_prepared(target_dir), masks)
+    df = ev.run(load_prepared(target_dir), masks, orders, test=test, test_masks=wanted)
     log.info("chunk %d/%d: %d merged models in %.2fs", chunk + 1, chunks, len(df), time.time() - t0)
     io.write_csv(out_csv, df)
     return df
 
 
-def _search_fingerprint(backend_spec, merge_spec, search_spec, model_paths, target_dir) -> str:
+def _search_fingerprint(backend_spec, merge_spec, search_spec, model_paths, target_dir, eval_spec=None, test="all") -> str:
     """Identifies what a search's journal holds: a changed model, target, merge or search setting
     starts a new optuna study in the same journal instead of resuming a stale one."""
     import hashlib
@@ -185,6 +275,11 @@ def _search_fingerprint(backend_spec, merge_spec, search_spec, model_paths, targ
         "models": {n: io.read_json(io.manifest_path(p)).get("sha256") for n, p in sorted(model_paths.items())},
         "target": io.sha256_file(Path(target_dir) / "splits.json"),
     }
+    # evaluation settings change scores (precision) or what a trial records (test): only when not
+    # the defaults, so journals written before these settings existed still resume
+    evaluation = {k: v for k, v in (eval_spec or {}).items() if v not in (None, "auto")}
+    if evaluation or test != "all":
+        parts["evaluation"] = {**evaluation, "test": test}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -215,28 +310,31 @@ class _Progress:
 def search(
     backend_spec: dict, merge_spec: dict, search_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir,
     out_csv, out_json, worker: int = 0, workers: int = 1, journal=None, threads: int = 1,
+    eval_spec: dict | None = None, test: str = "all",
 ) -> dict:
     """A budgeted search over the subsets of a target's candidates (``merge_eval.strategy``).
 
     Writes one row per evaluation this worker charged (halving scores a subset on several val
-    slices: one row each) and a JSON summary; ``gather`` joins the workers' files."""
+    slices: one row each) and a JSON summary; ``gather`` joins the workers' files. ``test``:
+    ``all`` scores the test split of every full evaluation; ``selected`` only of this worker's
+    best subset (the best over all workers is one of those)."""
     import pandas as pd
 
     from mergemix.search import Objective, get_strategy, make_budget, run_search
 
-    ev = _evaluator(backend_spec, merge_spec, pretrained, model_paths, threads)
+    ev = _evaluator(backend_spec, merge_spec, pretrained, model_paths, threads, eval_spec)
     target = load_prepared(target_dir)
     n, n_val = len(ev.names), len(target.indices["val"])
     cls = get_strategy(search_spec["strategy"])
     budget = make_budget(search_spec["budget"], n, n_val, cls.cost)
     runtime = {}
     if cls.supports_workers:
-        fp = _search_fingerprint(backend_spec, merge_spec, search_spec, model_paths, target_dir)
+        fp = _search_fingerprint(backend_spec, merge_spec, search_spec, model_paths, target_dir, eval_spec, test)
         runtime = {"journal": journal, "study_name": f"{target.name}-{fp}", "worker": worker, "workers": workers}
     elif workers != 1 or worker != 0:
         raise ValueError(f"search strategy {cls.name!r} runs as one job per target; set merge_eval.workers: 1")
     strategy = cls(n, seed=search_spec["seed"], **search_spec.get("options", {}), **runtime)
-    score = ev.scorer(target, seed=search_spec["seed"])
+    score = ev.scorer(target, seed=search_spec["seed"], **({} if test == "all" else {"test": test}))
 
     def tagged(mask, examples=None):
         value, info = score(mask, examples)
@@ -250,7 +348,10 @@ def search(
     rows = [ev.row(r.mask, r.value, r.info.get("test_acc", float("nan")), r.order, r.examples) for r in mine]
     from mergemix.merge_eval import COLUMNS
 
-    io.write_csv(out_csv, pd.DataFrame(rows, columns=COLUMNS))
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if test == "selected" and len(df):
+        ev.fill_best_test(df, target)
+    io.write_csv(out_csv, df)
     summary = {
         "target": target.name, "strategy": cls.name, "candidates": ev.names, "n_val": n_val, "seed": search_spec["seed"],
         "options": strategy.opts, "budget": {"evaluations": budget.evaluations, "examples": budget.examples},
@@ -365,8 +466,17 @@ def eval_pretrained(backend_spec: dict, pretrained, target_dirs: Mapping[str, st
 
 
 def embed(backend_spec: dict, pretrained, data_dir, split: str, out_path, threads: int = 1) -> np.ndarray:
+    return embed_pack(backend_spec, pretrained, [(data_dir, out_path)], split, threads)[0]
+
+
+def embed_pack(backend_spec: dict, pretrained, jobs: Sequence, split: str, threads: int = 1) -> list[np.ndarray]:
+    """Embeddings of a split of each dataset (``jobs``: ``(data_dir, out_path)``) with one loaded model."""
     backend = get_backend(backend_spec, threads=threads)
     model = backend.load_pretrained(pretrained)
+    return [_embed(backend, model, pretrained, data_dir, split, out_path) for data_dir, out_path in jobs]
+
+
+def _embed(backend, model, pretrained, data_dir, split: str, out_path) -> np.ndarray:
     data = load_prepared(data_dir)
     emb = backend.embed(model, data, split)
     # what the embeddings derive from, checked by the similarity stage

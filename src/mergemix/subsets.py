@@ -35,7 +35,7 @@ def all_masks(n: int) -> range:
 
 
 def chunk_range(n: int, k: int, num_chunks: int) -> range:
-    """Bitmasks of chunk ``k`` (0-based) out of ``num_chunks``.
+    """Bitmasks (or Gray-code indices, see :func:`gray_chunk`) of chunk ``k`` (0-based) out of ``num_chunks``.
 
     The ``2**n - 1`` non-empty subsets are cut into ``num_chunks`` contiguous ranges whose sizes
     differ by at most one; chunks beyond the number of subsets are empty. Across all chunks every
@@ -50,6 +50,23 @@ def chunk_range(n: int, k: int, num_chunks: int) -> range:
     start = k * base + min(k, extra)
     stop = start + base + (1 if k < extra else 0)
     return range(start + 1, stop + 1)
+
+
+def gray(i: int) -> int:
+    """The ``i``-th binary reflected Gray code: ``gray(i)`` and ``gray(i + 1)`` differ in one bit."""
+    return i ^ (i >> 1)
+
+
+def gray_chunk(n: int, k: int, num_chunks: int) -> list[tuple[int, int]]:
+    """Chunk ``k`` of the exhaustive enumeration in Gray-code order: ``(order, mask)`` pairs.
+
+    The exhaustive enumeration visits ``gray(1), gray(2), ..., gray(2**n - 1)``: every non-empty
+    subset exactly once (``gray`` is a bijection of ``0 .. 2**n - 1`` fixing 0), each differing from
+    the one before in one candidate, so a running sum of the selected models changes by one add or
+    subtract per step. Chunks are the contiguous index ranges of :func:`chunk_range` over that
+    sequence; ``order`` is the position in it (0-based), the evaluation order of the exhaustive search.
+    """
+    return [(i - 1, gray(i)) for i in chunk_range(n, k, num_chunks)]
 
 
 def all_subsets(names: Sequence[str]) -> list[list[str]]:

@@ -47,8 +47,10 @@ def check_result_table(df, path, kind: str):
     Checks: the required columns; a non-empty, unique key (``subset``, or ``target`` for
     ``pretrained``); ``size`` equal to the number of datasets in ``subset``; accuracies numeric and
     in [0, 1] (a merge_eval table's ``test_acc`` may be empty on rows scored on part of the val
-    split: ``val_examples`` below its maximum); similarity scores numeric and finite. Returns the
-    table with its numeric columns as numbers. Raises :class:`TableError`.
+    split, ``val_examples`` below its maximum, and with ``merge_eval.test: selected`` on rows no
+    table reports, but never on the best row on val, whose test accuracy is the reported one);
+    similarity scores numeric and finite. Returns the table with its numeric columns as numbers.
+    Raises :class:`TableError`.
     """
     import pandas as pd
 
@@ -114,11 +116,20 @@ def check_result_table(df, path, kind: str):
         for i in range(len(df)):
             v = values.iloc[i]
             if pd.isna(v):
-                if col == "test_acc" and partial.iloc[i]:
-                    continue  # scored on a slice of the val split only
+                if col == "test_acc" and (partial.iloc[i] or kind in ("merge_eval", "merge_eval_rows")):
+                    continue  # scored on a slice of the val split only, or merge_eval.test: selected (see below)
                 raise TableError(f"{path}: column {col!r} {where(i)}: no value; {_fix(path)}")
             if not 0.0 <= v <= 1.0:
                 raise TableError(f"{path}: column {col!r} {where(i)}: {_show(v)} is outside [0, 1]; {_fix(path)}")
+    if kind in ("merge_eval", "merge_eval_rows") and df["test_acc"].isna().any():
+        from mergemix.stages import select_best
+
+        best = select_best(df)
+        if pd.isna(best["test_acc"]):
+            raise TableError(
+                f"{path}: the best subset on val, {best['subset']!r}, has no test_acc (every merge-eval job scores its "
+                f"best's test split, also with merge_eval.test: selected); {_fix(path)}"
+            )
     if kind == "similarity":
         for col in required[2:]:
             values = numeric(col)

@@ -1,23 +1,56 @@
-rule embed:
-    """Embeddings of a dataset's split from the pre-trained model (appendix A.4)."""
-    input:
-        pretrained=PRETRAINED,
-        pretrained_manifest=PRETRAINED_MANIFEST,
-        data=lambda wc: prepared_files(wc.dataset),
-    output:
-        f"{R}/embeddings/{{dataset}}.safetensors",
-    params:
-        backend=BACKEND,
-        data=lambda wc: data_dir(wc.dataset),
-        split=config["analysis"]["similarity_split"],
-    log:
-        f"{R}/logs/embed/{{dataset}}.log",
-    threads: GPU_THREADS
-    resources:
-        **GPU_RES,
-    shell:
-        "{MERGEMIX} embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
-        "--data {params.data:q} --split {params.split:q} --out {output:q} 2> {log:q}"
+# every dataset a target or candidate: each is embedded once
+EMBEDDED = sorted(set(TARGETS) | {c for t in TARGETS for c in CANDIDATES[t]})
+
+
+if PACK["embed"] == 1:
+
+    rule embed:
+        """Embeddings of a dataset's split from the pre-trained model (appendix A.4)."""
+        input:
+            pretrained=PRETRAINED,
+            pretrained_manifest=PRETRAINED_MANIFEST,
+            data=lambda wc: prepared_files(wc.dataset),
+        output:
+            f"{R}/embeddings/{{dataset}}.safetensors",
+        params:
+            backend=BACKEND,
+            data=lambda wc: data_dir(wc.dataset),
+            split=config["analysis"]["similarity_split"],
+        log:
+            f"{R}/logs/embed/{{dataset}}.log",
+        threads: GPU_THREADS
+        resources:
+            **GPU_RES,
+        shell:
+            "{MERGEMIX} embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
+            "--data {params.data:q} --split {params.split:q} --out {output:q} 2> {log:q}"
+
+else:
+    # pack.embed datasets per job: rules embed_pack0, 1, ... (see PACK in common.smk)
+    for _k, _pack in enumerate(packs(EMBEDDED, PACK["embed"])):
+
+        rule:
+            """Embeddings of a pack of datasets' split from the pre-trained model, in one process."""
+            name:
+                f"embed_pack{_k}"
+            input:
+                pretrained=PRETRAINED,
+                pretrained_manifest=PRETRAINED_MANIFEST,
+                data=prepared_files(*_pack),
+            output:
+                [f"{R}/embeddings/{n}.safetensors" for n in _pack],
+            params:
+                backend=BACKEND,
+                data=[data_dir(n) for n in _pack],
+                split=config["analysis"]["similarity_split"],
+            log:
+                f"{R}/logs/embed/pack{_k}.log",
+            threads: GPU_THREADS
+            resources:
+                **pack_resources(GPU_RES, len(_pack)),
+            shell:
+                "{MERGEMIX} embed-pack --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
+                "--data {params.data:q} --split {params.split:q} --out {output:q} 2> {log:q}"
 
 
 rule similarity:
@@ -32,6 +65,8 @@ rule similarity:
         subsets=lambda wc: [] if similarity_subsets(wc.target) is None else ["--subsets", *similarity_subsets(wc.target)],
     log:
         f"{R}/logs/similarity/{{target}}.log",
+    group:
+        SHORT_GROUP
     threads: 1
     resources:
         **CPU_RES,

@@ -10,6 +10,7 @@ from mergemix.config import (
     ConfigError,
     candidates_of,
     load_yaml,
+    pack_sizes,
     resolve_strategy,
     targets_of,
     validate_config,
@@ -111,6 +112,38 @@ else:
 # datasets whose source fetches files first (a local rule; later jobs read local files only)
 DOWNLOADED = sorted(n for n, spec in DATA_SPECS.items() if needs_download(spec))
 FINETUNE_HP = js(config["finetune"])
+
+# Packing (config `pack`; README, Packing short jobs): where a backend's jobs last seconds, one job
+# runs a pack of them (one Python start and torch import instead of one each), writing exactly the
+# files, bit for bit, that a job per item would. Packs are fixed-size runs of the sorted items, each a
+# rule of its own (`name:`) declaring every file it reads and writes, so every path is unchanged;
+# a size of 1 keeps the one-job-per-item rules. On Slurm the profile groups the packs (group `pack`).
+PACK = pack_sizes(config)
+
+
+def packs(items, size):
+    """``items`` (sorted) dealt round-robin into ceil(n / size) packs of at most ``size``: pack k holds
+    items k, k + P, k + 2P, ... of P packs, so packs of mixtures sorted by size carry similar work
+    and finish together instead of leaving the largest mixtures for one last job."""
+    items = list(items)
+    n = -(-len(items) // size)
+    return [items[k::n] for k in range(n)]
+
+
+# Slurm job groups (workflow/profiles/slurm sets group-components; local runs ignore groups): short
+# jobs of one kind share one allocation instead of one sbatch each. `short`: the per-target CSV jobs
+# (gather_merge_eval, similarity), seconds on CPU whatever the backend; `eval`: the evaluation jobs
+# (mixture_eval, eval_pretrained) when they get no GPU (a group asks for the sum of its parallel
+# jobs' resources). Not prepare_data: Snakemake deletes every output of a failed group job, so one
+# bad dataset would take its group's prepared datasets down with it.
+SHORT_GROUP = "short"
+EVAL_GROUP = None if GPUS else "eval"
+
+
+def pack_resources(res, n):
+    """A pack of ``n`` jobs asks for ``n`` times a job's runtime (resources.runtime is per job)."""
+    return {**res, "runtime": res["runtime"] * n}
+
 
 
 def data_dir(name):

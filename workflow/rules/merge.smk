@@ -11,6 +11,20 @@ def search_summaries(target):
     return [f"{R}/merge_eval/search/{target}/worker{k}.json" for k in range(WORKERS)]
 
 
+# merge_eval.eval_batch_size and precision: how merge-eval and search jobs run the forward pass
+EVAL_SPEC = js({k: config["merge_eval"][k] for k in ("eval_batch_size", "precision")})
+
+
+def merge_test_args(target):
+    """merge_eval.test for a target's merge-eval chunks. `selected` scores the test split of each
+    chunk's best on val and of the subsets the tables report: the all-candidates subset and the
+    fine-tuned mixtures of the correlation study (every subset when every mixture is fine-tuned,
+    so that case is `all`)."""
+    if config["merge_eval"]["test"] == "all" or (MIXTURE_ON and not SAMPLE):
+        return ["--test", "all"]
+    return ["--test", "selected", "--test-subsets", *mixtures_of(target)]
+
+
 rule merge_eval:
     """One chunk of the 2^N-1 subsets of a target's candidates: merge (eq. 4) and evaluate
     (the exhaustive strategy)."""
@@ -29,15 +43,19 @@ rule merge_eval:
         models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
         chunks=CHUNKS,
+        eval=EVAL_SPEC,
+        test=lambda wc: merge_test_args(wc.target),
     log:
         f"{R}/logs/merge_eval/{{target}}/{{chunk}}.log",
+    # ahead of the mixture fine-tunes (priority 0): the selection and final fine-tunes are not left for last
+    priority: 1
     threads: GPU_THREADS
     resources:
         **GPU_RES,
     shell:
         "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
-        "--chunk {wildcards.chunk} --chunks {params.chunks} --out {output:q} 2> {log:q}"
+        "--chunk {wildcards.chunk} --chunks {params.chunks} --eval {params.eval:q} {params.test:q} --out {output:q} 2> {log:q}"
 
 
 rule merge_search:
@@ -62,6 +80,9 @@ rule merge_search:
         workers=WORKERS,
         # resume state, not a result: one optuna study per fingerprint of models, target and settings
         journal=lambda wc: f"{R}/merge_eval/search/{wc.target}/journal.log",
+        eval=EVAL_SPEC,
+        # the correlation study's mixtures get their test split from merge_eval_sampled
+        test=config["merge_eval"]["test"],
     log:
         f"{R}/logs/merge_search/{{target}}/{{worker}}.log",
     threads: GPU_THREADS
@@ -71,7 +92,8 @@ rule merge_search:
         "{MERGEMIX} search --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--search {params.search:q} --pretrained {input.pretrained:q} --models {params.models:q} "
         "--target {params.target:q} --worker {wildcards.worker} --workers {params.workers} "
-        "--journal {params.journal:q} --out {output.csv:q} --summary {output.summary:q} 2> {log:q}"
+        "--journal {params.journal:q} --eval {params.eval:q} --test {params.test:q} --out {output.csv:q} "
+        "--summary {output.summary:q} 2> {log:q}"
 
 
 rule merge_eval_sampled:
@@ -92,6 +114,7 @@ rule merge_eval_sampled:
         models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
         subsets=lambda wc: mixtures_of(wc.target),
+        eval=EVAL_SPEC,
     log:
         f"{R}/logs/merge_eval_sampled/{{target}}.log",
     threads: GPU_THREADS
@@ -100,7 +123,7 @@ rule merge_eval_sampled:
     shell:
         "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
-        "--subsets {params.subsets:q} --out {output:q} 2> {log:q}"
+        "--subsets {params.subsets:q} --eval {params.eval:q} --out {output:q} 2> {log:q}"
 
 
 rule gather_merge_eval:
@@ -116,6 +139,10 @@ rule gather_merge_eval:
         candidates=lambda wc: CANDIDATES[wc.target],
     log:
         f"{R}/logs/gather_merge_eval/{{target}}.log",
+    group:
+        SHORT_GROUP
+    # ahead of the mixture fine-tunes (priority 0): the selection and final fine-tunes are not left for last
+    priority: 1
     threads: 1
     resources:
         **CPU_RES,

@@ -9,7 +9,11 @@ A backend is one model family. The pipeline needs exactly these operations from 
                                   workflow runs this as a local rule, the only step that may download
 * ``load_pretrained(path)``       the pre-trained model ``theta_0``, from the file written above
 * ``finetune(model, data, hp)``   fine-tune in place on a list of training datasets (a mixture)
-* ``merge_params(model)``         the live tensors that are fine-tuned, saved and merged
+* ``merge_params(model)``         the live tensors that are fine-tuned and saved
+* ``merge_space_params(model)``   the live tensors merged values are written into (default: the
+                                  same); ``to_merge_space(state)`` turns a saved state into their
+                                  keys and shapes (default: as is). A LoRA adapter is merged as its
+                                  dense updates ``scaling * B @ A``, not as its factors
 * ``evaluate(model, data)``       accuracy on a split of a target dataset
 * ``evaluate_many(model, data, split, states)``  the same for several merged states (default: one
                                   by one; adapter backends run ``merges_per_forward`` per forward pass)
@@ -30,13 +34,27 @@ import torch
 from mergemix.data.prepared import PreparedDataset
 
 
+EVAL_PRECISIONS = ("auto", "fp32", "bf16")
+
+
 class Backend:
     name: str = ""
     can_pretrain: bool = False
     needs_gpu: bool = False  # whether the study's heavy rules should request GPUs on a cluster
+    # short jobs (fine-tunes, embeddings) run per process by default (config `pack`): many for a
+    # backend whose jobs last seconds, where starting Python and importing torch dominate; 1 where a
+    # fine-tune lasts minutes
+    pack_size: int = 1
     defaults: dict = {}
+    # params that change how models are merged or evaluated, never what a job trains: a model made
+    # with another value is still this backend's (the provenance checks skip them)
+    merge_only_params: tuple = ("eval_batch_size",)
     # params that must be integers >= 1 (sizes of the model), checked with the study config
     positive_int_params: tuple = ()
+    # evaluation settings of a merge-eval job (merge_eval.eval_batch_size, merge_eval.precision),
+    # set by configure_eval; None / "auto": the backend's own
+    eval_batch: int | None = None
+    eval_precision: str = "auto"
     # how many merged models ``evaluate_many`` scores per forward pass (1: one at a time)
     merges_per_forward: int = 1
 
@@ -83,6 +101,23 @@ class Backend:
     def merge_params(self, model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
         raise NotImplementedError
 
+    def merge_space_params(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+        """The live tensors the merge engine writes merged values into (name -> tensor; the engine
+        flattens them in this dict's order). The pre-trained model is this of a freshly loaded
+        ``load_pretrained`` model. Default: :meth:`merge_params`; a backend whose saved tensors do
+        not merge linearly (LoRA factors) returns other tensors here, e.g. one dense update per
+        layer, and may switch the model's forward to use them (see the backend)."""
+        return self.merge_params(model)
+
+    def to_merge_space(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A saved state (the keys of :meth:`merge_params`) in the keys and shapes of
+        :meth:`merge_space_params`: one row of the merge engine. Default: ``state`` as is."""
+        return state
+
+    def load_merge_state(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+        """Write a merge-space state (the keys of :meth:`merge_space_params`) into the live model."""
+        self.load_state(model, state, params=self.merge_space_params(model))
+
     def evaluate(self, model: torch.nn.Module, data: PreparedDataset, split: str) -> float:
         raise NotImplementedError
 
@@ -92,23 +127,54 @@ class Backend:
     def evaluate_many(
         self, model: torch.nn.Module, data: PreparedDataset, split: str, states: Sequence[Dict[str, torch.Tensor]]
     ) -> list[float]:
-        """``evaluate`` of each merged state (name -> tensor, the keys of ``merge_params``), in order.
+        """``evaluate`` of each merged state, in order: name -> tensor with the keys of
+        ``merge_params`` (a saved state) or of ``merge_space_params`` (a merged one).
 
         This default writes each state into the live model and evaluates it; a backend that scores
         several merged models in one forward pass overrides it and sets ``merges_per_forward``. The
         live model's merge params are unspecified afterwards: load a state before ``evaluate``."""
         scores = []
         for state in states:
-            self.load_state(model, state)
+            if set(state) == set(self.merge_params(model)):
+                self.load_state(model, state)
+            else:
+                self.load_merge_state(model, state)
             scores.append(self.evaluate(model, data, split))
         return scores
 
     # --- shared -------------------------------------------------------------------------------
+    def configure_eval(self, batch_size: int | None = None, precision: str = "auto") -> None:
+        """How ``evaluate`` runs: examples per forward pass (None: the backend's default) and
+        precision (``auto``: the backend's own; ``fp32``: no autocast; ``bf16``: bfloat16 autocast on
+        the evaluating device, CPU included). Scores are unchanged by the batch size up to float
+        rounding; bf16 may move a near-tie."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"merge_eval.eval_batch_size: {batch_size!r} is not allowed; give an integer >= 1 or null")
+        if precision not in EVAL_PRECISIONS:
+            raise ValueError(f"merge_eval.precision: {precision!r} is not allowed; allowed: {', '.join(EVAL_PRECISIONS)}")
+        self.eval_batch, self.eval_precision = batch_size, precision
+
+    def eval_batch_size(self, default: int) -> int:
+        return max(1, int(self.eval_batch if self.eval_batch is not None else default))
+
+    def eval_context(self):
+        """``torch.inference_mode`` plus the evaluation precision (:meth:`configure_eval`)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.eval_precision == "bf16":
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        elif self.eval_precision == "fp32":
+            stack.enter_context(torch.autocast(self.device.type, enabled=False))
+        return stack
+
     def state_to_save(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.merge_params(model).items()}
 
-    def load_state(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-        params = self.merge_params(model)
+    def load_state(self, model: torch.nn.Module, state: Dict[str, torch.Tensor], params=None) -> None:
+        """Write ``state`` into ``params`` (default: ``merge_params(model)``), checking keys and shapes."""
+        params = self.merge_params(model) if params is None else params
         missing = set(params) - set(state)
         extra = set(state) - set(params)
         if missing or extra:
@@ -136,7 +202,10 @@ class Backend:
         dataset the cached tensors of an earlier one that was freed and whose id was reused."""
         entry = store.get((id(data), key))
         if entry is None or entry[0] is not data:
-            entry = store[(id(data), key)] = (data, build())
+            # built as normal tensors even when the first use is inside torch.inference_mode: an
+            # inference tensor could not be used by a later training step of the same job
+            with torch.inference_mode(False):
+                entry = store[(id(data), key)] = (data, build())
         return entry[1]
 
     def describe(self) -> dict:

@@ -5,8 +5,29 @@
   that downloads) puts them in ``models/pretrained/base/`` and saves the freshly initialised
   adapter as theta_0; every other job loads the base from that folder with the hubs offline.
 * Only the adapter is fine-tuned, saved (safetensors) and merged. A job loads the base model once;
-  merge-eval writes each merged adapter into the one live model. IA3 vectors average exactly as
-  peft's ``add_weighted_adapter``; for LoRA, A and B are averaged separately (not the updates BA).
+  merge-eval writes each merged adapter into the one live model. What is merged (the merge space,
+  :meth:`CausalLMBackend.merge_space_params` and ``to_merge_space``):
+
+  - IA3: the scaling vectors themselves. peft initialises them to ones, so theta_0 is all ones and
+    a task vector is ``l_i - 1``: uniform/weighted averages and task arithmetic act on the vectors
+    (the uniform average equals peft's ``add_weighted_adapter``), TIES/DARE trim, elect signs and
+    drop on the entries of ``l_i - 1``.
+  - LoRA, ``lora_merge: products`` (the default): each adapted layer's dense update
+    ``dW_i = scaling * B_i @ A_i`` (``out x in``, float32). Merging the factors is not merging
+    their products (``mean(B_i) @ mean(A_i) != mean(B_i @ A_i)``), so the merged model is exactly
+    ``W0 + merge(dW_1..dW_n)`` in every adapted layer: uniform/weighted/task arithmetic give exactly
+    the mean (weighted sum) of the updates; TIES/DARE trim, elect signs and drop on the entries of
+    the dense updates (theta_0's update is zero: peft initialises B to zero). The live model of a
+    merge-eval job is put in merge space: each LoRA layer gets a ``mergemix_delta`` buffer and
+    computes ``W0 x + dW x``; fine-tuning and the saved files keep the factors (small, unchanged).
+    Cost: ``out x in`` floats per adapted layer per model, in the engine's ``[N, P]`` matrix and
+    per merged model that ``evaluate_many`` stacks (Llama-3-8B with LoRA on q_proj and v_proj:
+    about 0.67 G floats, 2.7 GB, per model, against 3.4 M floats for its rank-8 factors), and one
+    ``out x in`` matmul per adapted layer and token.
+  - LoRA, ``lora_merge: factors``: A and B are merged separately (as this backend did before, and
+    as peft's ``add_weighted_adapter`` with ``combination_type="linear"``). Cheap (the factors'
+    size) but inexact: the merged update is ``scaling * merge(B_i) @ merge(A_i)``, not a merge of
+    the updates.
 * Training examples are chats rendered with the tokenizer's chat template; the loss covers the
   assistant turns only (their content and end-of-turn tokens), averaged over those tokens of the
   whole batch (gradient accumulation over micro-batches gives the same gradient as one batch).
@@ -16,8 +37,8 @@
 * ``evaluate_many`` scores up to ``merges_per_forward`` (8) merged adapters in one batched
   generation: each batch of prompts is repeated K times along the batch and every adapted layer
   applies the k-th merged adapter to the k-th copy (IA3: the k-th scaling vector; LoRA: the k-th
-  ``B_k A_k x``, from the merged factors as above), so the frozen base weights are read once for
-  K merged models. The scores are those of ``evaluate`` on each merged state. lm-eval targets,
+  dense update ``dW_k x``, or ``B_k A_k x`` from merged factors), so the frozen base weights are
+  read once for K merged models. The scores are those of ``evaluate`` on each merged state. lm-eval targets,
   and adapters this path does not cover (DoRA, LoRA bias, several active adapters), are scored one
   state at a time.
 * Embeddings (appendix A.4): the mean of the last hidden layer over tokens that are neither
@@ -125,15 +146,20 @@ def _rel_or_abs(path: Path, start: Path) -> str:
 class StackedAdapters:
     """Within the block, every adapted linear layer of ``model`` applies K adapters at once.
 
-    ``states`` are K adapter states (the keys of ``merge_params``). The batch of each forward pass
-    must be K equal slices along dim 0 (copy k in rows ``k*b .. (k+1)*b - 1``); the layer applies
-    state k to slice k, computing what peft's own forward computes with state k loaded:
+    ``states`` are K adapter states with the keys of ``live``: ``merge_params`` (saved states) or
+    ``merge_space_params`` (merged states; for LoRA with ``lora_merge: products``, one dense
+    update per layer). The batch of each forward pass must be K equal slices along dim 0 (copy k
+    in rows ``k*b .. (k+1)*b - 1``); the layer applies state k to slice k, computing what the
+    layer's own forward computes with state k loaded:
 
     * IA3: the input (feed-forward modules) or the output of the frozen layer times the k-th vector;
-    * LoRA: the frozen layer's output plus ``scaling * B_k A_k x`` (two batched matmuls).
+    * LoRA factors: the frozen layer's output plus ``scaling * B_k A_k x`` (two batched matmuls);
+    * LoRA dense updates: the frozen layer's output plus ``dW_k x`` (``dW_k`` includes the scaling;
+      one ``out x in`` matmul per copy, the updates are not copied into one stacked tensor).
 
-    Only the layers' ``forward`` is replaced (an instance attribute, removed on exit): the live
-    adapter's parameters, requires_grad flags and peft's state are not touched.
+    Only the layers' ``forward`` is replaced (an instance attribute; on exit the previous one is
+    back: peft's own, or the merge-space forward of :meth:`CausalLMBackend.merge_space_params`):
+    the live adapter's parameters, requires_grad flags and peft's state are not touched.
     """
 
     def __init__(self, model, live: Dict[str, torch.nn.Parameter], states: Sequence[Dict[str, torch.Tensor]], backend=""):
@@ -164,6 +190,10 @@ class StackedAdapters:
             if hasattr(layer, "ia3_l"):
                 vec = stack(f"{mname}.ia3_l.default").flatten(1)  # [K, features], as peft's ia3_l.flatten()
                 fwd = self._ia3_forward(layer, vec)
+            elif f"{mname}.{DELTA}" in live:
+                p = live[f"{mname}.{DELTA}"]
+                deltas = [st[f"{mname}.{DELTA}"].detach().to(p.device, p.dtype) for st in states]  # K x [out, in]
+                fwd = self._dense_forward(layer, deltas)
             else:
                 a = stack(f"{mname}.lora_A.default.weight")  # [K, r, in]
                 b = stack(f"{mname}.lora_B.default.weight")  # [K, out, r]
@@ -193,7 +223,7 @@ class StackedAdapters:
                 return f"{name} is a {type(m).__name__}, not a linear IA3 or LoRA layer"
             if list(m.active_adapters) != ["default"] or m.merged or m.disable_adapters:
                 return f"{name}: adapters other than one unmerged, enabled 'default'"
-            if "forward" in vars(m) or hasattr(m, "_hf_hook"):
+            if ("forward" in vars(m) and not _is_merge_forward(vars(m)["forward"])) or hasattr(m, "_hf_hook"):
                 return f"{name}: its forward is already wrapped"
             if type(m) is IA3Linear:
                 covered.add(f"{name}.ia3_l.default")
@@ -204,7 +234,10 @@ class StackedAdapters:
             inactive = isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and (drop.p == 0 or not drop.training))
             if not inactive:
                 return f"{name}: active LoRA dropout"
-            covered |= {f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"}
+            if f"{name}.{DELTA}" in live:
+                covered.add(f"{name}.{DELTA}")
+            else:
+                covered |= {f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"}
         if covered != set(live):
             return f"trainable tensors outside the adapter layers: {sorted(set(live) - covered)[:3]}"
         return None
@@ -239,7 +272,20 @@ class StackedAdapters:
 
         return forward
 
+    def _dense_forward(self, layer, deltas: List[torch.Tensor]):
+        base = layer.base_layer
+
+        def forward(x, *args, **kwargs):  # the merge-space forward (_merge_forward) with update k on slice k
+            result = base(x, *args, **kwargs)
+            xs = self._slices(layer._cast_input_dtype(x, deltas[0].dtype))
+            delta = torch.stack([torch.nn.functional.linear(xs[k], d) for k, d in enumerate(deltas)])
+            return (result + delta.reshape(result.shape)).to(result.dtype)
+
+        return forward
+
     def __enter__(self):
+        # the instance forward each layer had (None: peft's own), put back on exit
+        self.previous = [vars(layer).get("forward") for layer, _ in self.layers]
         try:
             for layer, fwd in self.layers:
                 layer.forward = fwd
@@ -249,9 +295,42 @@ class StackedAdapters:
         return self
 
     def __exit__(self, *exc):
-        for layer, _ in self.layers:
-            vars(layer).pop("forward", None)
+        for (layer, _), prev in zip(self.layers, self.previous):
+            if prev is None:
+                vars(layer).pop("forward", None)
+            else:
+                layer.forward = prev
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA merged as its dense updates (lora_merge: products)
+# ---------------------------------------------------------------------------------------------
+DELTA = "mergemix_delta"  # buffer of a LoRA layer in merge space: its dense update scaling * B @ A
+LORA_A, LORA_B = ".lora_A.default.weight", ".lora_B.default.weight"
+
+
+def _is_merge_forward(fn) -> bool:
+    return bool(getattr(fn, "_mergemix_merge_space", False))
+
+
+def _merge_forward(layer):
+    """A LoRA layer's forward in merge space: ``W0 x + dW x`` with ``dW`` its ``mergemix_delta``
+    buffer (read at every call: the merge engine rebinds the buffer's data), as peft's forward of
+    one vanilla LoRA adapter with ``scaling * B @ A`` replaced by ``dW``."""
+    base = layer.base_layer
+
+    def forward(x, *args, **kwargs):
+        result = base(x, *args, **kwargs)
+        d = layer._buffers[DELTA]
+        xs = layer._cast_input_dtype(x, d.dtype)
+        return (result + torch.nn.functional.linear(xs, d)).to(result.dtype)
+
+    forward._mergemix_merge_space = True
+    return forward
+
+
+LORA_MERGES = ("products", "factors")
 
 
 @register_backend
@@ -260,6 +339,7 @@ class CausalLMBackend(Backend):
     can_pretrain = False
     needs_gpu = True
     merges_per_forward = 8  # merged adapters scored per batched generation (evaluate_many)
+    merge_only_params = ("eval_batch_size", "lora_merge")
     defaults = {
         "model": "meta-llama/Meta-Llama-3-8B-Instruct",  # hub id or local folder
         "revision": None,
@@ -268,6 +348,7 @@ class CausalLMBackend(Backend):
         "feedforward_modules": ["down_proj"],  # ia3 only: scale the input of these modules
         "lora_r": 8,
         "lora_alpha": 16,
+        "lora_merge": "products",  # lora only: products (exact merge of scaling*B@A, dense) | factors (cheap, inexact)
         "init_seed": 0,  # lora's random init
         "max_length": 6000,  # context length of training examples (tokens)
         "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -279,6 +360,17 @@ class CausalLMBackend(Backend):
         "embed_training_data": "full",  # full (appendix A.4) | split (analysis.similarity_split)
         "device_map": None,  # None: one device; "auto": shard over all visible GPUs (accelerate)
     }
+
+    @classmethod
+    def check_params(cls, params: dict) -> list[str]:
+        problems = super().check_params(params)
+        if params.get("lora_merge") not in LORA_MERGES:
+            problems.append(
+                f"backend.params.lora_merge: {params.get('lora_merge')!r} is not allowed for backend {cls.name!r}; "
+                f"allowed: {', '.join(LORA_MERGES)} (products: the exact merge of the updates scaling*B@A; factors: "
+                "A and B merged separately, cheap but not a merge of the updates)"
+            )
+        return problems
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -417,6 +509,118 @@ class CausalLMBackend(Backend):
             raise ValueError("the model has no trainable adapter parameters; was the adapter attached?")
         return params
 
+    # --- merge space ---------------------------------------------------------------------------
+    def merges_products(self) -> bool:
+        """Whether LoRA adapters are merged as their dense updates (``lora_merge: products``)."""
+        return self.params["adapter"] == "lora" and self.params["lora_merge"] == "products"
+
+    def lora_scaling(self) -> float:
+        return float(self.params["lora_alpha"]) / float(self.params["lora_r"])
+
+    def to_merge_space(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A saved adapter state in merge space. IA3 and ``lora_merge: factors``: as is. LoRA
+        products: each layer's factors become ``{layer}.mergemix_delta = scaling * B @ A`` (float32,
+        ``out x in``, on the state's device); the pre-trained adapter gives zeros (B is zero)."""
+        if not self.merges_products():
+            return state
+        scaling, out = self.lora_scaling(), {}
+        for k, v in state.items():
+            if k.endswith(LORA_B):
+                if k[: -len(LORA_B)] + LORA_A not in state:
+                    raise ValueError(f"LoRA state has {k!r} but not its A factor {k[: -len(LORA_B)] + LORA_A!r}")
+                continue
+            if not k.endswith(LORA_A):
+                out[k] = v  # not a LoRA factor: merged as is
+                continue
+            name = k[: -len(LORA_A)]
+            b = state.get(name + LORA_B)
+            if b is None:
+                raise ValueError(f"LoRA state has {k!r} but not its B factor {name + LORA_B!r}")
+            out[f"{name}.{DELTA}"] = (b.detach().float() @ v.detach().float()) * scaling
+        return out
+
+    def merge_space_params(self, model) -> Dict[str, torch.Tensor]:
+        """The live tensors merged states are written into. IA3 and ``lora_merge: factors``:
+        :meth:`merge_params`. LoRA products: the first call puts ``model`` in merge space (each
+        LoRA layer gets a float32 ``mergemix_delta`` buffer holding ``scaling * B @ A`` of its
+        current factors, zeros for the pre-trained adapter, and a forward computing ``W0 x + dW x``
+        from it), later calls return the same buffers. Fine-tuning is refused in merge space;
+        :meth:`load_state` of a saved state also sets the updates from its factors;
+        :meth:`leave_merge_space` restores peft's forward."""
+        if not self.merges_products():
+            return self.merge_params(model)
+        self._enter_merge_space(model)
+        out = {}
+        for k, p in self.merge_params(model).items():
+            if k.endswith(LORA_A):
+                name = k[: -len(LORA_A)]
+                out[f"{name}.{DELTA}"] = model.get_submodule(name)._buffers[DELTA]
+            elif not k.endswith(LORA_B):
+                out[k] = p
+        return out
+
+    @staticmethod
+    def in_merge_space(model) -> bool:
+        return any(DELTA in m._buffers for m in model.modules())
+
+    def _lora_layers(self, model):
+        from peft.tuners.lora.layer import LoraLayer
+
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+    def _enter_merge_space(self, model) -> None:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        layers = self._lora_layers(model)
+        if not layers:
+            raise ValueError("lora_merge: products needs a model with LoRA layers; was the adapter attached?")
+        todo = []
+        for name, m in layers:
+            if DELTA in m._buffers and _is_merge_forward(vars(m).get("forward")):
+                continue
+            why = None
+            if type(m) is not LoraLinear:
+                why = f"it is a {type(m).__name__}, not a linear LoRA layer"
+            elif list(m.active_adapters) != ["default"] or list(m.lora_A) != ["default"] or m.merged or m.disable_adapters:
+                why = "adapters other than one unmerged, enabled 'default'"
+            elif m.lora_variant.get("default") is not None or m.lora_B["default"].bias is not None:
+                why = "a LoRA variant (DoRA...) or LoRA bias"
+            elif not isinstance(m.lora_dropout["default"], torch.nn.Identity) and m.lora_dropout["default"].p:
+                why = "LoRA dropout"
+            elif "forward" in vars(m) or hasattr(m, "_hf_hook"):
+                why = "its forward is already wrapped"
+            elif abs(float(m.scaling["default"]) - self.lora_scaling()) > 1e-12:
+                why = f"its scaling {m.scaling['default']} is not lora_alpha / lora_r = {self.lora_scaling()}"
+            if why:
+                raise ValueError(f"lora_merge: products cannot put LoRA layer {name} in merge space: {why}; "
+                                 "use lora_merge: factors")
+            todo.append(m)
+        with torch.no_grad(), torch.inference_mode(False):
+            for m in todo:
+                m.register_buffer(DELTA, self._product(m), persistent=False)
+                m.forward = _merge_forward(m)
+
+    def _product(self, layer) -> torch.Tensor:
+        b, a = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+        return (b.detach().float() @ a.detach().float().to(b.device)) * self.lora_scaling()
+
+    def leave_merge_space(self, model) -> None:
+        """peft's own forward (from the factors) again; the dense updates are dropped."""
+        for _, m in self._lora_layers(model):
+            if _is_merge_forward(vars(m).get("forward")):
+                vars(m).pop("forward")
+            m._buffers.pop(DELTA, None)
+
+    def load_state(self, model, state, params=None) -> None:
+        """Write a saved state into the adapter (``params``: other live tensors, see the base
+        class). A model in merge space also gets the dense updates of the loaded factors."""
+        super().load_state(model, state, params)
+        if params is None and self.merges_products() and self.in_merge_space(model):
+            with torch.no_grad():
+                for _, m in self._lora_layers(model):
+                    if DELTA in m._buffers:
+                        m._buffers[DELTA].copy_(self._product(m))
+
     def _input_device(self, model) -> torch.device:
         return model.get_input_embeddings().weight.device
 
@@ -462,6 +666,9 @@ class CausalLMBackend(Backend):
 
     # --- training ------------------------------------------------------------------------------
     def finetune(self, model, data: Sequence[PreparedDataset], hp: dict) -> dict:
+        if self.in_merge_space(model):
+            raise RuntimeError("the model is in merge space (its LoRA layers use merged dense updates, not the "
+                               "factors); call leave_merge_space(model) before fine-tuning it")
         examples = [e for d in data for e in self._encode(d, "train")]
         n_label = [sum(1 for l in lab[1:] if l != IGNORE) for _, lab in examples]
         micro = max(1, int(self.params["micro_batch_size"]))
@@ -567,20 +774,26 @@ class CausalLMBackend(Backend):
 
     def evaluate_many(self, model, data: PreparedDataset, split: str, states: Sequence[Dict[str, torch.Tensor]]) -> List[float]:
         """``evaluate`` of each merged adapter state, ``merges_per_forward`` of them per batched
-        generation (see :class:`StackedAdapters`); the live adapter's values are left as they were."""
+        generation (see :class:`StackedAdapters`); the live adapter's values are left as they were.
+
+        The states are saved states (the keys of ``merge_params``) or, all of them, merge-space
+        states (the keys of ``merge_space_params``: for LoRA products, dense updates; such states
+        put the model in merge space)."""
         states = list(states)
         recs, _ = data.split(split)
         k = max(1, int(self.merges_per_forward))
         if len(states) < 2 or k < 2 or (recs and recs[0].get("lm_eval")):
             return super().evaluate_many(model, data, split, states)
-        why = StackedAdapters.unsupported(model, self.merge_params(model))
+        dense = self.merges_products() and any(key.endswith("." + DELTA) for key in states[0])
+        live = self.merge_space_params(model) if dense else self.merge_params(model)
+        why = StackedAdapters.unsupported(model, live)
         if why:
             log.info("evaluate_many: scoring merged adapters one at a time (%s)", why)
             return super().evaluate_many(model, data, split, states)
         out: List[float] = []
         for s in range(0, len(states), k):
             chunk = states[s : s + k]
-            with StackedAdapters(model, self.merge_params(model), chunk, backend=self.name):
+            with StackedAdapters(model, live, chunk, backend=self.name):
                 per = self._benchmark_scores(model, data, split, copies=len(chunk))
             for scores in per:
                 log.info("%s/%s: %s", data.name, split, {n: round(v, 4) for n, v in scores.items()})

@@ -333,13 +333,15 @@ class ClipBackend(Backend):
         return self._heads[data.name]
 
     # --- running the encoder ----------------------------------------------------------------------
-    def _autocast(self):
+    def _autocast(self, evaluating: bool = False):
+        if evaluating and self.eval_precision != "auto":
+            return contextlib.nullcontext()  # merge_eval.precision applies (Backend.eval_context)
         if self.device.type == "cuda" and self.params["precision"] == "bf16":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _logits(self, model, images_u8, head) -> torch.Tensor:
-        with self._autocast():
+    def _logits(self, model, images_u8, head, evaluating: bool = False) -> torch.Tensor:
+        with self._autocast(evaluating):
             emb = model(images_u8)
         emb = emb.float()
         return (emb / emb.norm(dim=-1, keepdim=True)) @ head.T
@@ -372,16 +374,19 @@ class ClipBackend(Backend):
         return self.cached(self._tensors, data, split, build)
 
     @torch.no_grad()
-    def _count_correct(self, model, data: PreparedDataset, split: str) -> tuple[int, int]:
+    def _count_correct(self, model, data: PreparedDataset, split: str, evaluating: bool = False) -> tuple[int, int]:
         model.eval()
         x, y = self._split(model, data, split)
-        head, bs, correct = self._head(data), int(self.params["eval_batch_size"]), 0
+        head, bs = self._head(data), self.eval_batch_size(int(self.params["eval_batch_size"]))
+        correct = torch.zeros((), dtype=torch.long, device=y.device)  # one device sync per split, not per batch
         for s in range(0, len(y), bs):
-            correct += (self._logits(model, x[s : s + bs], head).argmax(1) == y[s : s + bs]).sum().item()
-        return correct, len(y)
+            correct += (self._logits(model, x[s : s + bs], head, evaluating).argmax(1) == y[s : s + bs]).sum()
+        return int(correct), len(y)
 
     def evaluate(self, model, data, split):
-        correct, n = self._count_correct(model, data, split)
+        self._head(data)  # loaded outside inference mode: a later fine-tune in this job may train with it
+        with self.eval_context():  # the split is preloaded on the device once per dataset object (_split)
+            correct, n = self._count_correct(model, data, split, evaluating=True)
         return correct / max(1, n)
 
     @torch.no_grad()
