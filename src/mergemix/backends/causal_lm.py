@@ -687,7 +687,8 @@ class CausalLMBackend(Backend):
             return done
 
         name = "finetune " + "+".join(d.name for d in data)
-        metrics = fit(params, len(examples), step_loss, hp, log_name=name, backward_done=True)
+        groups = [(d.name, len(self._encode(d, "train"))) for d in data]
+        metrics = fit(params, len(examples), step_loss, hp, log_name=name, backward_done=True, groups=groups)
         model.eval()
         metrics["val_loss"] = self.mean_loss(model, [e for d in data for e in self._encode(d, "val")])
         metrics["n_train"] = len(examples)

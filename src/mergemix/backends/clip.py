@@ -435,7 +435,8 @@ class ClipBackend(Backend):
                 start += n
             return loss / len(idx)
 
-        metrics = fit(model.parameters(), len(loc), step_loss, hp, log_name="finetune " + "+".join(d.name for d in data))
+        metrics = fit(model.parameters(), len(loc), step_loss, hp, log_name="finetune " + "+".join(d.name for d in data),
+                      groups=[(d.name, len(t)) for d, t in zip(data, train)])
         model.eval()
         per = {d.name: self._count_correct(model, d, "val") for d in data}
         metrics["val_acc"] = sum(c for c, _ in per.values()) / max(1, sum(n for _, n in per.values()))

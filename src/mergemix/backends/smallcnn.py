@@ -98,7 +98,8 @@ class SmallCNNBackend(Backend):
         def step_loss(idx):
             return F.cross_entropy(model(x[idx]), y[idx])
 
-        metrics = fit(model.parameters(), len(y), step_loss, hp, log_name=name)
+        groups = [(d.name, len(self._split(d, "train")[1])) for d in data]
+        metrics = fit(model.parameters(), len(y), step_loss, hp, log_name=name, groups=groups)
         model.eval()
         metrics["train_acc"] = self._accuracy(model, x, y)
         metrics["val_acc"] = self._accuracy(model, *self._concat(data, "val"))

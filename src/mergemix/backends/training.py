@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -136,6 +136,30 @@ def lr_factor(step: int, total: int, hp: dict) -> float:
     raise ValueError(f"unknown schedule {schedule!r}; allowed: constant, cosine, linear")
 
 
+def mixture_probabilities(groups: Sequence[tuple[str, int]], weights: Mapping[str, float]) -> tuple[torch.Tensor, int]:
+    """Per-example draw probabilities for a weighted mixture, and the draws per epoch.
+
+    ``groups``: the training sets in the order they are concatenated, as (name, size); ``weights``:
+    each set's share of the draws (any non-negative numbers, normalised; a set not named gets 0).
+    Every example of set d is drawn with probability ``w_d / n_d``, so over an epoch set d supplies
+    a share ``w_d`` of the examples. An epoch has as many draws as the sets with a weight > 0 have
+    examples: the same number of steps as fine-tuning on their plain union (a fixed budget).
+    """
+    names = [n for n, _ in groups]
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"mixture_weights name {', '.join(unknown)}, not among the training sets {', '.join(names)}")
+    w = np.array([float(weights.get(n, 0.0)) for n in names])
+    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"mixture_weights must be finite, >= 0 and not all 0, got {dict(weights)}")
+    if any(size == 0 and wi > 0 for (_, size), wi in zip(groups, w)):
+        raise ValueError(f"mixture_weights give weight to an empty training set: {dict(groups)}")
+    w = w / w.sum()
+    probs = np.concatenate([np.full(size, wi / size if size else 0.0) for (_, size), wi in zip(groups, w)])
+    draws = int(sum(size for (_, size), wi in zip(groups, w) if wi > 0))
+    return torch.from_numpy(probs), draws
+
+
 def fit(
     params,
     n_samples: int,
@@ -143,25 +167,36 @@ def fit(
     hp: dict,
     log_name: str = "",
     backward_done: bool = False,
+    groups: Sequence[tuple[str, int]] | None = None,
 ) -> dict:
     """Minimise ``step_loss(batch_indices)`` over seeded shuffled mini-batches.
 
     With ``backward_done``, ``step_loss`` computes the gradients itself (e.g. accumulated over
     micro-batches) and returns the batch loss as a plain number; gradients are zeroed before it.
+    With ``hp["mixture_weights"]`` ({dataset: weight}) the batches are drawn with replacement in
+    those proportions (:func:`mixture_probabilities`; ``groups`` names the concatenated sets).
     Returns the mean training loss of the last epoch and the number of steps taken.
     """
     params = [p for p in params if p.requires_grad]
     opt = make_optimizer(params, hp)
     bs = int(hp["batch_size"])
     epochs = int(hp["epochs"])
-    steps_per_epoch = max(1, math.ceil(n_samples / bs))
+    probs = None
+    if hp.get("mixture_weights"):
+        if groups is None or sum(size for _, size in groups) != n_samples:
+            raise ValueError(f"{log_name or 'training'}: mixture_weights need the training sets' names and sizes (groups)")
+        probs, draws = mixture_probabilities(groups, hp["mixture_weights"])
+    steps_per_epoch = max(1, math.ceil((n_samples if probs is None else draws) / bs))
     total = steps_per_epoch * epochs
     gen = torch.Generator().manual_seed(int(hp.get("seed", 0)))
     clip = hp.get("grad_clip")
     t0 = time.time()
     last = float("nan")
     for epoch in range(epochs):
-        order = torch.randperm(n_samples, generator=gen)
+        if probs is None:
+            order = torch.randperm(n_samples, generator=gen)
+        else:  # weighted mixture: draws with replacement, seeded like the shuffle
+            order = torch.multinomial(probs, draws, replacement=True, generator=gen)
         losses = []
         for s in range(steps_per_epoch):
             opt.lr = opt.base_lr * lr_factor(epoch * steps_per_epoch + s, total, hp)
