@@ -1,0 +1,95 @@
+"""Weighted mixtures (``merge_eval.strategy: weights``): search proportions on merged val accuracy,
+then fine-tune on the datasets in those proportions.
+
+``weights_search`` starts from the target's best binary subset (the gathered merge-eval table), so
+the weights can only match or beat it on val; it scores the weighted average of the candidates'
+fine-tuned models (``sum_i w_i theta_i``) with :class:`mergemix.search.weights.WeightSearch`
+(optuna CMA-ES or TPE, journal-backed). ``weighted_finetune`` fine-tunes on the candidates with
+batches drawn in proportion to the weights (``mixture_weights``, a fixed number of steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Mapping
+
+from mergemix import io, subsets
+
+log = logging.getLogger("mergemix.weights")
+WEIGHTS_DEFAULTS = {"sampler": "cmaes", "budget": 40, "seed": 0, "sigma0": 0.3, "n_startup_trials": 8}
+
+
+def weights_search(
+    backend_spec: dict, weights_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir, merge_eval_csv,
+    out_json, out_csv, journal=None, threads: int = 1, eval_spec: dict | None = None,
+) -> dict:
+    import pandas as pd
+
+    from mergemix.data.prepared import load_prepared
+    from mergemix.search.weights import WeightSearch
+    from mergemix.stages import _evaluator, full_rows, select_best
+    from mergemix.tables import read_result_table
+
+    ev = _evaluator(backend_spec, {"method": "uniform"}, pretrained, model_paths, threads, eval_spec)
+    target = load_prepared(target_dir)
+    best = select_best(full_rows(read_result_table(merge_eval_csv, "merge_eval")))
+    start = subsets.names_to_mask(subsets.parse_subset(best["subset"]), ev.names)
+    spec = {**WEIGHTS_DEFAULTS, **weights_spec}
+    search = WeightSearch(len(ev.names), start, journal=journal, study_name=f"weights-{target.name}",
+                          **{k: spec[k] for k in WEIGHTS_DEFAULTS})
+    t0, last = time.time(), [0.0]
+
+    def progress(evaluation, done, budget):
+        now = time.time()
+        if now - last[0] >= 30 or done == budget:
+            last[0] = now
+            log.info("weights search on %s: %d/%d evaluations (%.1fs), val_acc %.4f", target.name, done, budget,
+                     now - t0, evaluation.value)
+
+    result = search.run(lambda w: ev.evaluate_weights(target, w, "val"), on_evaluation=progress)
+    rows = [{"order": r.order, **{f"w_{n}": w for n, w in zip(ev.names, r.weights)}, "val_acc": r.value} for r in result.records]
+    io.write_csv(out_csv, pd.DataFrame(rows))
+    chosen = result.best
+    summary = {
+        "target": target.name, "candidates": ev.names, "sampler": spec["sampler"], "budget": spec["budget"],
+        "seed": spec["seed"], "evaluations": len(result.records),
+        "start": {"subset": best["subset"], "val_acc": float(result.start.value),
+                  "test_acc": ev.evaluate_weights(target, result.start.weights, "test")},
+        "best": {"weights": dict(zip(ev.names, chosen.weights)), "val_acc": float(chosen.value),
+                 "test_acc": ev.evaluate_weights(target, chosen.weights, "test")},
+        "seconds": round(time.time() - t0, 3),
+    }
+    io.write_json(out_json, summary)
+    log.info("weights for %s: %s (val %.4f, binary start %s val %.4f)", target.name,
+             {n: round(w, 3) for n, w in summary["best"]["weights"].items()}, chosen.value, best["subset"], result.start.value)
+    return summary
+
+
+def weighted_finetune(
+    backend_spec: dict, hp: dict, pretrained, weights_json, data_dirs: Mapping[str, str], target_dir, out_path, eval_out,
+    threads: int = 1,
+) -> dict:
+    """Fine-tune on the candidates in the proportions ``weights_json`` chose (datasets of weight 0
+    are left out), and score the model on the target's val and test splits."""
+    from mergemix.backends import get_backend
+    from mergemix.data.prepared import load_prepared
+    from mergemix.stages import _finetune
+
+    chosen = io.read_json(weights_json)
+    weights = {n: float(w) for n, w in chosen["best"]["weights"].items() if float(w) > 0}
+    missing = sorted(set(weights) - set(data_dirs))
+    if missing:
+        raise ValueError(f"{weights_json}: weighted datasets {missing} have no prepared data among the inputs; "
+                         "delete the weights file and rerun snakemake")
+    backend = get_backend(backend_spec, threads=threads)
+    names = sorted(weights)
+    model, manifest = _finetune(backend, {**hp, "mixture_weights": weights}, pretrained, [data_dirs[n] for n in names], out_path)
+    target = load_prepared(target_dir)
+    result = {
+        "target": target.name, "weights": weights, "merged_val_acc": chosen["best"]["val_acc"],
+        "merged_test_acc": chosen["best"]["test_acc"], "val_acc": backend.evaluate(model, target, "val"),
+        "test_acc": backend.evaluate(model, target, "test"), "model_sha256": manifest["sha256"],
+    }
+    io.write_json(eval_out, result)
+    return result
