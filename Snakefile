@@ -14,6 +14,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/clip.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/mixture.smk"
+include: "workflow/rules/methods.smk"
 include: "workflow/rules/analysis.smk"
 
 
@@ -21,6 +22,7 @@ rule all:
     input:
         rules.analyze.output,
         STUDY_FILES,  # every result (analysis.smk): deleting one and rerunning rebuilds it
+        methods_files(),  # merge_eval.methods and strategy: weights (methods.smk)
     default_target: True
 
 

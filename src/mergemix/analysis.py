@@ -18,7 +18,7 @@ from mergemix.stages import full_rows, select_best
 from mergemix.subsets import sort_key, subset_id
 
 SELECTION_COLUMNS = [
-    "target", "pretrained", "m2m_merged", "m2m_finetuned", "all_datasets", "similarity", "similarity_metric",
+    "target", "pretrained", "m2m_merged", "m2m_finetuned", "m2m_weighted", "all_datasets", "similarity", "similarity_metric",
     "random", "oracle", "selected", "similarity_subset", "oracle_subset",
     # how the choice was searched and what the random/oracle columns range over
     "search", "evaluations", "exhaustive_evaluations", "val_examples", "exhaustive_val_examples",
@@ -119,7 +119,10 @@ def analyze(
     search: Mapping[str, str] | None = None,
     merge_eval_sampled: Mapping[str, str] | None = None,
     mixtures: str = "all",
+    weighted: Mapping[str, str] | None = None,
 ) -> dict[str, pd.DataFrame]:
+    """``weighted``: {target: JSON of its weighted final fine-tune} (merge_eval.strategy: weights),
+    reported as ``m2m_weighted`` beside the binary choice's ``m2m_finetuned``."""
     if mixtures not in MIXTURE_MODES:
         raise ValueError(f"analysis option mixtures must be one of {', '.join(MIXTURE_MODES)}, got {mixtures!r}")
     out_dir = Path(out_dir)
@@ -161,6 +164,7 @@ def analyze(
                 "pretrained": base,
                 "m2m_merged": float(best["test_acc"]),
                 "m2m_finetuned": float(fin["test_acc"]),
+                "m2m_weighted": float(io.read_json(weighted[t])["test_acc"]) if t in (weighted or {}) else float("nan"),
                 "all_datasets": _acc_of(mix, subset_id(cands)),
                 "random": float(mix_study["test_acc"].mean()) if studied else float("nan"),
                 "oracle": _acc_of(mix_study, oracle) if studied else float("nan"),

@@ -174,8 +174,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mixture", nargs="*", default=[], help="TARGET=CSV")
     s.add_argument("--similarity", nargs="+", required=True, help="TARGET=CSV")
     s.add_argument("--final", nargs="+", required=True, help="TARGET=JSON")
+    s.add_argument("--weighted", nargs="*", default=[], help="TARGET=JSON: weighted final fine-tunes (m2m_weighted)")
     s.add_argument("--options", type=_json, default={})
     s.add_argument("--out-dir", required=True)
+
+    s = stage("weights-search", "search mixture weights from a target's best subset (merge_eval.strategy: weights)",
+              backend=True, pretrained=True)
+    s.add_argument("--weights", type=_json, required=True, help="JSON: merge_eval.weights {sampler, budget, seed, ...}")
+    s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
+    s.add_argument("--target", required=True)
+    s.add_argument("--merge-eval", required=True, help="the target's gathered merge-eval CSV (its best subset is the start)")
+    s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
+    s.add_argument("--journal", default=None, help="optuna journal file: a rerun resumes the search")
+    s.add_argument("--out", required=True, help="JSON: the chosen weights")
+    s.add_argument("--out-csv", required=True, help="CSV: every weight vector evaluated")
+
+    s = stage("weighted-finetune", "fine-tune on the candidates in the searched proportions and test it", backend=True,
+              hparams=True, pretrained=True)
+    s.add_argument("--weights", required=True, help="the JSON written by weights-search")
+    s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate")
+    s.add_argument("--target", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--eval-out", required=True)
+
+    s = stage("compare-methods", "per merge method: correlation with mixture fine-tuning and the M2M choice")
+    s.add_argument("--merge-eval", nargs="+", required=True, help="METHOD:TARGET=CSV")
+    s.add_argument("--mixture", nargs="*", default=[], help="TARGET=CSV")
+    s.add_argument("--pretrained-csv", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--figure", default=None, help="figure path without extension")
+    s.add_argument("--formats", nargs="*", default=["png"])
 
     s = stage("show", "print a selection table")
     s.add_argument("csv")
@@ -253,7 +281,29 @@ def run(args) -> None:
             args.targets, args.pretrained_csv, _pairs(args.merge_eval), _pairs(args.mixture), _pairs(args.similarity),
             _pairs(args.final), args.out_dir, eps=opts.get("logit_eps", 1e-4), figure_formats=opts.get("figure_formats", ["png", "pdf"]),
             search=_pairs(args.search), merge_eval_sampled=_pairs(args.merge_eval_sampled), mixtures=opts.get("mixtures", "all"),
+            weighted=_pairs(args.weighted),
         )
+    elif args.stage == "weights-search":
+        from mergemix.weighting import weights_search
+
+        weights_search(args.backend, args.weights, args.pretrained, _pairs(args.models), args.target, args.merge_eval,
+                       args.out, args.out_csv, journal=args.journal, threads=t, eval_spec=args.eval)
+    elif args.stage == "weighted-finetune":
+        from mergemix.weighting import weighted_finetune
+
+        r = weighted_finetune(args.backend, args.hparams, args.pretrained, args.weights, _pairs(args.data), args.target,
+                              args.out, args.eval_out, t)
+        logging.getLogger("mergemix").info("weighted model: %s", r)
+    elif args.stage == "compare-methods":
+        from mergemix.method_study import compare_methods
+
+        per: dict = {}
+        for key, path in _pairs(args.merge_eval).items():
+            method, sep, target = key.partition(":")
+            if not sep:
+                raise SystemExit(f"mergemix: expected METHOD:TARGET=CSV, got {key}={path}")
+            per.setdefault(method, {})[target] = path
+        compare_methods(per, _pairs(args.mixture), args.pretrained_csv, args.out, args.figure, args.formats)
     elif args.stage == "show":
         import pandas as pd
 

@@ -196,6 +196,9 @@ def semantic_problems(config: dict) -> list[str]:
 # closest to exhaustive in benchmarks/search.py (README, Search strategies).
 AUTO_STRATEGY = "surrogate"
 DEFAULT_BUDGET = 1023
+# merge_eval.strategy: weights searches mixture proportions (merge_eval.weights) from the best binary
+# subset, which is found as with auto
+WEIGHTS_STRATEGY = "weights"
 
 
 def budget_evaluations(budget, n: int) -> int:
@@ -208,8 +211,9 @@ def budget_evaluations(budget, n: int) -> int:
 def resolve_strategy(config: dict, n: int) -> str:
     """The search strategy a target with ``n`` candidates uses (``auto`` resolved)."""
     me = config["merge_eval"]
-    if me["strategy"] != "auto":
+    if me["strategy"] not in ("auto", WEIGHTS_STRATEGY):
         return me["strategy"]
+    # weights: the binary choice it starts from is searched as with auto
     return "exhaustive" if 2**n - 1 <= budget_evaluations(me["budget"], n) else AUTO_STRATEGY
 
 
@@ -220,8 +224,26 @@ def search_problems(config: dict, targets: list[str]) -> list[str]:
     problems: list[str] = []
     me, mix = config["merge_eval"], config["mixture"]
     name = me["strategy"]
-    if name != "auto" and name not in strategy_names():
-        return [f"merge_eval.strategy: unknown search strategy {name!r}; allowed: auto, {', '.join(strategy_names())}"]
+    if name not in ("auto", WEIGHTS_STRATEGY) and name not in strategy_names():
+        return [f"merge_eval.strategy: unknown search strategy {name!r}; allowed: auto, weights, {', '.join(strategy_names())}"]
+    from mergemix.search.weights import check_options as weights_problems
+
+    problems += weights_problems(me.get("weights") or {})
+    if me.get("weights") and name != WEIGHTS_STRATEGY:
+        problems.append("merge_eval.weights: set only with merge_eval.strategy: weights (or remove it)")
+    if name == WEIGHTS_STRATEGY:
+        name = "auto"
+    methods = me.get("methods") or []
+    from mergemix.merging import method_names
+
+    for m in methods:
+        if m not in method_names():
+            problems.append(f"merge_eval.methods: unknown merge method {m!r}; allowed: {', '.join(method_names())}")
+    if len(set(methods)) != len(methods):
+        problems.append(f"merge_eval.methods: {methods} names a method twice; list each once")
+    if methods and any(resolve_strategy(config, len(candidates_of(config, t))) != "exhaustive" for t in targets):
+        problems.append("merge_eval.methods: comparing merge methods scores every subset; it needs the exhaustive "
+                        "strategy for every target (raise merge_eval.budget or remove merge_eval.methods)")
     if name == "auto" and me["strategy_options"]:
         problems.append(
             "merge_eval.strategy_options: options need a named strategy; set merge_eval.strategy "

@@ -91,6 +91,7 @@ rule analyze:
         mixture=expand(f"{R}/mixture/{{target}}.csv", target=TARGETS),
         similarity=expand(f"{R}/similarity/{{target}}.csv", target=TARGETS),
         final=expand(f"{R}/final/{{target}}.json", target=TARGETS),
+        weighted=[f"{R}/final/{t}.weighted.json" for t in TARGETS] if WEIGHTS_ON else [],
     output:
         correlation=report(f"{R}/correlation.csv", caption="../report/correlation.rst", category="Tables"),
         selection=report(f"{R}/selection.csv", caption="../report/selection.rst", category="Tables"),
@@ -109,6 +110,7 @@ rule analyze:
         mixture=[f"{t}={R}/mixture/{t}.csv" for t in TARGETS],
         similarity=[f"{t}={R}/similarity/{t}.csv" for t in TARGETS],
         final=[f"{t}={R}/final/{t}.json" for t in TARGETS],
+        weighted=[f"{t}={R}/final/{t}.weighted.json" for t in TARGETS] if WEIGHTS_ON else [],
     log:
         f"{R}/logs/analyze.log",
     threads: 1
@@ -118,7 +120,7 @@ rule analyze:
         "{MERGEMIX} analyze --targets {params.targets:q} --options {params.options:q} "
         "--pretrained-csv {input.pretrained:q} --merge-eval {params.merge_eval:q} --search {params.search:q} "
         "--merge-eval-sampled {params.sampled:q} --mixture {params.mixture:q} "
-        "--similarity {params.similarity:q} --final {params.final:q} --out-dir {R:q} 2> {log:q}"
+        "--similarity {params.similarity:q} --final {params.final:q} --weighted {params.weighted:q} --out-dir {R:q} 2> {log:q}"
 
 
 def study_files():

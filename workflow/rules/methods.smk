@@ -1,0 +1,134 @@
+# Beyond the paper's uniform subsets (README, "Merge methods and weighted mixtures"):
+# merge_eval.methods compares merge methods as surrogates of mixture fine-tuning, and
+# merge_eval.strategy: weights searches mixture proportions from the best subset.
+METHODS = [m for m in ME.get("methods") or []]
+WEIGHTS_ON = ME["strategy"] == "weights"
+WEIGHTS_SPEC = js(ME.get("weights") or {})
+
+
+rule merge_eval_method:
+    """Every subset of a target merged with one method of merge_eval.methods (its default options)
+    and evaluated: the same fine-tuned models as the study's own merge-eval."""
+    input:
+        pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
+        models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
+        manifests=lambda wc: [manifest(finetuned(c)) for c in CANDIDATES[wc.target]],
+        target=lambda wc: prepared_files(wc.target),
+        heads=lambda wc: head_files([wc.target]),
+    output:
+        f"{R}/merge_eval/methods/{{method}}/{{target}}.csv",
+    params:
+        backend=BACKEND,
+        merge=lambda wc: js({"method": wc.method, "options": {}}),
+        models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
+        target=lambda wc: data_dir(wc.target),
+        eval=EVAL_SPEC,
+    log:
+        f"{R}/logs/merge_eval/methods/{{method}}/{{target}}.log",
+    wildcard_constraints:
+        method="|".join(METHODS) if METHODS else "no-method",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
+    shell:
+        "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
+        "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
+        "--chunk 0 --chunks 1 --eval {params.eval:q} --test all --out {output:q} 2> {log:q}"
+
+
+rule compare_methods:
+    """Per merge method and target: Pearson of merged vs mixture-fine-tuned accuracy and the M2M choice."""
+    input:
+        pretrained=f"{R}/pretrained.csv",
+        merge_eval=[f"{R}/merge_eval/methods/{m}/{t}.csv" for m in METHODS for t in TARGETS],
+        mixture=[f"{R}/mixture/{t}.csv" for t in TARGETS] if MIXTURE_ON else [],
+    output:
+        table=report(f"{R}/methods.csv", caption="../report/methods.rst", category="Tables"),
+        figures=report(expand(f"{R}/figures/methods.{{fmt}}", fmt=config["analysis"]["figure_formats"]),
+                       caption="../report/methods.rst", category="Figures"),
+    params:
+        merge_eval=[f"{m}:{t}={R}/merge_eval/methods/{m}/{t}.csv" for m in METHODS for t in TARGETS],
+        mixture=[f"{t}={R}/mixture/{t}.csv" for t in TARGETS] if MIXTURE_ON else [],
+        formats=config["analysis"]["figure_formats"],
+    log:
+        f"{R}/logs/compare_methods.log",
+    threads: 1
+    resources:
+        **CPU_RES,
+    shell:
+        "{MERGEMIX} compare-methods --pretrained-csv {input.pretrained:q} --merge-eval {params.merge_eval:q} "
+        "--mixture {params.mixture:q} --out {output.table:q} --figure {R:q}/figures/methods --formats {params.formats:q} 2> {log:q}"
+
+
+rule weights_search:
+    """Mixture proportions searched on merged val accuracy from the target's best subset (optuna
+    CMA-ES or TPE; the journal lets a rerun resume)."""
+    input:
+        pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
+        models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
+        manifests=lambda wc: [manifest(finetuned(c)) for c in CANDIDATES[wc.target]],
+        target=lambda wc: prepared_files(wc.target),
+        heads=lambda wc: head_files([wc.target]),
+        merge_eval=f"{R}/merge_eval/{{target}}.csv",
+    output:
+        weights=f"{R}/weights/{{target}}.json",
+        table=f"{R}/weights/{{target}}.csv",
+    params:
+        backend=BACKEND,
+        weights=WEIGHTS_SPEC,
+        models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
+        target=lambda wc: data_dir(wc.target),
+        eval=EVAL_SPEC,
+        journal=lambda wc: f"{R}/weights/journal/{wc.target}.log",
+    log:
+        f"{R}/logs/weights_search/{{target}}.log",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
+    shell:
+        "{MERGEMIX} weights-search --threads {threads} --backend {params.backend:q} --weights {params.weights:q} "
+        "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
+        "--merge-eval {input.merge_eval:q} --eval {params.eval:q} --journal {params.journal:q} "
+        "--out {output.weights:q} --out-csv {output.table:q} 2> {log:q}"
+
+
+rule weighted_finetune:
+    """The m2m_weighted model: fine-tuned on the candidates in the searched proportions."""
+    input:
+        pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
+        weights=f"{R}/weights/{{target}}.json",
+        data=lambda wc: prepared_files(*CANDIDATES[wc.target], wc.target),
+        heads=lambda wc: head_files(CANDIDATES[wc.target] + [wc.target]),
+    output:
+        model=f"{R}/models/weighted/{{target}}/model.safetensors",
+        manifest=f"{R}/models/weighted/{{target}}/model.json",
+        result=f"{R}/final/{{target}}.weighted.json",
+    params:
+        backend=BACKEND,
+        hp=FINETUNE_HP,
+        data=lambda wc: [f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]],
+        target=lambda wc: data_dir(wc.target),
+    log:
+        f"{R}/logs/weighted_finetune/{{target}}.log",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
+    shell:
+        "{MERGEMIX} weighted-finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+        "--pretrained {input.pretrained:q} --weights {input.weights:q} --data {params.data:q} "
+        "--target {params.target:q} --out {output.model:q} --eval-out {output.result:q} 2> {log:q}"
+
+
+def methods_files():
+    """What merge_eval.methods and strategy: weights add to the study (for rule all and analyze)."""
+    files = []
+    if METHODS:
+        files += list(rules.compare_methods.input.merge_eval) + list(rules.compare_methods.output)
+    if WEIGHTS_ON:
+        for t in TARGETS:
+            files += [f"{R}/weights/{t}.json", f"{R}/weights/{t}.csv", f"{R}/final/{t}.weighted.json",
+                      f"{R}/models/weighted/{t}/model.safetensors", f"{R}/models/weighted/{t}/model.json"]
+    return files
