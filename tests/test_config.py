@@ -103,6 +103,17 @@ def test_snakemake_refuses_a_bad_config_at_start(tmp_path):
         ({"strategy": "beam", "strategy_options": {"depth": 2}}, ["merge_eval.strategy_options.depth", "width"]),
         ({"strategy_options": {"width": 2}}, ["merge_eval.strategy_options", "named strategy"]),
         ({"strategy": "exhaustive", "budget": 10}, ["merge_eval.budget", "exhaustive", "63"]),
+        # merge methods and their options (declared per method module, mergemix.merge_methods)
+        ({"method": "slerp"}, ["merge_eval.method", "'slerp'", "ties", "dare"]),
+        ({"method": "ties", "options": {"density": 1.5}}, ["merge_eval.options.density", "1.5"]),
+        ({"method": "dare", "options": {"drop": 0.5}}, ["merge_eval.options.drop", "density", "seed"]),
+        ({"methods": ["uniform", "tie"]}, ["merge_eval.methods", "'tie'", "ties"]),
+        ({"methods": ["ties", "ties"]}, ["merge_eval.methods", "twice"]),
+        ({"methods": ["ties"], "strategy": "greedy"}, ["merge_eval.methods", "exhaustive"]),
+        # weighted mixtures
+        ({"strategy": "weights", "weights": {"sampler": "nelder"}}, ["merge_eval.weights.sampler", "cmaes, tpe"]),
+        ({"strategy": "weights", "weights": {"budget": 0}}, ["merge_eval.weights.budget", "integer >= 1"]),
+        ({"weights": {"budget": 10}}, ["merge_eval.weights", "strategy: weights"]),
     ],
 )
 def test_bad_search_settings_are_refused_with_the_key_named(default_config, merge_eval, expected):
@@ -128,3 +139,12 @@ def test_too_many_mixtures_point_at_the_sample(default_config):
     assert "mixture.sample" in _error(default_config)
     default_config["mixture"]["sample"] = {"size": 10}
     assert validate_config(default_config)["mixture"]["sample"] == {"size": 10, "seed": 0}
+
+
+def test_methods_and_weights_are_accepted(default_config):
+    default_config["merge_eval"] = {**default_config["merge_eval"], "strategy": "weights", "weights": {"sampler": "tpe"},
+                                    "methods": ["uniform", "ties", "dare"], "method": "ties", "options": {"density": 0.5}}
+    cfg = validate_config(default_config)
+    from mergemix.config import resolve_strategy
+
+    assert resolve_strategy(cfg, 6) == "exhaustive"  # the binary start of weights is searched as with auto
