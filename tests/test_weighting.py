@@ -46,13 +46,13 @@ def test_weights_search_starts_at_the_best_subset_and_resumes(trained, tmp_path)
     d, models = trained
     best = stages.select_best(pd.read_csv(d / "me.csv"))
     args = (BACKEND, {"sampler": "tpe", "budget": 8, "seed": 0}, d / "pre/model.safetensors", models, d / "data/shift", d / "me.csv")
-    s = weights_search(*args, tmp_path / "w.json", tmp_path / "w.csv", journal=tmp_path / "j.log")
+    s = weights_search(*args, tmp_path / "w.json", tmp_path / "w.csv", journal=tmp_path / "new/j.log")
     assert s["start"]["subset"] == best["subset"] and s["start"]["val_acc"] == pytest.approx(float(best["val_acc"]))
     assert s["best"]["val_acc"] >= s["start"]["val_acc"] and s["evaluations"] == 8
     assert sum(s["best"]["weights"].values()) == pytest.approx(1.0)
     rows = pd.read_csv(tmp_path / "w.csv")
     assert len(rows) == 8 and set(rows.columns) >= {f"w_{c}" for c in CANDS}
-    again = weights_search(*args, tmp_path / "w2.json", tmp_path / "w2.csv", journal=tmp_path / "j.log")  # done: nothing new
+    again = weights_search(*args, tmp_path / "w2.json", tmp_path / "w2.csv", journal=tmp_path / "new/j.log")  # done: nothing new
     assert again["best"] == s["best"] and again["evaluations"] == 8
     fresh = weights_search(*args, tmp_path / "w3.json", tmp_path / "w3.csv", journal=tmp_path / "j3.log")
     assert fresh["best"] == s["best"]  # deterministic for its seed

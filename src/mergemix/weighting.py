@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Mapping
 
 from mergemix import io, subsets
@@ -28,7 +29,7 @@ def weights_search(
 
     from mergemix.data.prepared import load_prepared
     from mergemix.search.weights import WeightSearch
-    from mergemix.stages import _evaluator, full_rows, select_best
+    from mergemix.stages import _evaluator, _search_fingerprint, full_rows, select_best
     from mergemix.tables import read_result_table
 
     ev = _evaluator(backend_spec, {"method": "uniform"}, pretrained, model_paths, threads, eval_spec)
@@ -36,7 +37,12 @@ def weights_search(
     best = select_best(full_rows(read_result_table(merge_eval_csv, "merge_eval")))
     start = subsets.names_to_mask(subsets.parse_subset(best["subset"]), ev.names)
     spec = {**WEIGHTS_DEFAULTS, **weights_spec}
-    search = WeightSearch(len(ev.names), start, journal=journal, study_name=f"weights-{target.name}",
+    if journal is not None:
+        Path(journal).parent.mkdir(parents=True, exist_ok=True)
+    # a changed model, target, start or setting starts a new study in the journal, never resumes a stale one
+    fp = _search_fingerprint(backend_spec, {"method": "weighted"}, {"strategy": "weights", "budget": spec["budget"],
+                             "seed": spec["seed"], "options": {**spec, "start": best["subset"]}}, model_paths, target_dir, eval_spec)
+    search = WeightSearch(len(ev.names), start, journal=journal, study_name=f"weights-{target.name}-{fp}",
                           **{k: spec[k] for k in WEIGHTS_DEFAULTS})
     t0, last = time.time(), [0.0]
 
