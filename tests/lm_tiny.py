@@ -120,3 +120,22 @@ def write_benchmarks(root, n_dev=4, n_test=6) -> list[dict]:
         out.append({"name": name, "dev": str(root / "dev" / f"{name}.jsonl"), "test": str(root / "test" / f"{name}.jsonl"),
                     "metric": metric, "max_new_tokens": 4})
     return out
+
+
+# --- shared pytest fixtures of the language-model tests (import them into a test module) ---------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """Every test of the module runs with the hubs offline (HF_HUB_OFFLINE and friends)."""
+    from conftest import offline_env
+
+    with offline_env():
+        yield
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """The tiny Llama model folder (tokenizer and weights, saved with save_pretrained)."""
+    return make_model_dir(tmp_path_factory.mktemp("tiny_llama") / "model")

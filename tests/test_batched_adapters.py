@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import lm_tiny  # noqa: E402
-from conftest import offline_env  # noqa: E402
+from lm_tiny import base_dir, offline  # noqa: E402,F401 (shared fixtures)
 from mergemix.backends import get_backend  # noqa: E402
 from mergemix.backends.base import Backend  # noqa: E402
 from mergemix.backends.causal_lm import StackedAdapters  # noqa: E402
@@ -22,14 +22,8 @@ ADAPTERS = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline():
-    with offline_env():
-        yield
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return lm_tiny.make_model_dir(tmp_path_factory.mktemp("tiny_llama") / "model")
+def _offline(offline):
+    yield
 
 
 @pytest.fixture(scope="module", params=sorted(ADAPTERS))

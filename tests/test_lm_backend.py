@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import lm_tiny  # noqa: E402
-from conftest import offline_env  # noqa: E402
+from lm_tiny import base_dir, offline  # noqa: E402,F401 (shared fixtures)
 from mergemix import io, merging  # noqa: E402
 from mergemix.backends import get_backend  # noqa: E402
 from mergemix.backends.causal_lm import IGNORE, encode_chat, special_ids  # noqa: E402
@@ -21,14 +21,8 @@ HP = {"epochs": 1, "lr": 0.01, "batch_size": 4, "optimizer": "adamw", "seed": 0}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline():
-    with offline_env():
-        yield
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return lm_tiny.make_model_dir(tmp_path_factory.mktemp("tiny_llama") / "model")
+def _offline(offline):
+    yield
 
 
 def backend(base_dir, **params):
