@@ -82,7 +82,8 @@ def _submitted(log: str) -> dict[str, list[str]]:
     executor's submission messages."""
     jobs: dict[str, list[str]] = {}
     for jobid, kind, name in re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*?/(rule|group)_(\w+)/", log):
-        key = re.sub(r"_pack\d+$", "", name) if kind == "rule" else f"group_{name}"
+        # a group job's log folder is group_<group>_<its rules>, e.g. group_short_gather_merge_eval_similarity
+        key = re.sub(r"_pack\d+$", "", name) if kind == "rule" else f"group_{name.split('_')[0]}"
         jobs.setdefault(key, []).append(jobid)
     return jobs
 

@@ -69,3 +69,21 @@ def test_weighted_finetune_uses_the_chosen_proportions(trained, tmp_path):
     assert manifest["hyperparameters"]["mixture_weights"] == {"noise": 0.7, "thin": 0.3}
     assert [x["name"] for x in manifest["data"]] == ["noise", "thin"]  # weight 0: left out
     assert 0 <= r["test_acc"] <= 1 and r["weights"] == {"noise": 0.7, "thin": 0.3}
+
+
+def test_weights_check_scores_each_sampled_vector_merged_and_fine_tuned(trained, tmp_path):
+    from mergemix.weighting import weights_check, weights_check_table
+
+    d, models = trained
+    dirs = {c: str(d / "data" / c) for c in CANDS}
+    df = weights_check(BACKEND, HP, d / "pre/model.safetensors", models, dirs, d / "data/shift", 3, 5, tmp_path / "c.csv")
+    assert len(df) == 3 and (df[[f"w_{c}" for c in CANDS]].sum(axis=1) - 1).abs().max() < 1e-9
+    again = weights_check(BACKEND, HP, d / "pre/model.safetensors", models, dirs, d / "data/shift", 3, 5, tmp_path / "c2.csv")
+    pd.testing.assert_frame_equal(df, again)  # seeded draws and fine-tunes
+    ev = MergeEvaluator(get_backend(BACKEND), d / "pre/model.safetensors", models)
+    w = df.loc[1, [f"w_{c}" for c in CANDS]].to_numpy(dtype=float)
+    assert df.loc[1, "merged_test_acc"] == ev.evaluate_weights(load_prepared(d / "data/shift"), w, "test")
+    pd.DataFrame([{"target": "shift", "val_acc": 0.3, "test_acc": 0.3}]).to_csv(tmp_path / "pre.csv", index=False)
+    table = weights_check_table({"shift": tmp_path / "c.csv"}, tmp_path / "pre.csv", tmp_path / "t.csv")
+    assert list(table["target"]) == ["shift", "average"] and table.loc[0, "n_points"] == 3
+    assert -1 <= table.loc[0, "pearson_acc"] <= 1

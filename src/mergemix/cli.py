@@ -197,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--eval-out", required=True)
 
+    s = stage("weights-check", "sampled weight vectors: weighted merge vs weighted fine-tune (the surrogate check)",
+              backend=True, hparams=True, pretrained=True)
+    s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
+    s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate")
+    s.add_argument("--target", required=True)
+    s.add_argument("--samples", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
+    s.add_argument("--out", required=True)
+
+    s = stage("weights-check-table", "per target: Pearson of weighted merged vs weighted fine-tuned accuracy")
+    s.add_argument("--checks", nargs="+", required=True, help="TARGET=CSV written by weights-check")
+    s.add_argument("--pretrained-csv", required=True)
+    s.add_argument("--out", required=True)
+
     s = stage("compare-methods", "per merge method: correlation with mixture fine-tuning and the M2M choice")
     s.add_argument("--merge-eval", nargs="+", required=True, help="METHOD:TARGET=CSV")
     s.add_argument("--mixture", nargs="*", default=[], help="TARGET=CSV")
@@ -294,6 +309,15 @@ def run(args) -> None:
         r = weighted_finetune(args.backend, args.hparams, args.pretrained, args.weights, _pairs(args.data), args.target,
                               args.out, args.eval_out, t)
         logging.getLogger("mergemix").info("weighted model: %s", r)
+    elif args.stage == "weights-check":
+        from mergemix.weighting import weights_check
+
+        weights_check(args.backend, args.hparams, args.pretrained, _pairs(args.models), _pairs(args.data), args.target,
+                      args.samples, args.seed, args.out, t, eval_spec=args.eval)
+    elif args.stage == "weights-check-table":
+        from mergemix.weighting import weights_check_table
+
+        weights_check_table(_pairs(args.checks), args.pretrained_csv, args.out)
     elif args.stage == "compare-methods":
         from mergemix.method_study import compare_methods
 

@@ -18,7 +18,7 @@ from typing import Mapping
 from mergemix import io, subsets
 
 log = logging.getLogger("mergemix.weights")
-WEIGHTS_DEFAULTS = {"sampler": "cmaes", "budget": 40, "seed": 0, "sigma0": 0.3, "n_startup_trials": 8}
+WEIGHTS_DEFAULTS = {"sampler": "cmaes", "budget": 40, "seed": 0, "sigma0": 0.3, "n_startup_trials": 8}  # the search's
 
 
 def weights_search(
@@ -99,3 +99,68 @@ def weighted_finetune(
     }
     io.write_json(eval_out, result)
     return result
+
+
+def weights_check(
+    backend_spec: dict, hp: dict, pretrained, model_paths: Mapping[str, str], data_dirs: Mapping[str, str], target_dir,
+    samples: int, seed: int, out_csv, threads: int = 1, eval_spec: dict | None = None,
+):
+    """The surrogate check for proportions (as section 4.2 checks subsets): ``samples`` weight
+    vectors drawn uniformly from the simplex (Dirichlet(1), seeded), each scored as a weighted merge
+    of the candidates' fine-tuned models and as a model fine-tuned on the candidates in those
+    proportions (:func:`weighted_finetune`'s sampler; the models are not kept). One row per vector."""
+    import tempfile
+
+    import numpy as np
+    import pandas as pd
+
+    from mergemix.data.prepared import load_prepared
+    from mergemix.stages import _evaluator, _finetune, _fresh_rng
+
+    ev = _evaluator(backend_spec, {"method": "uniform"}, pretrained, model_paths, threads, eval_spec)
+    missing = sorted(set(ev.names) - set(data_dirs))
+    if missing:
+        raise ValueError(f"candidates {missing} have no prepared data among the inputs")
+    target = load_prepared(target_dir)
+    draws = np.random.default_rng(seed).dirichlet(np.ones(len(ev.names)), size=samples)
+    reset, loaded, rows = _fresh_rng(), {}, []
+    with tempfile.TemporaryDirectory(prefix="mergemix-weights-check-") as tmp:
+        for i, w in enumerate(draws):
+            weights = {n: float(x) for n, x in zip(ev.names, w)}
+            row = {"sample": i, **{f"w_{n}": x for n, x in weights.items()},
+                   "merged_val_acc": ev.evaluate_weights(target, w, "val"), "merged_test_acc": ev.evaluate_weights(target, w, "test")}
+            reset()
+            model, _ = _finetune(ev.backend, {**hp, "mixture_weights": weights}, pretrained,
+                                 [data_dirs[n] for n in ev.names], Path(tmp) / f"{i}/model.safetensors", loaded)
+            row["finetuned_val_acc"] = ev.backend.evaluate(model, target, "val")
+            row["finetuned_test_acc"] = ev.backend.evaluate(model, target, "test")
+            rows.append(row)
+            log.info("weights check %s %d/%d: %s", target.name, i + 1, samples, row)
+    df = pd.DataFrame(rows)
+    io.write_csv(out_csv, df)
+    return df
+
+
+def weights_check_table(checks: Mapping[str, str], pretrained_csv, out_csv):
+    """Per target: Pearson of weighted-merged against weighted-fine-tuned test accuracy over the
+    sampled weight vectors (on accuracies and on logit deltas over the pre-trained model), and an
+    ``average`` row."""
+    import pandas as pd
+
+    from mergemix import metrics
+    from mergemix.tables import read_result_table
+
+    pre = read_result_table(pretrained_csv, "pretrained").set_index("target")
+    rows = []
+    for t, path in checks.items():
+        df = pd.read_csv(path)
+        base = float(pre.loc[t, "test_acc"])
+        m, f = df["merged_test_acc"], df["finetuned_test_acc"]
+        rows.append({"target": t, "n_points": len(df), "pearson_acc": metrics.pearson(m, f),
+                     "pearson_logit": metrics.pearson(metrics.logit_delta(m, base), metrics.logit_delta(f, base)),
+                     "merged_test_acc": float(m.mean()), "finetuned_test_acc": float(f.mean())})
+    from mergemix.analysis import with_average
+
+    out = with_average(pd.DataFrame(rows))
+    io.write_csv(out_csv, out)
+    return out

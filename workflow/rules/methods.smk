@@ -3,7 +3,9 @@
 # merge_eval.strategy: weights searches mixture proportions from the best subset.
 METHODS = [m for m in ME.get("methods") or []]
 WEIGHTS_ON = ME["strategy"] == "weights"
-WEIGHTS_SPEC = js(ME.get("weights") or {})
+# the search's settings (check_samples is the check's: changing it does not rerun the search)
+WEIGHTS_SPEC = js({k: v for k, v in (ME.get("weights") or {}).items() if k != "check_samples"})
+CHECK_SAMPLES = (ME.get("weights") or {}).get("check_samples", 0) if WEIGHTS_ON else 0
 
 
 rule merge_eval_method:
@@ -122,6 +124,57 @@ rule weighted_finetune:
         "--target {params.target:q} --out {output.model:q} --eval-out {output.result:q} 2> {log:q}"
 
 
+rule weights_check:
+    """Sampled weight vectors of a target's candidates, each merged and fine-tuned (the check that
+    weighted merged accuracy predicts weighted fine-tuning, as for subsets)."""
+    input:
+        pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
+        models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
+        manifests=lambda wc: [manifest(finetuned(c)) for c in CANDIDATES[wc.target]],
+        data=lambda wc: prepared_files(*CANDIDATES[wc.target], wc.target),
+        heads=lambda wc: head_files(CANDIDATES[wc.target] + [wc.target]),
+    output:
+        f"{R}/weights/check/{{target}}.csv",
+    params:
+        backend=BACKEND,
+        hp=FINETUNE_HP,
+        models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
+        data=lambda wc: [f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]],
+        target=lambda wc: data_dir(wc.target),
+        samples=CHECK_SAMPLES,
+        seed=(ME.get("weights") or {}).get("seed", 0),
+        eval=EVAL_SPEC,
+    log:
+        f"{R}/logs/weights_check/{{target}}.log",
+    threads: GPU_THREADS
+    resources:
+        **pack_resources(GPU_RES, max(1, CHECK_SAMPLES)),
+    shell:
+        "{MERGEMIX} weights-check --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+        "--pretrained {input.pretrained:q} --models {params.models:q} --data {params.data:q} --target {params.target:q} "
+        "--samples {params.samples} --seed {params.seed} --eval {params.eval:q} --out {output:q} 2> {log:q}"
+
+
+rule weights_check_table:
+    """Per target: Pearson of weighted merged against weighted fine-tuned test accuracy."""
+    input:
+        pretrained=f"{R}/pretrained.csv",
+        checks=[f"{R}/weights/check/{t}.csv" for t in TARGETS],
+    output:
+        report(f"{R}/weights_check.csv", caption="../report/weights_check.rst", category="Tables"),
+    params:
+        checks=[f"{t}={R}/weights/check/{t}.csv" for t in TARGETS],
+    log:
+        f"{R}/logs/weights_check_table.log",
+    threads: 1
+    resources:
+        **CPU_RES,
+    shell:
+        "{MERGEMIX} weights-check-table --checks {params.checks:q} --pretrained-csv {input.pretrained:q} "
+        "--out {output:q} 2> {log:q}"
+
+
 def methods_files():
     """What merge_eval.methods and strategy: weights add to the study (for rule all and analyze)."""
     files = []
@@ -131,4 +184,6 @@ def methods_files():
         for t in TARGETS:
             files += [f"{R}/weights/{t}.json", f"{R}/weights/{t}.csv", f"{R}/final/{t}.weighted.json",
                       f"{R}/models/weighted/{t}/model.safetensors", f"{R}/models/weighted/{t}/model.json"]
+    if CHECK_SAMPLES:
+        files += list(rules.weights_check_table.input.checks) + [f"{R}/weights_check.csv"]
     return files

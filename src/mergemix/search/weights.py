@@ -36,6 +36,8 @@ OPTIONS: dict[str, Option] = {
     "seed": Option(0, int, lambda v: v >= 0, "an integer >= 0"),
     "sigma0": Option(0.3, float, lambda v: 0 < v <= 1, "a number in (0, 1] (CMA-ES initial step size)"),
     "n_startup_trials": Option(8, int, lambda v: v >= 1, "an integer >= 1 (TPE: random trials before TPE)"),
+    # the surrogate check (workflow, not the search): weight vectors fine-tuned to compare with their merges
+    "check_samples": Option(0, int, lambda v: v >= 0, "an integer >= 0 (0: no check)"),
 }
 WeightScore = Callable[[Sequence[float]], "tuple[float, dict] | float"]
 
