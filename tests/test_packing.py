@@ -110,3 +110,53 @@ def test_pack_sizes_default_per_backend_and_config_overrides(default_config):
     for bad in (0, -1, "4", 2.5):
         with pytest.raises(ValueError, match="pack.finetune"):
             validate_config({**default_config, "pack": {"finetune": bad}})
+
+
+def _same_models_both_ways(backend, hp, pretrained, dirs, tmp_path):
+    """finetune_pack in one process vs finetune with a new backend per job: same model bytes."""
+    jobs = [("a+b", ["a", "b"]), ("a", ["a"]), ("b+a", ["b", "a"])]
+    stages.finetune_pack(backend, hp, pretrained, [([dirs[n] for n in names], tmp_path / "p" / sid / "model.safetensors")
+                                                   for sid, names in jobs])
+    for sid, names in jobs:
+        one = stages.finetune(backend, hp, pretrained, [dirs[n] for n in names], tmp_path / "s" / sid / "model.safetensors")
+        assert one["sha256"] == io.sha256_file(tmp_path / "p" / sid / "model.safetensors"), sid
+
+
+def test_tiny_clip_pack_matches_one_job_each(tmp_path, monkeypatch):
+    """The tiny CLIP model (pack 1 by default; a study may set pack.finetune) packs bit for bit too."""
+    pytest.importorskip("open_clip")
+    from clip_fixtures import IMAGE_SIZE, backend_spec, write_image_folder, write_tiny_weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    split = {"seed": 0, "val": 0.2, "test": 0.3, "val_from_train": 0.2, "val_cap": 20}
+    backend = backend_spec(write_tiny_weights(tmp_path / "weights.pt"))
+    pretrained = tmp_path / "models" / "pretrained" / "model.safetensors"
+    stages.fetch_pretrained(backend, pretrained)
+    dirs = {}
+    for name, classes, seed in (("a", ["red", "green", "blue"], 0), ("b", ["blue", "yellow"], 5)):
+        spec = {"source": "image_folder", "path": str(write_image_folder(tmp_path / f"img_{name}", classes, 8, 2, seed)),
+                "image_size": IMAGE_SIZE}
+        stages.prepare(name, spec, split, tmp_path / "data" / name)
+        dirs[name] = tmp_path / "data" / name
+        stages.head(backend, pretrained, dirs[name], pretrained.parent / "heads" / f"{name}.safetensors")
+    hp = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "optimizer": "adamw", "weight_decay": 0.1, "grad_clip": 1.0, "seed": 0}
+    _same_models_both_ways(backend, hp, pretrained, dirs, tmp_path)
+
+
+def test_tiny_causal_lm_pack_matches_one_job_each(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import lm_tiny
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    backend = {"name": "causal_lm", "params": {"model": str(lm_tiny.make_model_dir(tmp_path / "base"))}}
+    pretrained = tmp_path / "pre" / "model.safetensors"
+    stages.fetch_pretrained(backend, pretrained)
+    split = {"seed": 0, "val": 0.2, "test": 0.3, "val_from_train": 0.25, "val_cap": 100}
+    dirs = {}
+    for name, pairs in (("a", lm_tiny.copying(12)), ("b", lm_tiny.reversal(12))):
+        path = lm_tiny.write_jsonl(tmp_path / f"{name}.jsonl", [lm_tiny.chat(q, a) for q, a in pairs])
+        stages.prepare(name, {"source": "jsonl_chat", "path": str(path)}, split, tmp_path / "data" / name)
+        dirs[name] = tmp_path / "data" / name
+    _same_models_both_ways(backend, {"epochs": 1, "lr": 0.01, "batch_size": 4, "seed": 0}, pretrained, dirs, tmp_path)
