@@ -49,3 +49,26 @@ def tiny_config(results_dir, study="tiny", n=4, mixture=True, chunks=3, epochs=1
         "mixture": {"enabled": mixture, "max_candidates": 4},
         "analysis": {"figure_formats": ["png", "pdf"]},
     }
+
+
+# The engine tests' tiny convnet on digits: one pre-trained model and a fine-tune per candidate.
+DIGITS_BACKEND = {"name": "smallcnn", "params": {"channels": 4, "hidden": 16}}
+DIGITS_SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 200}
+DIGITS_HP = {"epochs": 2, "lr": 0.005, "batch_size": 32, "schedule": "cosine", "seed": 0}
+
+
+def train_digits(folder, candidates, pretrain_epochs: int = 8) -> dict:
+    """Prepare clean, shift and ``candidates`` under ``folder/data``, pre-train on clean and fine-tune
+    on each candidate (really trained, seconds on CPU); returns {candidate: model path}."""
+    from mergemix import stages
+
+    folder = Path(folder)
+    for name in ["clean", "shift", *candidates]:
+        stages.prepare(name, {"source": "digits", "domain": name}, DIGITS_SPLIT, folder / "data" / name)
+    stages.pretrain(DIGITS_BACKEND, {"epochs": pretrain_epochs, "lr": 0.01, "batch_size": 32}, folder / "data/clean",
+                    folder / "pre/model.safetensors")
+    models = {}
+    for name in candidates:
+        models[name] = str(folder / f"ft/{name}/model.safetensors")
+        stages.finetune(DIGITS_BACKEND, DIGITS_HP, folder / "pre/model.safetensors", [folder / "data" / name], models[name])
+    return models

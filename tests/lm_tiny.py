@@ -122,6 +122,26 @@ def write_benchmarks(root, n_dev=4, n_test=6) -> list[dict]:
     return out
 
 
+def adapter_target(backend, model, folder, split: dict):
+    """A prepared target of two char-F1 benchmarks (reversal, copying) whose references are the
+    completions of ``model`` as it is now (e.g. one random adapter loaded), so that other adapters
+    score between 0 and 1."""
+    from mergemix.data.prepared import load_prepared, prepare_dataset
+
+    folder = Path(folder)
+    benches = []
+    for bench, pairs in (("rev", reversal(12, seed=11)), ("copy", copying(12, seed=12))):
+        prompts = [q for q, _ in pairs]
+        refs = backend.generate(model, [[{"role": "user", "content": q}] for q in prompts], 4)
+        for part, sl in (("dev", slice(0, 6)), ("test", slice(6, 12))):
+            write_jsonl(folder / part / f"{bench}.jsonl",
+                        [{"prompt": q, "references": [r or "x"]} for q, r in zip(prompts[sl], refs[sl])])
+        benches.append({"name": bench, "dev": str(folder / "dev" / f"{bench}.jsonl"),
+                        "test": str(folder / "test" / f"{bench}.jsonl"), "metric": "char_f1", "max_new_tokens": 4})
+    prepare_dataset("skill", {"source": "benchmarks", "benchmarks": benches}, split, folder / "data")
+    return load_prepared(folder / "data")
+
+
 # --- shared pytest fixtures of the language-model tests (import them into a test module) ---------
 import pytest  # noqa: E402
 

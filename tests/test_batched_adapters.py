@@ -43,17 +43,7 @@ def target(setup, tmp_path_factory):
     name, be, model = setup
     tmp = tmp_path_factory.mktemp("target")
     be.load_state(model, random_states(be, model, 1, seed=2)[0])
-    benches = []
-    for bench, pairs in (("rev", lm_tiny.reversal(12, seed=11)), ("copy", lm_tiny.copying(12, seed=12))):
-        prompts = [q for q, _ in pairs]
-        refs = be.generate(model, [[{"role": "user", "content": q}] for q in prompts], 4)
-        for split, sl in (("dev", slice(0, 6)), ("test", slice(6, 12))):
-            lm_tiny.write_jsonl(tmp / split / f"{bench}.jsonl",
-                                [{"prompt": q, "references": [r or "x"]} for q, r in zip(prompts[sl], refs[sl])])
-        benches.append({"name": bench, "dev": str(tmp / "dev" / f"{bench}.jsonl"), "test": str(tmp / "test" / f"{bench}.jsonl"),
-                        "metric": "char_f1", "max_new_tokens": 4})
-    prepare_dataset("skill", {"source": "benchmarks", "benchmarks": benches}, SPLIT, tmp / "data")
-    return load_prepared(tmp / "data")
+    return lm_tiny.adapter_target(be, model, tmp, SPLIT)
 
 
 def random_states(be, model, n, seed=0):

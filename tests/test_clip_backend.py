@@ -173,6 +173,27 @@ def test_seeded_finetune_is_reproducible(study):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_weighted_mixture_leaves_out_a_zero_weight_dataset(study, monkeypatch):
+    """The weighted fine-tune of merge_eval.strategy: weights on CLIP: examples are drawn per
+    dataset in proportion (a weight of 0 never drawn), each scored by its own dataset's head."""
+    from mergemix.backends import training
+
+    backend = get_backend(study["backend"])
+    model = backend.load_pretrained(study["pretrained"])
+    data = [load_prepared(study["dirs"][n]) for n in ("folder", "disk", "parquet")]
+    sizes = [len(d.indices["train"]) for d in data]
+    seen = []
+    real_fit = training.fit
+
+    def spy(params, n, step_loss, hp, **kw):
+        return real_fit(params, n, lambda idx: seen.extend(idx.tolist()) or step_loss(idx), hp, **kw)
+
+    monkeypatch.setattr("mergemix.backends.clip.fit", spy)
+    metrics = backend.finetune(model, data, {**HP, "epochs": 1, "mixture_weights": {"folder": 1.0, "parquet": 1.0}})
+    assert seen and all(not (sizes[0] <= i < sizes[0] + sizes[1]) for i in seen)  # disk (weight 0) never drawn
+    assert len(seen) == sizes[0] + sizes[2] and metrics["steps"] >= 1
+
+
 def test_embed_gives_image_embeddings_of_the_split(study):
     backend = get_backend(study["backend"])
     model = backend.load_pretrained(study["pretrained"])

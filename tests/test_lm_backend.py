@@ -161,6 +161,31 @@ def test_finetune_trains_only_the_adapter_and_lowers_the_loss(base_dir, pretrain
     assert any(not torch.allclose(p, torch.ones_like(p)) for p in be.merge_params(model).values())
 
 
+def test_weighted_mixture_draws_the_sets_in_proportion(base_dir, pretrained, tmp_path, monkeypatch):
+    """merge_eval.strategy: weights fine-tunes with mixture_weights: the causal LM's examples are
+    drawn per set in those proportions, for the steps of the weighted sets' plain union."""
+    from mergemix.backends import training
+
+    be = backend(base_dir)
+    model = be.load_pretrained(pretrained[0])
+    data = [prepared_chat(tmp_path, "copy", lm_tiny.copying(24)), prepared_chat(tmp_path, "rev", lm_tiny.reversal(24)),
+            prepared_chat(tmp_path, "add", lm_tiny.arithmetic(24))]
+    seen = []
+    real_fit = training.fit
+
+    def spy(params, n, step_loss, hp, **kw):
+        return real_fit(params, n, lambda idx: seen.extend(idx.tolist()) or step_loss(idx), hp, **kw)
+
+    monkeypatch.setattr("mergemix.backends.causal_lm.fit", spy)
+    hp = {**HP, "epochs": 20, "batch_size": 6, "mixture_weights": {"copy": 0.75, "rev": 0.25}}
+    metrics = be.finetune(model, data, hp)
+    assert metrics["steps"] == 20 * 6  # 36 examples of copy and rev per epoch, batches of 6: add is left out
+    sizes = [len(d.indices["train"]) for d in data]
+    src = [0 if i < sizes[0] else 1 if i < sizes[0] + sizes[1] else 2 for i in seen]
+    share = [src.count(k) / len(src) for k in range(3)]
+    assert share[2] == 0 and abs(share[0] - 0.75) < 0.05  # 720 draws: sd of the share ~0.016
+
+
 def test_gradient_accumulation_matches_one_batch(base_dir, pretrained, tmp_path):
     data = prepared_chat(tmp_path, "rev", lm_tiny.reversal(12))
     states = []

@@ -13,7 +13,6 @@ from mergemix import io, merging  # noqa: E402
 from mergemix.backends import get_backend  # noqa: E402
 from mergemix.backends.base import Backend  # noqa: E402
 from mergemix.backends.causal_lm import DELTA, StackedAdapters, _is_merge_forward  # noqa: E402
-from mergemix.data.prepared import load_prepared, prepare_dataset  # noqa: E402
 
 SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "val_from_train": 0.25, "val_cap": 100}
 # down_proj is 128 -> 64: the updates are not square
@@ -175,17 +174,7 @@ def target(lora, tmp_path_factory):
     model = be.load_pretrained(pre)
     tmp = tmp_path_factory.mktemp("target")
     be.load_state(model, random_states(be, model, 1, seed=2)[0])
-    benches = []
-    for bench, pairs in (("rev", lm_tiny.reversal(12, seed=11)), ("copy", lm_tiny.copying(12, seed=12))):
-        prompts = [q for q, _ in pairs]
-        refs = be.generate(model, [[{"role": "user", "content": q}] for q in prompts], 4)
-        for split, sl in (("dev", slice(0, 6)), ("test", slice(6, 12))):
-            lm_tiny.write_jsonl(tmp / split / f"{bench}.jsonl",
-                                [{"prompt": q, "references": [r or "x"]} for q, r in zip(prompts[sl], refs[sl])])
-        benches.append({"name": bench, "dev": str(tmp / "dev" / f"{bench}.jsonl"), "test": str(tmp / "test" / f"{bench}.jsonl"),
-                        "metric": "char_f1", "max_new_tokens": 4})
-    prepare_dataset("skill", {"source": "benchmarks", "benchmarks": benches}, SPLIT, tmp / "data")
-    return load_prepared(tmp / "data")
+    return lm_tiny.adapter_target(be, model, tmp, SPLIT)
 
 
 def test_evaluate_many_of_merged_dense_states_equals_sequential(lora, target):

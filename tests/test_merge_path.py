@@ -10,15 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import DIGITS_BACKEND, DIGITS_HP, DIGITS_SPLIT, train_digits
 from mergemix import merging, stages, subsets
 from mergemix.backends import get_backend
 from mergemix.data.prepared import load_prepared
 from mergemix.merge_eval import MergeEvaluator
 
-BACKEND = {"name": "smallcnn", "params": {"channels": 4, "hidden": 16}}
+BACKEND, SPLIT, HP = DIGITS_BACKEND, DIGITS_SPLIT, DIGITS_HP  # conftest.train_digits trains with these
 MERGE = {"method": "uniform", "options": {}}
-SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 200}
-HP = {"epochs": 2, "lr": 0.005, "batch_size": 32, "schedule": "cosine", "seed": 0}
 CANDS = ["mirror", "noise", "rotate", "squeeze"]
 
 
@@ -138,11 +137,7 @@ def test_live_params_write_into_the_model_without_new_storage():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("merge_path")
-    for name in ["clean", "shift", *CANDS]:
-        stages.prepare(name, {"source": "digits", "domain": name}, SPLIT, d / "data" / name)
-    stages.pretrain(BACKEND, {"epochs": 8, "lr": 0.01, "batch_size": 32}, d / "data/clean", d / "pre/model.safetensors")
-    for name in CANDS:
-        stages.finetune(BACKEND, HP, d / "pre/model.safetensors", [d / "data" / name], d / f"ft/{name}/model.safetensors")
+    train_digits(d, CANDS)
     return d
 
 

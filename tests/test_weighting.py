@@ -4,28 +4,21 @@ on merged val accuracy from the best binary subset, then a weighted fine-tune.""
 import pandas as pd
 import pytest
 
-from mergemix import io, stages, subsets
+from conftest import DIGITS_BACKEND, DIGITS_HP, DIGITS_SPLIT, train_digits
+from mergemix import io, stages
 from mergemix.backends import get_backend
 from mergemix.data.prepared import load_prepared
 from mergemix.merge_eval import MergeEvaluator
 from mergemix.weighting import weighted_finetune, weights_search
 
-BACKEND = {"name": "smallcnn", "params": {"channels": 4, "hidden": 16}}
-SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 200}
-HP = {"epochs": 2, "lr": 0.005, "batch_size": 32, "schedule": "cosine", "seed": 0}
+BACKEND, SPLIT, HP = DIGITS_BACKEND, DIGITS_SPLIT, DIGITS_HP  # conftest.train_digits trains with these
 CANDS = ["noise", "rotate", "thin"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("weights")
-    for name in ["clean", "shift", *CANDS]:
-        stages.prepare(name, {"source": "digits", "domain": name}, SPLIT, d / "data" / name)
-    stages.pretrain(BACKEND, {"epochs": 6, "lr": 0.01, "batch_size": 32}, d / "data/clean", d / "pre/model.safetensors")
-    models = {}
-    for name in CANDS:
-        models[name] = str(d / f"ft/{name}/model.safetensors")
-        stages.finetune(BACKEND, HP, d / "pre/model.safetensors", [d / "data" / name], models[name])
+    models = train_digits(d, CANDS, pretrain_epochs=6)
     stages.merge_eval(BACKEND, {"method": "uniform"}, d / "pre/model.safetensors", models, d / "data/shift", 0, 1, d / "me.csv")
     return d, models
 
