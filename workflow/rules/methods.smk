@@ -153,7 +153,7 @@ rule weights_check:
     shell:
         "{MERGEMIX} weights-check --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --data {params.data:q} --target {params.target:q} "
-        "--samples {params.samples} --seed {params.seed} --eval {params.eval:q} --out {output:q} 2> {log:q}"
+        "--samples {params.samples:q} --seed {params.seed:q} --eval {params.eval:q} --out {output:q} 2> {log:q}"
 
 
 rule weights_check_table:

@@ -384,6 +384,7 @@ class ClipBackend(Backend):
         return int(correct), len(y)
 
     def evaluate(self, model, data, split):
+        self._check_size(model, data)  # before the head: a wrong image size is the problem to name
         self._head(data)  # loaded outside inference mode: a later fine-tune in this job may train with it
         with self.eval_context():  # the split is preloaded on the device once per dataset object (_split)
             correct, n = self._count_correct(model, data, split, evaluating=True)
