@@ -126,7 +126,7 @@ def analyze(
     if mixtures not in MIXTURE_MODES:
         raise ValueError(f"analysis option mixtures must be one of {', '.join(MIXTURE_MODES)}, got {mixtures!r}")
     out_dir = Path(out_dir)
-    from mergemix.tables import check_final, read_result_table
+    from mergemix.tables import check_final, pretrained_test_acc, read_result_table
 
     pre = read_result_table(pretrained_csv, "pretrained").set_index("target")
     search, merge_eval_sampled = search or {}, merge_eval_sampled or {}
@@ -138,11 +138,7 @@ def analyze(
         mix = read_result_table(mixture[t], "mixture") if t in mixture else None
         sim = read_result_table(similarity[t], "similarity")
         fin = check_final(io.read_json(final[t]), final[t])
-        if t not in pre.index:
-            from mergemix.tables import TableError
-
-            raise TableError(f"{pretrained_csv}: no row for target {t!r}; delete it and rerun snakemake to rebuild it")
-        base = float(pre.loc[t, "test_acc"])
+        base = pretrained_test_acc(pre, t, pretrained_csv)
         studied = mix is not None and mixtures != "off"  # mixtures beyond all candidates were fine-tuned
         mix_study = with_selected(mix, fin) if studied else None
         merged_c = merged_for_correlation(merged, sampled)

@@ -101,14 +101,19 @@ class MergeEvaluator:
         with self.backend.eval_context():
             return self.backend.evaluate(self.model, target, split)
 
+    def _coefficients(self, mask: int):
+        """``(a, b)`` of the running-sum path for ``mask`` (merged = a * sum + b * theta0), or None
+        when the merge is computed from scratch (no running sum, or a method not linear for these options)."""
+        if self.running is None:
+            return None
+        return merging.linear_coefficients(self.method, bin(mask).count("1"), **self.options)
+
     @torch.no_grad()
     def load_subset(self, mask: int) -> None:
         """Write ``mask``'s merged state into the live model, in place."""
         if not 0 < mask < 1 << len(self.names):
             raise ValueError(f"subset mask {mask} is outside 1..{(1 << len(self.names)) - 1}")
-        coeffs = None
-        if self.running is not None:
-            coeffs = merging.linear_coefficients(self.method, bin(mask).count("1"), **self.options)
+        coeffs = self._coefficients(mask)
         if coeffs is None:  # not linear in the sum (for these options): merged from scratch
             self.live.write(self.merged_vector(mask))
         else:
@@ -121,9 +126,7 @@ class MergeEvaluator:
         ``evaluate_many``): one new ``[P]`` vector per subset, viewed as the live tensors' shapes."""
         out = []
         for mask in masks:
-            coeffs = None
-            if self.running is not None:
-                coeffs = merging.linear_coefficients(self.method, bin(mask).count("1"), **self.options)
+            coeffs = self._coefficients(mask)
             if coeffs is None:
                 vec = self.merged_vector(mask)
             else:
@@ -169,8 +172,9 @@ class MergeEvaluator:
         t0 = time.time()
         n_val = len(target.indices["val"])
         k = max(1, int(getattr(self.backend, "merges_per_forward", 1)))
-        for start in range(0, len(masks), k):  # k merged models per forward pass (batched adapters)
-            group = list(zip(masks, orders))[start:start + k]
+        pairs = list(zip(masks, orders))
+        for start in range(0, len(pairs), k):  # k merged models per forward pass (batched adapters)
+            group = pairs[start:start + k]
             if k == 1:
                 mask, order = group[0]
                 val = self.evaluate(target, "val", mask)

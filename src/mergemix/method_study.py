@@ -54,16 +54,15 @@ def compare_methods(
 ) -> pd.DataFrame:
     """``merge_eval``: {method: {target: merge-eval CSV}}; ``mixture``: {target: mixture CSV}.
     Writes one row per method and target plus one ``average`` row per method."""
-    from mergemix.tables import TableError, read_result_table
+    from mergemix.tables import pretrained_test_acc, read_result_table
 
     pre = read_result_table(pretrained_csv, "pretrained").set_index("target")
     mixes = {t: read_result_table(p, "mixture") for t, p in mixture.items()}
     rows = []
     for method, per_target in merge_eval.items():
         for t, path in per_target.items():
-            if t not in pre.index:
-                raise TableError(f"{pretrained_csv}: no row for target {t!r}; delete it and rerun snakemake to rebuild it")
-            rows.append(method_rows(method, t, read_result_table(path, "merge_eval"), mixes.get(t), float(pre.loc[t, "test_acc"])))
+            base = pretrained_test_acc(pre, t, pretrained_csv)
+            rows.append(method_rows(method, t, read_result_table(path, "merge_eval"), mixes.get(t), base))
     df = pd.DataFrame(rows, columns=COLUMNS)
     averages = []
     for method, g in df.groupby("method", sort=False):

@@ -166,3 +166,11 @@ def check_final(obj, path) -> dict:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
             raise TableError(f"{path}: {key} is {v!r}, not an accuracy in [0, 1]; {_fix(path)}")
     return obj
+
+
+def pretrained_test_acc(pre, target: str, path) -> float:
+    """The pre-trained model's test accuracy on ``target`` from a ``pretrained.csv`` read with
+    :func:`read_result_table` and indexed by target (the base of every logit delta)."""
+    if target not in pre.index:
+        raise TableError(f"{path}: no row for target {target!r}; delete it and rerun snakemake to rebuild it")
+    return float(pre.loc[target, "test_acc"])

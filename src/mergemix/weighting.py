@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Mapping
 
 from mergemix import io, subsets
+from mergemix.search.weights import OPTIONS as _WEIGHT_OPTIONS
 
 log = logging.getLogger("mergemix.weights")
-WEIGHTS_DEFAULTS = {"sampler": "cmaes", "budget": 40, "seed": 0, "sigma0": 0.3, "n_startup_trials": 8}  # the search's
+# the search's settings with their declared defaults (check_samples belongs to the check, not the search)
+WEIGHTS_DEFAULTS = {k: o.default for k, o in _WEIGHT_OPTIONS.items() if k != "check_samples"}
 
 
 def weights_search(
@@ -148,13 +150,13 @@ def weights_check_table(checks: Mapping[str, str], pretrained_csv, out_csv):
     import pandas as pd
 
     from mergemix import metrics
-    from mergemix.tables import read_result_table
+    from mergemix.tables import pretrained_test_acc, read_result_table
 
     pre = read_result_table(pretrained_csv, "pretrained").set_index("target")
     rows = []
     for t, path in checks.items():
         df = pd.read_csv(path)
-        base = float(pre.loc[t, "test_acc"])
+        base = pretrained_test_acc(pre, t, pretrained_csv)
         m, f = df["merged_test_acc"], df["finetuned_test_acc"]
         rows.append({"target": t, "n_points": len(df), "pearson_acc": metrics.pearson(m, f),
                      "pearson_logit": metrics.pearson(metrics.logit_delta(m, base), metrics.logit_delta(f, base)),

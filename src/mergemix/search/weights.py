@@ -34,7 +34,7 @@ OPTIONS: dict[str, Option] = {
     "sampler": Option("cmaes", str, lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
     "budget": Option(40, int, lambda v: v >= 1, "an integer >= 1 (weight vectors evaluated, the start included)"),
     "seed": Option(0, int, lambda v: v >= 0, "an integer >= 0"),
-    "sigma0": Option(0.3, float, lambda v: 0 < v <= 1, "a number in (0, 1] (CMA-ES initial step size)"),
+    "sigma0": Option(0.3, (int, float), lambda v: 0 < v <= 1, "a number in (0, 1] (CMA-ES initial step size)"),
     "n_startup_trials": Option(8, int, lambda v: v >= 1, "an integer >= 1 (TPE: random trials before TPE)"),
     # the surrogate check (workflow, not the search): weight vectors fine-tuned to compare with their merges
     "check_samples": Option(0, int, lambda v: v >= 0, "an integer >= 0 (0: no check)"),
@@ -44,11 +44,7 @@ WeightScore = Callable[[Sequence[float]], "tuple[float, dict] | float"]
 
 def check_options(options: dict, prefix: str = "merge_eval.weights") -> list[str]:
     """Problems with the ``merge_eval.weights`` section, each naming its key."""
-    problems = _option_problems("weights", OPTIONS, {k: v for k, v in options.items() if k != "sigma0"})
-    if "sigma0" in options:  # accept an int such as 1 for a float option
-        v = options["sigma0"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-            problems.append(f"merge_eval.strategy_options.sigma0: must be {OPTIONS['sigma0'].help}, got {v!r}")
+    problems = _option_problems("weights", OPTIONS, options)
     return [p.replace("merge_eval.strategy_options", prefix) for p in problems]
 
 
