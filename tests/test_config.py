@@ -110,6 +110,12 @@ def test_snakemake_refuses_a_bad_config_at_start(tmp_path):
         ({"methods": ["uniform", "tie"]}, ["merge_eval.methods", "'tie'", "ties"]),
         ({"methods": ["ties", "ties"]}, ["merge_eval.methods", "twice"]),
         ({"methods": ["ties"], "strategy": "greedy"}, ["merge_eval.methods", "exhaustive"]),
+        ({"methods": ["ties"], "method_options": {"dare": {"p": 0.2}}}, ["merge_eval.method_options.dare", "not in merge_eval.methods"]),
+        ({"methods": ["ties"], "method_options": {"ties": {"density": 2}}}, ["merge_eval.method_options.ties.density", "(0, 1]"]),
+        ({"methods": ["ties"], "tune": {"space": {"dare": {"p": [0, 0.5]}}}}, ["merge_eval.tune.space.dare", "not in merge_eval.methods"]),
+        ({"methods": ["ties"], "tune": {"space": {"ties": {"density": [0, 0.5]}}}}, ["merge_eval.tune.space.ties.density", "0"]),
+        ({"methods": ["ties"], "tune": {"space": {"ties": {"density": [0.1, 0.5]}}, "budget": 0}}, ["merge_eval.tune.budget"]),
+        ({"methods": ["ties"], "tune": {"spaces": {}}}, ["merge_eval.tune", "spaces"]),
         # weighted mixtures
         ({"strategy": "weights", "weights": {"sampler": "nelder"}}, ["merge_eval.weights.sampler", "cmaes, tpe"]),
         ({"strategy": "weights", "weights": {"budget": 0}}, ["merge_eval.weights.budget", "integer >= 1"]),
@@ -143,7 +149,9 @@ def test_too_many_mixtures_point_at_the_sample(default_config):
 
 def test_methods_and_weights_are_accepted(default_config):
     default_config["merge_eval"] = {**default_config["merge_eval"], "strategy": "weights", "weights": {"sampler": "tpe"},
-                                    "methods": ["uniform", "ties", "dare"], "method": "ties", "options": {"density": 0.5}}
+                                    "methods": ["uniform", "ties", "dare"], "method": "ties", "options": {"density": 0.5},
+                                    "method_options": {"dare": {"seed": 2}},
+                                    "tune": {"space": {"ties": {"density": [0.05, 1.0]}, "dare": {"p": [0.0, 0.9]}}}}
     cfg = validate_config(default_config)
     from mergemix.config import resolve_strategy
 

@@ -106,6 +106,22 @@ def with_selected(mix: pd.DataFrame, fin: dict) -> pd.DataFrame:
     return pd.concat([mix, pd.DataFrame([row])], ignore_index=True)
 
 
+def rankings(merged: Mapping[str, pd.DataFrame], top: int | None = None) -> pd.DataFrame:
+    """Per target, the merged models scored on the whole val split ranked by the selection rule
+    (highest val accuracy, then fewer datasets, then the subset id): rank 1 is the chosen mixture."""
+    frames = []
+    for t, df in merged.items():
+        full = full_rows(df)
+        ranked = full.assign(_neg=-full["val_acc"].round(12), _key=full["subset"].map(sort_key))
+        ranked = ranked.sort_values(["_neg", "_key"], kind="stable").drop(columns=["_neg", "_key"])
+        ranked = ranked.head(top) if top else ranked
+        frames.append(pd.DataFrame({"target": t, "rank": range(1, len(ranked) + 1), "subset": ranked["subset"].values,
+                                    "size": ranked["size"].values, "val_acc": ranked["val_acc"].values,
+                                    "test_acc": ranked["test_acc"].values}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["target", "rank", "subset", "size", "val_acc", "test_acc"])
+
+
 def analyze(
     targets: Mapping[str, Sequence[str]],
     pretrained_csv,
@@ -137,10 +153,10 @@ def analyze(
         sampled = read_result_table(merge_eval_sampled[t], "merge_eval") if t in merge_eval_sampled else None
         mix = read_result_table(mixture[t], "mixture") if t in mixture else None
         sim = read_result_table(similarity[t], "similarity")
-        fin = check_final(io.read_json(final[t]), final[t])
+        fin = check_final(io.read_json(final[t]), final[t]) if t in final else None  # final.enabled: false
         base = pretrained_test_acc(pre, t, pretrained_csv)
         studied = mix is not None and mixtures != "off"  # mixtures beyond all candidates were fine-tuned
-        mix_study = with_selected(mix, fin) if studied else None
+        mix_study = (with_selected(mix, fin) if fin is not None else mix) if studied else None
         merged_c = merged_for_correlation(merged, sampled)
         check_merged_tests(merged, merged_c, mix_study, merge_eval[t])
         data[t] = (merged_c, mix_study, sim, base)
@@ -159,7 +175,7 @@ def analyze(
                 "target": t,
                 "pretrained": base,
                 "m2m_merged": float(best["test_acc"]),
-                "m2m_finetuned": float(fin["test_acc"]),
+                "m2m_finetuned": float(fin["test_acc"]) if fin is not None else float("nan"),
                 "m2m_weighted": float(io.read_json(weighted[t])["test_acc"]) if t in (weighted or {}) else float("nan"),
                 "all_datasets": _acc_of(mix, subset_id(cands)),
                 "random": float(mix_study["test_acc"].mean()) if studied else float("nan"),
@@ -195,6 +211,7 @@ def analyze(
     corr_df = with_average(pd.DataFrame(corr_rows))
 
     io.write_csv(out_dir / "correlation.csv", corr_df)
+    io.write_csv(out_dir / "rankings.csv", rankings({t: read_result_table(merge_eval[t], "merge_eval") for t in targets}))
     io.write_csv(out_dir / "selection.csv", sel_df)
     io.write_csv(out_dir / "similarity_selection.csv", simsel_df)
     from mergemix.figures import plot_all

@@ -117,7 +117,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", choices=["all", "selected"], default="all",
                    help="score the test split of every subset, or only of the chunk's best and --test-subsets")
     s.add_argument("--test-subsets", nargs="*", default=[], help="subset ids whose test split is scored with --test selected")
+    s.add_argument("--options-from", nargs="*", default=[], help="a tune-method JSON (or none): merge with its tuned options")
     s.add_argument("--out", required=True)
+
+    s = stage("import-model", "check a given fine-tuned model against the pre-trained one and save it (models:)",
+              backend=True, pretrained=True)
+    s.add_argument("--spec", type=_json, required=True, help="JSON: the dataset's models entry")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--path", default=None, help="where the model's files are (default: the entry's path)")
+    s.add_argument("--out", required=True)
+
+    s = stage("download-model", "download a given model from the hub at its revision (safetensors only)")
+    s.add_argument("--spec", type=_json, required=True, help="JSON: the dataset's models entry")
+    s.add_argument("--out", required=True)
+
+    s = stage("select", "rank the mixtures of given fine-tuned models for a target, no Snakemake, no training",
+              backend=True)
+    s.add_argument("--pretrained", required=True,
+                   help="the pre-trained model: a mergemix model file, or a folder to fetch it into (hub backends)")
+    s.add_argument("--models", nargs="+", required=True, help="NAME=PATH of each candidate's given model (any format)")
+    s.add_argument("--target", required=True, help="the target: a prepared dataset folder, or a JSON dataset spec")
+    s.add_argument("--split", type=_json, default={}, help="JSON: split settings when --target is a spec")
+    s.add_argument("--strategy", default="auto", help="subset search: auto, exhaustive, greedy, beam, optuna, halving, surrogate")
+    s.add_argument("--budget", type=float, default=None, help="merged evaluations (an integer, or a fraction of 2^N-1)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--method", default="uniform")
+    s.add_argument("--options", type=_json, default={}, help="JSON: merge method options")
+    s.add_argument("--work-dir", default=None, help="where imported models and the prepared target go (default: beside --out)")
+    s.add_argument("--top", type=int, default=20, help="rows printed (the CSV has all)")
+    s.add_argument("--out", required=True, help="CSV: the ranked subsets")
+
+    s = stage("tune-method", "tune a merge method's options on a target's val split (merge_eval.tune)",
+              backend=True, pretrained=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--fixed", type=_json, default={}, help="JSON: the method's fixed options (merge_eval.method_options)")
+    s.add_argument("--space", type=_json, required=True, help="JSON: {option: [low, high] | {choices: [...]}}")
+    s.add_argument("--tune", type=_json, default={}, help="JSON: merge_eval.tune's budget, seed, n_startup_trials")
+    s.add_argument("--search", type=_json, required=True, help="JSON: the subset search {strategy, budget, seed, options}")
+    s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
+    s.add_argument("--target", required=True)
+    s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
+    s.add_argument("--journal", default=None, help="optuna journal file: a rerun resumes the tuning")
+    s.add_argument("--out", required=True, help="JSON: the tuned options")
+    s.add_argument("--out-csv", required=True, help="CSV: every setting tried")
 
     s = stage("search", "budgeted search over a target's subsets (one worker of merge_eval.strategy)", backend=True, pretrained=True)
     s.add_argument("--merge", type=_json, required=True)
@@ -173,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merge-eval-sampled", nargs="*", default=[], help="TARGET=CSV: merged models of the mixture sample")
     s.add_argument("--mixture", nargs="*", default=[], help="TARGET=CSV")
     s.add_argument("--similarity", nargs="+", required=True, help="TARGET=CSV")
-    s.add_argument("--final", nargs="+", required=True, help="TARGET=JSON")
+    s.add_argument("--final", nargs="*", default=[], help="TARGET=JSON (none with final.enabled: false)")
     s.add_argument("--weighted", nargs="*", default=[], help="TARGET=JSON: weighted final fine-tunes (m2m_weighted)")
     s.add_argument("--options", type=_json, default={})
     s.add_argument("--out-dir", required=True)
@@ -215,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("compare-methods", "per merge method: correlation with mixture fine-tuning and the M2M choice")
     s.add_argument("--merge-eval", nargs="+", required=True, help="METHOD:TARGET=CSV")
     s.add_argument("--mixture", nargs="*", default=[], help="TARGET=CSV")
+    s.add_argument("--options", type=_json, default={}, help="JSON: {method: fixed options} (merge_eval.method_options)")
+    s.add_argument("--tuned", nargs="*", default=[], help="METHOD:TARGET=JSON of tune-method")
     s.add_argument("--pretrained-csv", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--figure", default=None, help="figure path without extension")
@@ -265,10 +309,42 @@ def run(args) -> None:
     elif args.stage == "final-finetune-pack":
         stages.final_finetune_pack(args.backend, args.hparams, args.pretrained, _final_jobs(args), t)
     elif args.stage == "merge-eval":
+        if len(args.options_from) > 1:
+            raise SystemExit(f"mergemix: --options-from takes one tune-method JSON, got {len(args.options_from)}")
+        if args.options_from:
+            from mergemix.tuning import tuned_options
+
+            tuned = tuned_options(args.options_from[0])
+            args.merge = {**args.merge, "options": {**(args.merge.get("options") or {}), **tuned}}
         stages.merge_eval(
             args.backend, args.merge, args.pretrained, _pairs(args.models), args.target, args.chunk, args.chunks, args.out, t,
             subset_ids=args.subsets, eval_spec=args.eval, test=args.test, test_subsets=args.test_subsets,
         )
+    elif args.stage == "import-model":
+        from mergemix.given import import_model
+
+        import_model(args.backend, args.pretrained, args.spec, args.dataset, args.out, path=args.path, threads=t)
+    elif args.stage == "download-model":
+        from mergemix.given.hub import download_model
+
+        download_model(args.spec, args.out)
+    elif args.stage == "select":
+        from mergemix.given.select import select
+
+        budget = args.budget
+        if budget is not None and float(budget).is_integer() and budget >= 1:
+            budget = int(budget)
+        table = select(args.backend, args.pretrained, _pairs(args.models), args.target, args.out, split=args.split,
+                       strategy=args.strategy, budget=budget, seed=args.seed, method=args.method, options=args.options,
+                       work_dir=args.work_dir, threads=t)
+        print(table.head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"\n{len(table)} subsets ranked on val; chosen: {table.iloc[0]['subset']} -> {args.out}")
+    elif args.stage == "tune-method":
+        from mergemix.tuning import tune_method
+
+        tune_method(args.backend, args.method, args.fixed, args.space, args.tune, args.search, args.pretrained,
+                    _pairs(args.models), args.target, args.out, args.out_csv, journal=args.journal, threads=t,
+                    eval_spec=args.eval)
     elif args.stage == "search":
         stages.search(
             args.backend, args.merge, args.search, args.pretrained, _pairs(args.models), args.target, args.out,
@@ -327,7 +403,14 @@ def run(args) -> None:
             if not sep:
                 raise SystemExit(f"mergemix: expected METHOD:TARGET=CSV, got {key}={path}")
             per.setdefault(method, {})[target] = path
-        compare_methods(per, _pairs(args.mixture), args.pretrained_csv, args.out, args.figure, args.formats)
+        tuned: dict = {}
+        for key, path in _pairs(args.tuned).items():
+            method, sep, target = key.partition(":")
+            if not sep:
+                raise SystemExit(f"mergemix: expected METHOD:TARGET=JSON, got {key}={path}")
+            tuned[(method, target)] = path
+        compare_methods(per, _pairs(args.mixture), args.pretrained_csv, args.out, args.figure, args.formats,
+                        options=args.options, tuned=tuned)
     elif args.stage == "show":
         import pandas as pd
 

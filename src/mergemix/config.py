@@ -187,9 +187,50 @@ def semantic_problems(config: dict) -> list[str]:
                 f"candidates.{t}: the target {t!r} is among its own candidates; remove it "
                 "(a target's training data must not be a candidate)"
             )
+    problems += given_problems(config, targets)
     if problems:
         return problems
     return problems + search_problems(config, targets)
+
+
+def given_problems(config: dict, targets: list[str]) -> list[str]:
+    """The ``models`` section (given fine-tuned models): known datasets, every candidate covered,
+    formats the backend reads, local paths that exist, no mixture study (see mergemix.given)."""
+    import os
+
+    models = config.get("models") or {}
+    if not models:
+        return []
+    from mergemix.given import BACKEND_FORMATS
+
+    problems = []
+    backend = config["backend"]["name"]
+    allowed = BACKEND_FORMATS.get(backend)
+    for name, spec in models.items():
+        if name not in config["datasets"]:
+            problems.append(f"models.{name}: {name!r} is not a dataset of the study; allowed: {', '.join(sorted(config['datasets']))}")
+        if allowed is not None and spec.get("format", "auto") not in ("auto", *allowed):
+            problems.append(f"models.{name}.format: {spec['format']!r} is not read by the {backend!r} backend; "
+                            f"allowed: auto, {', '.join(allowed)}")
+        if "path" in spec:
+            path = os.path.expanduser(spec["path"])
+            if not os.path.exists(path):
+                problems.append(f"models.{name}.path: {spec['path']} does not exist; fix the path (relative paths are "
+                                "from the folder snakemake runs in)")
+            if "revision" in spec or "subfolder" in spec:
+                problems.append(f"models.{name}: revision and subfolder are for hub models; remove them from a local path")
+        elif "revision" not in spec:
+            problems.append(f"models.{name}: hub model {spec['hub']!r} has no revision; add revision: main and pin it "
+                            "to a commit with `mergemix pin-revisions <config> --write` (or add revision: <commit>)")
+    cands = sorted({c for t in targets for c in candidates_of(config, t)})
+    missing = [c for c in cands if c not in models]
+    if missing:
+        problems.append(f"models: no given model for candidate(s) {', '.join(missing)}; give one per candidate dataset "
+                        "(given models are not combined with mergemix's own fine-tunes: their hyperparameters differ)")
+    if config["mixture"]["enabled"]:
+        problems.append("mixture.enabled: the correlation study fine-tunes mixtures to compare with single-dataset "
+                        "models, which here are given (other hyperparameters); set mixture.enabled: false")
+    return problems
 
 
 # The strategy `auto` picks when a target's 2^N-1 subsets exceed the budget: the one that came
@@ -241,6 +282,19 @@ def search_problems(config: dict, targets: list[str]) -> list[str]:
             problems.append(f"merge_eval.methods: unknown merge method {m!r}; allowed: {', '.join(method_names())}")
     if len(set(methods)) != len(methods):
         problems.append(f"merge_eval.methods: {methods} names a method twice; list each once")
+    from mergemix import merge_methods
+
+    fixed_all = me.get("method_options") or {}
+    for m, opts in fixed_all.items():
+        if m not in methods:
+            problems.append(f"merge_eval.method_options.{m}: {m!r} is not in merge_eval.methods {methods}; add it there or remove these options")
+        else:
+            problems += merge_methods.check_options(m, opts, prefix=f"merge_eval.method_options.{m}")
+    for m, space in ((me.get("tune") or {}).get("space") or {}).items():
+        if m not in methods:
+            problems.append(f"merge_eval.tune.space.{m}: {m!r} is not in merge_eval.methods {methods}; add it there or remove its space")
+        else:
+            problems += merge_methods.check_tune_space(m, space, fixed_all.get(m) or {})
     if methods and any(resolve_strategy(config, len(candidates_of(config, t))) != "exhaustive" for t in targets):
         problems.append("merge_eval.methods: comparing merge methods scores every subset; it needs the exhaustive "
                         "strategy for every target (raise merge_eval.budget or remove merge_eval.methods)")

@@ -73,12 +73,20 @@ class MergeEvaluator:
         self.thetas = torch.stack(rows).to(backend.device)
         del rows
         self.method = method
-        self.options = dict(options or {})
         merging.get_merge_method(method)  # fail early on an unknown method
-        self.linear = incremental and merging.linear_coefficients(method, 1, **self.options) is not None
-        self.running = merging.RunningSum(self.thetas, reanchor_every) if self.linear else None
+        self.incremental, self.reanchor_every = incremental, reanchor_every
+        self.running = None
         self.live = merging.LiveParams(self.params, backend.device)
-        self.mask = None  # the subset whose merged state the live model holds
+        self.set_options(options)
+
+    def set_options(self, options) -> None:
+        """Merge with these options from now on (``merge_eval.tune`` scores one setting after
+        another on the same loaded models); the running sum is kept, only its coefficients change."""
+        self.options = dict(options or {})
+        self.linear = self.incremental and merging.linear_coefficients(self.method, 1, **self.options) is not None
+        if self.linear and self.running is None:
+            self.running = merging.RunningSum(self.thetas, self.reanchor_every)
+        self.mask = None  # the subset whose merged state the live model holds (none: options changed)
 
     def merged_vector(self, mask: int) -> torch.Tensor:
         """The merged state of ``mask`` computed from scratch (a new ``[P]`` tensor)."""
@@ -104,7 +112,7 @@ class MergeEvaluator:
     def _coefficients(self, mask: int):
         """``(a, b)`` of the running-sum path for ``mask`` (merged = a * sum + b * theta0), or None
         when the merge is computed from scratch (no running sum, or a method not linear for these options)."""
-        if self.running is None:
+        if not self.linear:
             return None
         return merging.linear_coefficients(self.method, bin(mask).count("1"), **self.options)
 

@@ -19,7 +19,7 @@ import pandas as pd
 from mergemix import io, metrics
 
 COLUMNS = [
-    "method", "target", "n_points", "pearson_acc", "pearson_logit", "m2m_subset", "m2m_merged", "m2m_finetuned",
+    "method", "target", "options", "tuned", "n_points", "pearson_acc", "pearson_logit", "m2m_subset", "m2m_merged", "m2m_finetuned",
     "oracle", "evaluations",
 ]
 
@@ -51,9 +51,17 @@ def compare_methods(
     out_csv,
     figure: str | None = None,
     figure_formats: Sequence[str] = ("png",),
+    options: Mapping[str, dict] | None = None,
+    tuned: Mapping[tuple, str] | None = None,
 ) -> pd.DataFrame:
-    """``merge_eval``: {method: {target: merge-eval CSV}}; ``mixture``: {target: mixture CSV}.
-    Writes one row per method and target plus one ``average`` row per method."""
+    """``merge_eval``: {method: {target: merge-eval CSV}}; ``mixture``: {target: mixture CSV};
+    ``options``: {method: fixed options}; ``tuned``: {(method, target): tune-method JSON}, whose
+    options the method's merge-eval used for that target. Writes one row per method and target
+    (with the options used, as JSON) plus one ``average`` row per method."""
+    import json
+
+    from mergemix.tuning import tuned_options
+
     from mergemix.tables import pretrained_test_acc, read_result_table
 
     pre = read_result_table(pretrained_csv, "pretrained").set_index("target")
@@ -62,12 +70,19 @@ def compare_methods(
     for method, per_target in merge_eval.items():
         for t, path in per_target.items():
             base = pretrained_test_acc(pre, t, pretrained_csv)
-            rows.append(method_rows(method, t, read_result_table(path, "merge_eval"), mixes.get(t), base))
+            row = method_rows(method, t, read_result_table(path, "merge_eval"), mixes.get(t), base)
+            used = dict((options or {}).get(method) or {})
+            hit = (tuned or {}).get((method, t))
+            if hit is not None:
+                used.update(tuned_options(hit))
+            rows.append({**row, "options": json.dumps(used, sort_keys=True), "tuned": hit is not None})
     df = pd.DataFrame(rows, columns=COLUMNS)
     averages = []
     for method, g in df.groupby("method", sort=False):
         num = g.select_dtypes("number").mean()  # skips NaN
-        averages.append({**num.to_dict(), "method": method, "target": "average", "m2m_subset": ""})
+        num = num.drop(labels=["tuned"], errors="ignore")
+        averages.append({**num.to_dict(), "method": method, "target": "average", "m2m_subset": "", "options": "",
+                         "tuned": bool(g["tuned"].any())})
     df = pd.concat([df, pd.DataFrame(averages, columns=COLUMNS)], ignore_index=True)
     io.write_csv(out_csv, df)
     if figure:
@@ -85,7 +100,7 @@ def plot_methods(df: pd.DataFrame, out_stem, formats: Sequence[str] = ("png",)) 
 
     avg = df[df["target"] == "average"].set_index("method")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    names = list(avg.index)
+    names = [f"{m}\n(tuned on val)" if bool(avg.at[m, "tuned"]) else m for m in avg.index]
     axes[0].bar(names, avg["pearson_logit"], color="tab:blue")
     axes[0].set_ylabel("Pearson r, merged vs mixture\n(logit-accuracy deltas)")
     axes[0].set_title("Surrogate quality (mean over targets)")

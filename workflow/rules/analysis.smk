@@ -88,14 +88,15 @@ rule analyze:
         merge_eval=expand(f"{R}/merge_eval/{{target}}.csv", target=TARGETS),
         search=expand(f"{R}/merge_eval/{{target}}.json", target=TARGETS),
         sampled=[f"{R}/merge_eval/sampled/{t}.csv" for t in TARGETS if needs_sampled_merges(t)],
-        mixture=expand(f"{R}/mixture/{{target}}.csv", target=TARGETS),
+        mixture=[f"{R}/mixture/{t}.csv" for t in TARGETS] if not TRAIN_NOTHING else [],
         similarity=expand(f"{R}/similarity/{{target}}.csv", target=TARGETS),
-        final=expand(f"{R}/final/{{target}}.json", target=TARGETS),
+        final=[f"{R}/final/{t}.json" for t in TARGETS] if FINAL_ON else [],
         weighted=[f"{R}/final/{t}.weighted.json" for t in TARGETS] if WEIGHTS_ON else [],
     output:
         correlation=report(f"{R}/correlation.csv", caption="../report/correlation.rst", category="Tables"),
         selection=report(f"{R}/selection.csv", caption="../report/selection.rst", category="Tables"),
         similarity_selection=f"{R}/similarity_selection.csv",
+        rankings=report(f"{R}/rankings.csv", caption="../report/rankings.rst", category="Tables"),
         figures=report(
             expand(f"{R}/figures/{{fig}}.{{fmt}}", fig=FIGURES, fmt=FIG_FORMATS),
             caption="../report/figures.rst",
@@ -107,9 +108,9 @@ rule analyze:
         merge_eval=[f"{t}={R}/merge_eval/{t}.csv" for t in TARGETS],
         search=[f"{t}={R}/merge_eval/{t}.json" for t in TARGETS],
         sampled=[f"{t}={R}/merge_eval/sampled/{t}.csv" for t in TARGETS if needs_sampled_merges(t)],
-        mixture=[f"{t}={R}/mixture/{t}.csv" for t in TARGETS],
+        mixture=[f"{t}={R}/mixture/{t}.csv" for t in TARGETS] if not TRAIN_NOTHING else [],
         similarity=[f"{t}={R}/similarity/{t}.csv" for t in TARGETS],
-        final=[f"{t}={R}/final/{t}.json" for t in TARGETS],
+        final=[f"{t}={R}/final/{t}.json" for t in TARGETS] if FINAL_ON else [],
         weighted=[f"{t}={R}/final/{t}.weighted.json" for t in TARGETS] if WEIGHTS_ON else [],
     log:
         f"{R}/logs/analyze.log",
@@ -131,13 +132,15 @@ def study_files():
     used = sorted(set(TARGETS) | set(cands))
     prepared = used + ([PRETRAIN] if PRETRAIN in DATA_SPECS else [])
     files = [f"{download_dir(n)}/download.json" for n in prepared if n in DOWNLOADED]
+    files += [f"{R}/given/{n}" for n in HUB_MODELS]
     files += prepared_files(*prepared) + [PRETRAINED, PRETRAINED_MANIFEST] + head_files(used)
     models = {finetuned(c) for c in cands} | {mixture_model(s) for t in TARGETS for s in mixtures_of(t)}
     files += [f for m in sorted(models) for f in (m, manifest(m))]
     files += [f"{R}/embeddings/{n}.safetensors" for n in used]
     for t in TARGETS:
         files += merge_eval_parts(t) + search_summaries(t)
-        files += [f"{R}/models/final/{t}/model.safetensors", f"{R}/models/final/{t}/model.json"]
+        if FINAL_ON:
+            files += [f"{R}/models/final/{t}/model.safetensors", f"{R}/models/final/{t}/model.json"]
     return files + list(rules.analyze.input)
 
 

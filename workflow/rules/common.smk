@@ -46,6 +46,11 @@ DATASETS = sorted(config["datasets"])
 TARGETS = targets_of(config)
 CANDIDATES = {t: candidates_of(config, t) for t in TARGETS}
 MIXTURE_ON = config["mixture"]["enabled"]
+FINAL_ON = config["final"]["enabled"]
+# selection only: no mixture study and no final fine-tune, so no mixture is ever trained
+TRAIN_NOTHING = not MIXTURE_ON and not FINAL_ON
+# models: given fine-tuned models (one per candidate), imported instead of fine-tuned (train.smk)
+GIVEN = config["models"]
 CHUNKS = config["merge_eval"]["chunks"]
 # Search: each target's strategy (`auto` resolved: exhaustive while 2^N-1 fits the budget). The
 # exhaustive strategy fans out into CHUNKS jobs per target; a budgeted one runs WORKERS jobs
@@ -187,6 +192,8 @@ def mixtures_of(target):
     """Mixtures fine-tuned for a target: all subsets with the oracle on, the sample's (plus singles
     and all candidates) with mixture.sample, else only all candidates."""
     cands = CANDIDATES[target]
+    if TRAIN_NOTHING:
+        return []
     if not MIXTURE_ON:
         return [subset_id(cands)]
     if not SAMPLE:
@@ -197,8 +204,9 @@ def mixtures_of(target):
 
 def similarity_subsets(target):
     """Subsets the similarity baseline scores: all of them when every mixture is fine-tuned, else
-    the fine-tuned ones (a similarity choice is only reported where its mixture has a model)."""
-    return None if MIXTURE_ON and not SAMPLE else mixtures_of(target)
+    the fine-tuned ones (a similarity choice is only reported where its mixture has a model);
+    all of them again in a selection-only study (its choice is reported, nothing is fine-tuned)."""
+    return None if (MIXTURE_ON and not SAMPLE) or TRAIN_NOTHING else mixtures_of(target)
 
 
 def needs_sampled_merges(target):

@@ -2,6 +2,53 @@
 # merge_eval.methods compares merge methods as surrogates of mixture fine-tuning, and
 # merge_eval.strategy: weights searches mixture proportions from the best subset.
 METHODS = [m for m in ME.get("methods") or []]
+# merge_eval.method_options: fixed options per compared method; merge_eval.tune: options tuned on
+# val per method and target before the method's merge-eval (the tuned options replace the defaults)
+METHOD_OPTIONS = ME.get("method_options") or {}
+TUNE = ME.get("tune") or {}
+TUNED = [m for m in METHODS if m in (TUNE.get("space") or {})]
+TUNE_SPEC = js({k: v for k, v in TUNE.items() if k != "space"})
+
+
+def tuned_json(method, target):
+    return f"{R}/tune/{method}/{target}.json"
+
+
+rule tune_method:
+    """A merge method's options tuned on a target's val split: each setting of merge_eval.tune.space
+    scored by the best merged val accuracy of the study's subset search (optuna TPE; resumable)."""
+    input:
+        pretrained=PRETRAINED,
+        pretrained_manifest=PRETRAINED_MANIFEST,
+        models=lambda wc: [finetuned(c) for c in CANDIDATES[wc.target]],
+        manifests=lambda wc: [manifest(finetuned(c)) for c in CANDIDATES[wc.target]],
+        target=lambda wc: prepared_files(wc.target),
+        heads=lambda wc: head_files([wc.target]),
+    output:
+        json=f"{R}/tune/{{method}}/{{target}}.json",
+        table=f"{R}/tune/{{method}}/{{target}}.csv",
+    params:
+        backend=BACKEND,
+        fixed=lambda wc: js(METHOD_OPTIONS.get(wc.method) or {}),
+        space=lambda wc: js(TUNE["space"][wc.method]),
+        tune=TUNE_SPEC,
+        search=lambda wc: js(search_spec(wc.target)),
+        models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
+        target=lambda wc: data_dir(wc.target),
+        eval=EVAL_SPEC,
+        journal=lambda wc: f"{R}/tune/journal/{wc.method}/{wc.target}.log",
+    log:
+        f"{R}/logs/tune_method/{{method}}/{{target}}.log",
+    wildcard_constraints:
+        method="|".join(TUNED) if TUNED else "no-method",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
+    shell:
+        "{MERGEMIX} tune-method --threads {threads} --backend {params.backend:q} --method {wildcards.method:q} "
+        "--fixed {params.fixed:q} --space {params.space:q} --tune {params.tune:q} --search {params.search:q} "
+        "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} --eval {params.eval:q} "
+        "--journal {params.journal:q} --out {output.json:q} --out-csv {output.table:q} 2> {log:q}"
 WEIGHTS_ON = ME["strategy"] == "weights"
 # the search's settings (check_samples is the check's: changing it does not rerun the search)
 WEIGHTS_SPEC = js({k: v for k, v in (ME.get("weights") or {}).items() if k != "check_samples"})
@@ -18,11 +65,12 @@ rule merge_eval_method:
         manifests=lambda wc: [manifest(finetuned(c)) for c in CANDIDATES[wc.target]],
         target=lambda wc: prepared_files(wc.target),
         heads=lambda wc: head_files([wc.target]),
+        tuned=lambda wc: [tuned_json(wc.method, wc.target)] if wc.method in TUNED else [],
     output:
         f"{R}/merge_eval/methods/{{method}}/{{target}}.csv",
     params:
         backend=BACKEND,
-        merge=lambda wc: js({"method": wc.method, "options": {}}),
+        merge=lambda wc: js({"method": wc.method, "options": METHOD_OPTIONS.get(wc.method) or {}}),
         models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
         eval=EVAL_SPEC,
@@ -36,7 +84,7 @@ rule merge_eval_method:
     shell:
         "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
-        "--chunk 0 --chunks 1 --eval {params.eval:q} --test all --out {output:q} 2> {log:q}"
+        "--chunk 0 --chunks 1 --eval {params.eval:q} --test all --options-from {input.tuned:q} --out {output:q} 2> {log:q}"
 
 
 rule compare_methods:
@@ -45,6 +93,7 @@ rule compare_methods:
         pretrained=f"{R}/pretrained.csv",
         merge_eval=[f"{R}/merge_eval/methods/{m}/{t}.csv" for m in METHODS for t in TARGETS],
         mixture=[f"{R}/mixture/{t}.csv" for t in TARGETS] if MIXTURE_ON else [],
+        tuned=[tuned_json(m, t) for m in TUNED for t in TARGETS],
     output:
         table=report(f"{R}/methods.csv", caption="../report/methods.rst", category="Tables"),
         figures=report(expand(f"{R}/figures/methods.{{fmt}}", fmt=config["analysis"]["figure_formats"]),
@@ -52,6 +101,8 @@ rule compare_methods:
     params:
         merge_eval=[f"{m}:{t}={R}/merge_eval/methods/{m}/{t}.csv" for m in METHODS for t in TARGETS],
         mixture=[f"{t}={R}/mixture/{t}.csv" for t in TARGETS] if MIXTURE_ON else [],
+        options=js(METHOD_OPTIONS),
+        tuned=[f"{m}:{t}={tuned_json(m, t)}" for m in TUNED for t in TARGETS],
         formats=config["analysis"]["figure_formats"],
     log:
         f"{R}/logs/compare_methods.log",
@@ -60,7 +111,7 @@ rule compare_methods:
         **CPU_RES,
     shell:
         "{MERGEMIX} compare-methods --pretrained-csv {input.pretrained:q} --merge-eval {params.merge_eval:q} "
-        "--mixture {params.mixture:q} --out {output.table:q} --figure {R:q}/figures/methods --formats {params.formats:q} 2> {log:q}"
+        "--mixture {params.mixture:q} --options {params.options:q} --tuned {params.tuned:q} --out {output.table:q} --figure {R:q}/figures/methods --formats {params.formats:q} 2> {log:q}"
 
 
 rule weights_search:
@@ -180,6 +231,7 @@ def methods_files():
     files = []
     if METHODS:
         files += list(rules.compare_methods.input.merge_eval) + list(rules.compare_methods.output)
+        files += [f"{R}/tune/{m}/{t}.{ext}" for m in TUNED for t in TARGETS for ext in ("json", "csv")]
     if WEIGHTS_ON:
         for t in TARGETS:
             files += [f"{R}/weights/{t}.json", f"{R}/weights/{t}.csv", f"{R}/final/{t}.weighted.json",

@@ -43,11 +43,70 @@ else:
             "{MERGEMIX} fetch-pretrained --backend {params.backend:q} --out {output.model:q} 2> {log:q}"
 
 
-# every dataset some target has as a candidate: each is fine-tuned once
-FINETUNED = sorted({c for t in TARGETS for c in CANDIDATES[t]})
+# every dataset some target has as a candidate: each is fine-tuned once (or given: models)
+FINETUNED = sorted({c for t in TARGETS for c in CANDIDATES[t]} - set(GIVEN))
+HUB_MODELS = sorted(n for n, s in GIVEN.items() if "hub" in s)
 
 
-if PACK["finetune"] == 1:
+def given_files(name):
+    """What import_model reads of a given model: its local file or folder, or its hub download."""
+    spec = GIVEN[name]
+    return [f"{R}/given/{name}"] if "hub" in spec else [spec["path"]]
+
+
+if HUB_MODELS:
+
+    localrules:
+        download_model,
+
+    rule download_model:
+        """A given model's files from the hub at its pinned revision (a local rule: the only one
+        that downloads given models; jobs on compute nodes read the folder)."""
+        output:
+            directory(f"{R}/given/{{name}}"),
+        params:
+            spec=lambda wc: js(GIVEN[wc.name]),
+        log:
+            f"{R}/logs/download_model/{{name}}.log",
+        wildcard_constraints:
+            name="|".join(HUB_MODELS),
+        threads: 1
+        resources:
+            **CPU_RES,
+        shell:
+            "{MERGEMIX} download-model --spec {params.spec:q} --out {output:q} 2> {log:q}"
+
+
+if GIVEN:
+
+    rule import_model:
+        """A given fine-tuned model checked against the pre-trained one (base, keys, shapes,
+        distance) and saved in mergemix's format where the fine-tune would have written it."""
+        input:
+            pretrained=PRETRAINED,
+            pretrained_manifest=PRETRAINED_MANIFEST,
+            given=lambda wc: given_files(wc.dataset),
+        output:
+            model=f"{R}/models/finetuned/{{dataset}}/model.safetensors",
+            manifest=f"{R}/models/finetuned/{{dataset}}/model.json",
+        params:
+            backend=BACKEND,
+            spec=lambda wc: js(GIVEN[wc.dataset]),
+        log:
+            f"{R}/logs/import_model/{{dataset}}.log",
+        wildcard_constraints:
+            dataset="|".join(sorted(GIVEN)),
+        threads: GPU_THREADS
+        resources:
+            **GPU_RES,
+        shell:
+            "{MERGEMIX} import-model --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
+            "--spec {params.spec:q} --dataset {wildcards.dataset:q} --path {input.given:q} --out {output.model:q} 2> {log:q}"
+
+
+if not FINETUNED:
+    pass  # every candidate is given: nothing is fine-tuned
+elif PACK["finetune"] == 1:
 
     rule finetune:
         """theta_i: the pre-trained model fine-tuned on one dataset (identical hyperparameters for all)."""
@@ -131,7 +190,9 @@ rule eval_pretrained:
         "--pretrained {input.pretrained:q} --targets {params.targets:q} --out {output:q} 2> {log:q}"
 
 
-if PACK["finetune"] == 1:
+if not FINAL_ON:
+    pass  # final.enabled: false: the chosen mixtures are not fine-tuned
+elif PACK["finetune"] == 1:
 
     rule final_finetune:
         """Algorithm 1's deployed model: fine-tuned on the mixture selected by merged val accuracy."""

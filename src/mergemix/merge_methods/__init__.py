@@ -128,6 +128,45 @@ def linear_coefficients(method: str, k: int, **options) -> tuple[float, float] |
     return None if spec.linear is None else spec.linear(k, **resolve_options(method, options))
 
 
+def tunable_kinds(method: str) -> dict[str, str]:
+    """The options of ``method`` that ``merge_eval.tune`` can search: numbers as ranges (``float``,
+    ``int``), booleans and strings as choices; per-model ``weights`` are not tunable this way
+    (``merge_eval.strategy: weights`` searches mixture weights)."""
+    kinds = {float: "float", int: "int", bool: "choice", str: "choice"}
+    return {k: kinds[o.kind] for k, o in METHODS[method].options.items() if o.kind in kinds}
+
+
+def check_tune_space(method: str, space: Any, fixed: dict | None = None, prefix: str = "merge_eval.tune.space") -> list[str]:
+    """Problems with the tuning ``space`` of ``method`` (``{option: [low, high] | {choices: [...]}}``):
+    unknown or untunable options, empty ranges, ends or choices the option does not allow, and an
+    option tuned under two spellings or also fixed in ``fixed`` (``merge_eval.method_options``)."""
+    from mergemix.search.tune import parse_space
+
+    where = f"{prefix}.{method}"
+    if method not in METHODS:
+        return [f"{where}: unknown merge method {method!r}; allowed: {', '.join(method_names())}"]
+    dims, problems = parse_space(space, tunable_kinds(method), where)
+    declared = METHODS[method].options
+    for d in dims:
+        opt = declared[d.name]
+        values = list(d.choices) if d.kind == "choice" else [d.low, d.high]
+        bad = [v for v in values if not opt.accepts(v)]
+        if bad:
+            problems.append(f"{where}.{d.name}: {bad[0]!r} is not allowed for {d.name} of merge method {method!r}; "
+                            f"allowed: {opt.allowed}")
+    if not problems:
+        sample = {**(fixed or {}), **{d.name: (d.choices[0] if d.kind == "choice" else d.low) for d in dims}}
+        for key in sample:
+            target = declared[key].alias_of if key in declared else None
+            if target and target in sample:
+                problems.append(f"{where}: {key} and {target} are two spellings of one option of merge method {method!r} "
+                                f"(tuned or fixed together); keep one of them")
+        for d in dims:
+            if fixed and d.name in fixed:
+                problems.append(f"{where}.{d.name}: also fixed in merge_eval.method_options.{method}; tune it or fix it, not both")
+    return problems
+
+
 def registered(method: str) -> Callable[..., torch.Tensor]:
     """``method`` as a registry function ``fn(thetas, theta0=None, **options)``."""
     if method not in METHODS:
@@ -161,6 +200,6 @@ def register_all() -> list[str]:
 
 
 __all__ = [
-    "METHODS", "MergeMethod", "Option", "apply", "check_options", "linear_coefficients", "method_names",
-    "register_all", "resolve_options",
+    "METHODS", "MergeMethod", "Option", "apply", "check_options", "check_tune_space", "linear_coefficients",
+    "method_names", "register_all", "resolve_options", "tunable_kinds",
 ]

@@ -36,6 +36,7 @@ class Option:
     help: str = ""  # what the option does
     alias_of: str | None = None
     to_target: Callable[[Any], Any] | None = None
+    from_target: Callable[[Any], Any] | None = None  # the inverse of to_target (the alias's value of a target value)
     default_doc: str | None = None  # how to say the default when it is not a value
 
     def accepts(self, value: Any) -> bool:
@@ -89,7 +90,8 @@ def p_option() -> Option:
     return Option(
         None, float, "a number in [0, 1)", lambda v: 0 <= v < 1,
         "drop probability, another spelling of density = 1 - p (give one of them)",
-        alias_of="density", to_target=lambda p: round(1.0 - p, 12), default_doc="that of density",
+        alias_of="density", to_target=lambda p: round(1.0 - p, 12), from_target=lambda d: round(1.0 - d, 12),
+        default_doc="that of density",
     )
 
 

@@ -17,7 +17,7 @@ from ._options import Option, lambda_option, normalize_option, weights_option
 OPTIONS: dict[str, Option] = {
     "lambda": lambda_option(),
     "scale": Option(None, float, "a number > 0", lambda v: v > 0, "another spelling of lambda",
-                    alias_of="lambda", default_doc="that of lambda, 1.0"),
+                    alias_of="lambda", from_target=lambda v: v, default_doc="that of lambda, 1.0"),
     "weights": weights_option(),
     "normalize": normalize_option(False, "the sum of the weights"),
 }

@@ -1,0 +1,115 @@
+"""``mergemix tune-method``: a merge method's options tuned on a target's val split (``merge_eval.tune``).
+
+Each trial sets the method's options (fixed ones from ``merge_eval.method_options`` plus the
+proposed ones) and runs the study's subset search for the target with them (the search strategies
+of ``merge_eval.strategy``: exhaustive where 2^N-1 fits the budget); the trial's value is the best
+merged val accuracy that search finds. The tuned options are then used by the method's merge-eval
+over every subset (``merge_eval/methods/<method>/<target>.csv``), whose test accuracies
+``methods.csv`` reports: tuning sees val only, as the selection does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Mapping
+
+from mergemix import io, subsets
+
+log = logging.getLogger("mergemix")
+
+TUNE_DEFAULTS = {"budget": 12, "seed": 0, "n_startup_trials": 4}
+
+
+def start_options(method: str, fixed: dict) -> dict:
+    """The untuned setting: ``fixed`` over the method's declared defaults (absent aliases left out)."""
+    from mergemix.merge_methods import METHODS
+
+    declared = METHODS[method].options
+    out = {**{k: o.default for k, o in declared.items() if o.default is not None}, **fixed}
+    for key, opt in declared.items():  # an alias (dare's p) starts where its target (density) is
+        if key not in out and opt.alias_of in out and opt.from_target is not None:
+            out[key] = opt.from_target(out[opt.alias_of])
+    return out
+
+
+def tune_method(
+    backend_spec: dict, method: str, fixed: dict, space: dict, tune_spec: dict, search_spec: dict, pretrained,
+    model_paths: Mapping[str, str], target_dir, out_json, out_csv, journal=None, threads: int = 1,
+    eval_spec: dict | None = None,
+) -> dict:
+    import pandas as pd
+
+    from mergemix.data.prepared import load_prepared
+    from mergemix.merge_methods import check_tune_space, tunable_kinds
+    from mergemix.search import Objective, get_strategy, make_budget, run_search
+    from mergemix.search.tune import OptionTuner, parse_space
+    from mergemix.stages import _evaluator, _search_fingerprint
+
+    problems = check_tune_space(method, space, fixed)
+    if problems:
+        raise ValueError("; ".join(problems))
+    dims, _ = parse_space(space, tunable_kinds(method), f"merge_eval.tune.space.{method}")
+    spec = {**TUNE_DEFAULTS, **tune_spec}
+    ev = _evaluator(backend_spec, {"method": method, "options": fixed}, pretrained, model_paths, threads, eval_spec)
+    target = load_prepared(target_dir)
+    n, n_val = len(ev.names), len(target.indices["val"])
+    cls = get_strategy(search_spec["strategy"])
+    budget = make_budget(search_spec["budget"], n, n_val, cls.cost)
+    score = ev.scorer(target, seed=search_spec["seed"], test="selected")  # val only
+
+    def trial_score(options: dict):
+        ev.set_options({**fixed, **options})
+        strategy = cls(n, seed=search_spec["seed"], **search_spec.get("options", {}))
+        result = run_search(strategy, Objective(score, n, n_val, budget))
+        best = result.best
+        subset = subsets.subset_id(subsets.mask_to_names(best.mask, ev.names))
+        return float(best.value), {"subset": subset, "evaluations": result.evaluations}
+
+    if journal is not None:
+        Path(journal).parent.mkdir(parents=True, exist_ok=True)
+    fp = _search_fingerprint(backend_spec, {"method": method, "options": fixed},
+                             {**search_spec, "options": {"inner": search_spec.get("options", {}), "space": space, "tune": spec}},
+                             model_paths, target_dir, eval_spec)
+    tuner = OptionTuner(dims, spec["budget"], spec["seed"], start_options(method, fixed),
+                        n_startup_trials=spec["n_startup_trials"], journal=journal, study_name=f"tune-{method}-{target.name}-{fp}")
+    t0, last = time.time(), [0.0]
+
+    def progress(trial, done, total):
+        now = time.time()
+        if now - last[0] >= 30 or done == total:
+            last[0] = now
+            rate = done / max(now - t0, 1e-9)
+            log.info("tuning %s on %s: %d/%d settings (%.2f/s, ETA %.0fs), %s -> val_acc %.4f (%s)", method, target.name,
+                     done, total, rate, (total - done) / rate, trial.options, trial.value, trial.info.get("subset"))
+
+    result = tuner.run(trial_score, on_trial=progress)
+    rows = [{"order": r.order, **{f"option_{k}": v for k, v in r.options.items()}, "val_acc": r.value,
+             "subset": r.info.get("subset"), "evaluations": r.info.get("evaluations")} for r in result.records]
+    io.write_csv(out_csv, pd.DataFrame(rows))
+    best = result.best
+    summary = {
+        "method": method, "target": target.name, "candidates": ev.names, "space": space, "fixed": fixed,
+        "budget": spec["budget"], "seed": spec["seed"], "sampler": "tpe",
+        "subset_search": {"strategy": cls.name, "budget": search_spec["budget"], "seed": search_spec["seed"]},
+        "trials": len(result.records),
+        "start": None if result.start is None else
+        {"options": result.start.options, "val_acc": result.start.value, "subset": result.start.info.get("subset")},
+        "best": {"options": best.options, "val_acc": best.value, "subset": best.info.get("subset")},
+        "options": {**fixed, **best.options},  # what the method's merge-eval uses
+        "seconds": round(time.time() - t0, 3),
+    }
+    io.write_json(out_json, summary)
+    log.info("tuned %s on %s: %s (val %.4f, best subset %s); untuned val %s", method, target.name, best.options,
+             best.value, best.info.get("subset"), "-" if result.start is None else f"{result.start.value:.4f}")
+    return summary
+
+
+def tuned_options(path) -> dict:
+    """The options a ``tune-method`` JSON says the method's merge-eval uses (checked to be a mapping)."""
+    data = io.read_json(path)
+    options = data.get("options") if isinstance(data, dict) else None
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: not a tune-method result (no 'options' mapping); rerun the tune_method rule")
+    return options
