@@ -4,7 +4,8 @@
   ``meta-llama/Meta-Llama-3-8B-Instruct``). ``fetch_pretrained`` (a local rule, the only step
   that downloads) puts them in ``models/pretrained/base/`` and saves the freshly initialised
   adapter as theta_0; every other job loads the base from that folder with the hubs offline.
-* Only the adapter is fine-tuned, saved (safetensors) and merged. A job loads the base model once;
+* Only the adapter is fine-tuned, saved (safetensors) and merged (``adapter: none``: the full
+  weights, see the last point). A job loads the base model once;
   merge-eval writes each merged adapter into the one live model. What is merged (the merge space,
   :meth:`CausalLMBackend.merge_space_params` and ``to_merge_space``):
 
@@ -43,6 +44,14 @@
   state at a time.
 * Embeddings (appendix A.4): the mean of the last hidden layer over tokens that are neither
   special nor padding, over the full sample (assistant turns included).
+* ``adapter: none``: full weights, no adapter. Every floating parameter of the base model is
+  fine-tuned (the same training loop), saved and merged by its transformers name
+  (``model.layers.0.self_attn.q_proj.weight``...); theta_0 is the base model's weights, saved by
+  ``fetch_pretrained`` in mergemix's safetensors format (in the dtype the base folder stores).
+  This is how given full fine-tunes (``models:`` with ``format: causal_lm_hf``) are merged. The
+  merge engine holds every fine-tuned model in its ``[N, P]`` matrix (N full models in memory,
+  plus theta_0 and the live model), and ``evaluate_many`` scores one merged model at a time
+  (``merges_per_forward`` 1): this mode is for small models.
 """
 
 from __future__ import annotations
@@ -331,6 +340,7 @@ def _merge_forward(layer):
 
 
 LORA_MERGES = ("products", "factors")
+ADAPTERS = ("ia3", "lora", "none")  # none: full weights (every floating parameter is merged)
 
 
 @register_backend
@@ -343,7 +353,7 @@ class CausalLMBackend(Backend):
     defaults = {
         "model": "meta-llama/Meta-Llama-3-8B-Instruct",  # hub id or local folder
         "revision": None,
-        "adapter": "ia3",  # ia3 | lora
+        "adapter": "ia3",  # ia3 | lora | none (full weights: small models only)
         "target_modules": ["k_proj", "v_proj", "down_proj"],
         "feedforward_modules": ["down_proj"],  # ia3 only: scale the input of these modules
         "lora_r": 8,
@@ -364,6 +374,11 @@ class CausalLMBackend(Backend):
     @classmethod
     def check_params(cls, params: dict) -> list[str]:
         problems = super().check_params(params)
+        if params.get("adapter") not in ADAPTERS:
+            problems.append(
+                f"backend.params.adapter: {params.get('adapter')!r} is not allowed for backend {cls.name!r}; "
+                f"allowed: {', '.join(ADAPTERS)} (none: full weights, every parameter merged; small models only)"
+            )
         if params.get("lora_merge") not in LORA_MERGES:
             problems.append(
                 f"backend.params.lora_merge: {params.get('lora_merge')!r} is not allowed for backend {cls.name!r}; "
@@ -375,8 +390,8 @@ class CausalLMBackend(Backend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         p = self.params
-        if p["adapter"] not in ("ia3", "lora"):
-            raise ValueError(f"backend causal_lm: adapter {p['adapter']!r} is not allowed; allowed: ia3, lora")
+        if p["adapter"] == "none":
+            self.merges_per_forward = 1  # full models are not stacked: evaluate_many scores one at a time
         if p["embed_training_data"] not in ("full", "split"):
             raise ValueError("backend causal_lm: embed_training_data must be 'full' or 'split'")
         self.tokenizer = None
@@ -392,10 +407,16 @@ class CausalLMBackend(Backend):
             raise ValueError(f"backend causal_lm: precision {prec!r} not allowed; allowed: auto, {', '.join(table)}")
         return table[prec]
 
+    def full_weights(self) -> bool:
+        """``adapter: none``: the base model's own weights are fine-tuned and merged."""
+        return self.params["adapter"] == "none"
+
     def peft_config(self):
         from peft import IA3Config, LoraConfig, TaskType
 
         p = self.params
+        if self.full_weights():
+            raise ValueError("backend causal_lm with adapter: none has no peft adapter")
         if p["adapter"] == "ia3":
             ff = [m for m in p["feedforward_modules"] if m in p["target_modules"]]
             return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=list(p["target_modules"]), feedforward_modules=ff)
@@ -405,6 +426,10 @@ class CausalLMBackend(Backend):
         )
 
     def attach_adapter(self, base):
+        if self.full_weights():
+            for p in base.parameters():
+                p.requires_grad_(p.is_floating_point())
+            return base
         from peft import get_peft_model
 
         torch.manual_seed(int(self.params["init_seed"]))
@@ -412,7 +437,8 @@ class CausalLMBackend(Backend):
         return model
 
     def fetch_pretrained(self, out_path) -> dict:
-        """Put the base model and tokenizer in a local folder and save the initial adapter (theta_0)."""
+        """Put the base model and tokenizer in a local folder and save the initial adapter (theta_0;
+        ``adapter: none``: the base model's weights)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from mergemix import __version__, io
@@ -435,22 +461,27 @@ class CausalLMBackend(Backend):
             origin = {"hub": repo, "revision": rev, "resolved_revision": commit}
         tok = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
         render(tok, [{"role": "user", "content": "hi"}])  # fail here, not in a GPU job, without a chat template
-        # the adapter's shapes need only the architecture: build the base on the meta device
-        cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
-        with torch.device("meta"):
-            base = AutoModelForCausalLM.from_config(cfg)
-        model = self.attach_adapter(base)
-        self._materialize_adapter(model)
+        if self.full_weights():  # theta_0 is the base model's weights, as the folder stores them
+            model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto", local_files_only=True)
+            model = self.attach_adapter(model)
+        else:  # the adapter's shapes need only the architecture: build the base on the meta device
+            cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+            with torch.device("meta"):
+                base = AutoModelForCausalLM.from_config(cfg)
+            model = self.attach_adapter(base)
+            self._materialize_adapter(model)
         state = {k: v.detach().cpu() for k, v in self.merge_params(model).items()}
+        n = int(sum(v.numel() for v in state.values()))
         manifest = {
             "kind": "pretrained",
             "backend": self.describe(),
             "base_model": _rel_or_abs(base_dir, out_path.parent),
             "origin": origin,
-            "adapter_parameters": int(sum(v.numel() for v in state.values())),
+            ("merge_parameters" if self.full_weights() else "adapter_parameters"): n,
             "mergemix_version": __version__,
         }
-        log.info("base model in %s; adapter with %d parameters", base_dir, manifest["adapter_parameters"])
+        log.info("base model in %s; %s with %d parameters", base_dir,
+                 "full weights" if self.full_weights() else "adapter", n)
         return io.save_model(out_path, state, manifest)
 
     def _materialize_adapter(self, model) -> None:
@@ -503,7 +534,10 @@ class CausalLMBackend(Backend):
         return model
 
     def merge_params(self, model) -> Dict[str, torch.nn.Parameter]:
-        """The adapter's parameters (the only trainable ones), by their stable names."""
+        """The adapter's parameters (the only trainable ones), by their stable names; ``adapter:
+        none``: every floating parameter of the model (tied weights once, by their first name)."""
+        if self.full_weights():
+            return {k: p for k, p in model.named_parameters() if p.is_floating_point()}
         params = {k: p for k, p in model.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("the model has no trainable adapter parameters; was the adapter attached?")
