@@ -27,6 +27,14 @@ rule all:
 
 
 onstart:
+    # say where jobs run: a Slurm run is never mistaken for a local one (or the reverse)
+    _plugin = getattr(workflow, "executor_plugin", None)
+    _executor = getattr(_plugin, "name", None) or "local"
+    print(
+        f"mergemix: study {STUDY!r}, results in {R}; executor: {_executor}"
+        + (" (jobs run on this machine; for Slurm: snakemake --profile slurm ...)" if _executor == "local" else ""),
+        flush=True,
+    )
     # one checkout at a time per results folder (Snakemake's own lock is per checkout)
     from mergemix.runlock import LockError, acquire
 

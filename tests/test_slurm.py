@@ -58,10 +58,10 @@ def _config(tmp, results, broken=False):
     return path
 
 
-def _slurm(configfile, logdir):
+def _slurm(configfile, logdir, profile="workflow/profiles/slurm"):
     cmd = [
         "timeout", "-k", "10", "900", sys.executable, "-m", "snakemake",
-        "--profile", "workflow/profiles/slurm", "--configfile", str(configfile),
+        "--profile", profile, "--configfile", str(configfile),
         # this CI cluster has no slurmdbd: poll squeue (MinJobAge=600 in its slurm.conf), no accounts
         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
         "--slurm-no-account", "--slurm-logdir", str(logdir),
@@ -97,6 +97,7 @@ def test_slurm_profile_runs_resumes_and_matches_a_local_run(cluster, tmp_path):
     r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(local_cfg)],
                        cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "executor: local (jobs run on this machine" in r.stdout + r.stderr  # never mistaken for Slurm
     local = tmp_path / "local" / "slurm"
 
     # 1. a failing job: non-zero exit, no hang; independent branches still finish (keep-going). The
@@ -110,9 +111,11 @@ def test_slurm_profile_runs_resumes_and_matches_a_local_run(cluster, tmp_path):
     }
     assert not (out / "models/finetuned/mirror").exists()
 
-    # 2. fixed and rerun: resumes from what finished, and matches the local run exactly
-    code, log2 = _slurm(_config(tmp_path, tmp_path / "cluster"), tmp_path / "logs2")
+    # 2. fixed and rerun, with the short form users type (`--profile slurm`, found by name from
+    # the project root): resumes from what finished, and matches the local run exactly
+    code, log2 = _slurm(_config(tmp_path, tmp_path / "cluster"), tmp_path / "logs2", profile="slurm")
     assert code == 0, log2[-4000:]
+    assert "executor: slurm" in log2 and "executor: slurm" in log1
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
     jobs = _submitted(log2)
     assert "pretrain" not in jobs and len(jobs.get("prepare_data", [])) == 1  # only mirror's data again

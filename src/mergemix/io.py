@@ -38,6 +38,13 @@ def _disk_full(path, e: OSError) -> DiskFullError:
     )
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
@@ -52,6 +59,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
         tmp_path = Path(tmp)
         yield tmp_path
+        # mkstemp creates the file 0600 (and some writers, safetensors, recreate it so): give it the
+        # mode a plain open() would (0666 less the umask), so a group sharing the folder can read it
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except OSError as e:
         if e.errno in _FULL and not isinstance(e, DiskFullError):
