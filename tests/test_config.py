@@ -156,3 +156,30 @@ def test_methods_and_weights_are_accepted(default_config):
     from mergemix.config import resolve_strategy
 
     assert resolve_strategy(cfg, 6) == "exhaustive"  # the binary start of weights is searched as with auto
+
+
+@pytest.mark.parametrize("spec,key_fix", [
+    ({"source": "jsonl_chat", "path": "nowhere/chats.jsonl"}, "datasets.mine.path: nowhere/chats.jsonl (no such file)"),
+    ({"source": "image_folder", "path": "nowhere/images"}, "datasets.mine.path: nowhere/images (no such file)"),
+])
+def test_missing_local_inputs_are_refused_before_any_job(default_config, spec, key_fix, tmp_path):
+    default_config["datasets"]["mine"] = spec
+    assert key_fix in _error(default_config)
+    # a file where a folder is expected is named too
+    if spec["source"] == "image_folder":
+        f = tmp_path / "file.txt"
+        f.write_text("x")
+        default_config["datasets"]["mine"] = {**spec, "path": str(f)}
+        assert "(not a folder)" in _error(default_config)
+
+
+def test_missing_local_inputs_stop_the_dag_build(default_config, tmp_path):
+    import subprocess
+    import sys
+
+    default_config["datasets"]["mine"] = {"source": "jsonl_chat", "path": str(tmp_path / "gone.jsonl")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(default_config))
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and f"datasets.mine.path: {tmp_path / 'gone.jsonl'} (no such file)" in r.stdout + r.stderr

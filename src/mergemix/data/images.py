@@ -80,7 +80,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-@register_source("image_folder", params={"path": None, **COMMON})
+@register_source("image_folder", params={"path": None, **COMMON}, local_paths={"path": "folder"})
 def image_folder(spec: dict, seed: int, local_dir=None) -> RawDataset:
     """``path/<class>/*.jpg`` (all splits carved), or ``path/{train,val,test}/<class>/*.jpg``
     (fixed splits; ``train`` required, a missing ``val`` is carved from train)."""

@@ -37,16 +37,20 @@ SourceFn = Callable[[dict, int, Optional[Path]], RawDataset]
 DownloadFn = Callable[[dict, Path], dict]
 SOURCES: Dict[str, SourceFn] = {}
 SOURCE_PARAMS: Dict[str, dict] = {}
+LOCAL_PATHS: Dict[str, dict] = {}  # source -> {spec key: "file" | "folder"}
 DOWNLOADERS: Dict[str, DownloadFn] = {}
 
 
-def register_source(name: str, params: dict | None = None, download: DownloadFn | None = None):
+def register_source(name: str, params: dict | None = None, download: DownloadFn | None = None,
+                    local_paths: dict | None = None):
     """Register a source.
 
     ``params`` maps each allowed spec key to its allowed values (or None for any value).
     ``download(spec, out_dir) -> info`` (optional) fetches what the source needs into ``out_dir``;
     the workflow runs it as a local rule (login nodes have internet, compute nodes often not) and
-    every later job reads only local files.
+    every later job reads only local files. ``local_paths`` maps spec keys that name a local input
+    to ``"file"`` or ``"folder"``: a missing one is refused at config check (and so when the DAG is
+    built), naming the key and the path, instead of hours later in a job.
     """
 
     def deco(fn: SourceFn) -> SourceFn:
@@ -54,6 +58,7 @@ def register_source(name: str, params: dict | None = None, download: DownloadFn 
             raise ValueError(f"dataset source {name!r} is already registered")
         SOURCES[name] = fn
         SOURCE_PARAMS[name] = dict(params or {})
+        LOCAL_PATHS[name] = dict(local_paths or {})
         if download is not None:
             DOWNLOADERS[name] = download
         return fn
@@ -93,6 +98,14 @@ def check_spec(name: str, spec: dict) -> list[str]:
             problems.append(
                 f"datasets.{name}.{key}: {value!r} is not allowed; allowed: {', '.join(map(str, allowed[key]))}"
             )
+    for key, kind in LOCAL_PATHS.get(src, {}).items():
+        if key in spec and isinstance(spec[key], str):
+            path = Path(spec[key]).expanduser()
+            ok = path.is_file() if kind == "file" else path.is_dir()
+            if not ok:
+                what = "no such file" if not path.exists() else f"not a {kind}"
+                problems.append(f"datasets.{name}.{key}: {spec[key]} ({what}); give the {kind} of the dataset "
+                                "(a relative path is from the folder snakemake or mergemix runs in)")
     return problems
 
 

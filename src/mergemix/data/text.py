@@ -206,7 +206,7 @@ def read_jsonl_file(path, what: str) -> list[dict]:
     return rows
 
 
-@register_source("jsonl_chat", params={"path": None, **CHAT_PARAMS})
+@register_source("jsonl_chat", params={"path": None, **CHAT_PARAMS}, local_paths={"path": "file"})
 def jsonl_chat(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
     rows = read_jsonl_file(spec["path"], "jsonl_chat")
     columns = sorted({k for r in rows for k in r})
