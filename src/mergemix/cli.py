@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("configfile")
     s.add_argument("--schema", default=None)
 
-    s = stage("pin-revisions", "pin a study's hub datasets to commits in its config file (local; asks the hub)")
+    s = stage("pin-revisions", "pin a study's hub datasets and given models to commits in its config file (local; asks the hub)")
     s.add_argument("configfile")
     s.add_argument("--from-downloads", action="store_true",
                    help="take the commits the study's downloads recorded (no network) instead of asking the hub")
