@@ -41,6 +41,9 @@ COLUMNS = ["subset", "size", "val_acc", "test_acc", "order", "val_examples"]
 TEST_MODES = ("all", "selected")
 
 
+PROGRESS_SECONDS = 30.0  # a job-log line at least this often (tail -f answers "how long still")
+
+
 class MergeEvaluator:
     """``incremental=False`` merges every subset from scratch (the reference path, for benchmarks);
     ``reanchor_every``: incremental row operations after which the running sum is rebuilt (None:
@@ -177,7 +180,7 @@ class MergeEvaluator:
             raise ValueError(f"{len(orders)} orders for {len(masks)} masks")
         wanted = set(test_masks)
         rows = []
-        t0 = time.time()
+        t0 = last = time.time()
         n_val = len(target.indices["val"])
         k = max(1, int(getattr(self.backend, "merges_per_forward", 1)))
         pairs = list(zip(masks, orders))
@@ -198,8 +201,13 @@ class MergeEvaluator:
                 self.mask = None  # evaluate_many leaves the live weights undefined
                 rows += [self.row(m, v, tests.get(i, float("nan")), o, n_val) for i, ((m, o), v) in enumerate(zip(group, vals))]
             done = start + len(group)
-            if done // 50 > (done - len(group)) // 50:
-                log.info("%d/%d merged models evaluated (%.1fs)", done, len(masks), time.time() - t0)
+            now = time.time()
+            if now - last >= PROGRESS_SECONDS or done == len(pairs):
+                last = now
+                rate = done / max(now - t0, 1e-9)
+                best = max(rows, key=lambda r: r["val_acc"])
+                log.info("merge-eval: %d/%d merged models (%.1f/s, ETA %.0fs), best val_acc so far %.4f (%s)",
+                         done, len(pairs), rate, (len(pairs) - done) / rate, best["val_acc"], best["subset"])
         df = pd.DataFrame(rows, columns=COLUMNS)
         if test == "selected" and len(df):
             self.fill_best_test(df, target)
