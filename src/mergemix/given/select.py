@@ -25,7 +25,7 @@ def _pretrained(backend_spec: dict, pretrained, work: Path, threads: int) -> Pat
     p = Path(pretrained)
     if p.is_file() and io.manifest_path(p).is_file():
         return p
-    if p.is_dir() and (p / "model.safetensors").is_file():
+    if p.is_dir() and io.manifest_path(p / "model.safetensors").is_file() and (p / "model.safetensors").is_file():
         return p / "model.safetensors"
     backend = stages.get_backend(backend_spec, threads=threads)
     if getattr(backend, "can_pretrain", False):
@@ -33,6 +33,10 @@ def _pretrained(backend_spec: dict, pretrained, work: Path, threads: int) -> Pat
                          f"the {backend_spec['name']!r} backend is pre-trained by a study: give that study's "
                          "models/pretrained/model.safetensors")
     out = (p if p.suffix != ".safetensors" else p.parent) / "model.safetensors"
+    if out.exists():  # e.g. the base model's own weights (a transformers folder): never overwritten
+        raise ValueError(f"--pretrained {pretrained}: {out} is not a mergemix model (no {io.manifest_path(out).name} "
+                         "beside it) and is not overwritten; give a mergemix pre-trained model, or a new folder to "
+                         f"fetch the {backend_spec['name']!r} backend's pre-trained model into")
     stages.fetch_pretrained(backend_spec, out, threads=threads)
     return out
 
