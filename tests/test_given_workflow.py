@@ -115,3 +115,12 @@ def test_bad_models_sections_are_refused_by_name(tmp_path, default_config):
     assert "models.rotate" in error({**full, "rotate": {"path": str(some), "hub": "org/repo"}})
     ok = validate_config({**base, "models": {**full, "rotate": {"hub": "org/repo", "revision": "main"}}})
     assert ok["models"]["rotate"]["format"] == "auto" and ok["final"]["enabled"] is False
+
+
+def test_the_given_vision_study_plans_and_trains_nothing():
+    """config/clip_vit_b32_given.yaml (fusion_bench's public ViT-B/32 fine-tunes) plans here; it
+    needs the hub to run: downloads, then imports, merge-eval and analysis, and no training job."""
+    plan = planned_jobs(ROOT / "config" / "clip_vit_b32_given.yaml")
+    assert plan["download_model"] == plan["import_model"] == 8
+    assert plan["merge_eval"] == 16 and plan["analyze"] == 1
+    assert not TRAINING_RULES & set(plan) and "mixture_eval" not in plan
