@@ -183,3 +183,15 @@ def test_missing_local_inputs_stop_the_dag_build(default_config, tmp_path):
     r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and f"datasets.mine.path: {tmp_path / 'gone.jsonl'} (no such file)" in r.stdout + r.stderr
+
+
+def test_checkpoint_settings_reach_every_fine_tune_job(default_config, tmp_path):
+    assert validate_config(dict(default_config))["checkpoint"] == {"every_minutes": 10, "every_steps": None}
+    default_config["checkpoint"] = {"every_minutes": 2.5, "every_steps": 50}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**default_config, "results_dir": str(tmp_path / "r")}))
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--configfile", str(path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmds = [line for line in r.stdout.splitlines() if " -m mergemix " in line and "finetune" in line.split(" -m mergemix ")[1][:24]]
+    assert cmds and all("--checkpoint-every-seconds 150 --checkpoint-every-steps 50" in c for c in cmds)

@@ -26,7 +26,7 @@ RULES = ROOT / "workflow" / "rules"
 WEIRD = "res dir;touch PWNED"
 TARGET = "mirror"  # the only target of the study below: every rule runs, at half a full study's jobs
 # shell fields that are not paths or free text: numbers, or wildcards restricted to digits
-UNQUOTED_OK = {"MERGEMIX", "threads", "params.chunks", "params.workers", "wildcards.chunk", "wildcards.worker"}
+UNQUOTED_OK = {"MERGEMIX", "CHECKPOINT_ARGS", "threads", "params.chunks", "params.workers", "wildcards.chunk", "wildcards.worker"}
 
 
 def job_stats(log: str) -> dict:

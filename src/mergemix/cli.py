@@ -82,15 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True)
 
+    def checkpoint_args(s) -> None:  # the fine-tune stages' checkpoints (resumed when a killed job is rerun)
+        s.add_argument("--checkpoint-every-steps", type=int, default=None,
+                       help="save the training state to OUT.ckpt/ every N steps (0: not by steps; default: "
+                            "$MERGEMIX_CHECKPOINT_EVERY_STEPS, else not by steps)")
+        s.add_argument("--checkpoint-every-seconds", type=float, default=None,
+                       help="save the training state to OUT.ckpt/ every N seconds (0: not by time; default: "
+                            "$MERGEMIX_CHECKPOINT_EVERY_SECONDS, else 600)")
+
     s = stage("finetune", "fine-tune the pre-trained model on one dataset or a mixture", backend=True, hparams=True, pretrained=True)
     s.add_argument("--data", nargs="+", required=True, help="prepared dataset folders (several = a mixture)")
     s.add_argument("--out", required=True)
+    checkpoint_args(s)
 
     s = stage("finetune-pack", "several fine-tunes in one process, each as its own finetune job would write it",
               backend=True, hparams=True, pretrained=True)
     s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every dataset the fine-tunes use")
     s.add_argument("--subsets", nargs="+", required=True, help="the datasets of each fine-tune, as subset ids (a+b+c)")
     s.add_argument("--out", nargs="+", required=True, help="each fine-tune's model file, in the order of --subsets")
+    checkpoint_args(s)
 
     s = stage("final-finetune", "fine-tune on the mixture selected by merge-eval and test it", backend=True, hparams=True, pretrained=True)
     s.add_argument("--merge-eval", required=True)
@@ -98,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--eval-out", required=True)
+    checkpoint_args(s)
 
     s = stage("final-finetune-pack", "several targets' final-finetune in one process", backend=True, hparams=True, pretrained=True)
     s.add_argument("--candidates", type=_json, required=True, help='JSON: {"target": [candidates]} for every target of the pack')
@@ -105,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merge-eval", nargs="+", required=True, help="TARGET=CSV")
     s.add_argument("--out", nargs="+", required=True, help="TARGET=MODEL")
     s.add_argument("--eval-out", nargs="+", required=True, help="TARGET=JSON")
+    checkpoint_args(s)
 
     s = stage("merge-eval", "evaluate the merged models of one chunk of subsets", backend=True, pretrained=True)
     s.add_argument("--merge", type=_json, required=True)
@@ -297,17 +309,21 @@ def run(args) -> None:
         stages.head(args.backend, args.pretrained, args.data, args.out, t, templates=args.templates)
     elif args.stage == "pretrain":
         stages.pretrain(args.backend, args.hparams, args.data, args.out, t)
-    elif args.stage == "finetune":
-        stages.finetune(args.backend, args.hparams, args.pretrained, args.data, args.out, t)
-    elif args.stage == "finetune-pack":
-        stages.finetune_pack(args.backend, args.hparams, args.pretrained, _pack_jobs(_pairs(args.data), args.subsets, args.out), t)
-    elif args.stage == "final-finetune":
-        r = stages.final_finetune(
-            args.backend, args.hparams, args.pretrained, args.merge_eval, _pairs(args.data), args.target, args.out, args.eval_out, t
-        )
-        logging.getLogger("mergemix").info("final model: %s", r)
-    elif args.stage == "final-finetune-pack":
-        stages.final_finetune_pack(args.backend, args.hparams, args.pretrained, _final_jobs(args), t)
+    elif args.stage in ("finetune", "finetune-pack", "final-finetune", "final-finetune-pack"):
+        every = {"checkpoint_every_steps": args.checkpoint_every_steps, "checkpoint_every_seconds": args.checkpoint_every_seconds}
+        if args.stage == "finetune":
+            stages.finetune(args.backend, args.hparams, args.pretrained, args.data, args.out, t, **every)
+        elif args.stage == "finetune-pack":
+            stages.finetune_pack(args.backend, args.hparams, args.pretrained, _pack_jobs(_pairs(args.data), args.subsets, args.out),
+                                 t, **every)
+        elif args.stage == "final-finetune":
+            r = stages.final_finetune(
+                args.backend, args.hparams, args.pretrained, args.merge_eval, _pairs(args.data), args.target, args.out,
+                args.eval_out, t, **every,
+            )
+            logging.getLogger("mergemix").info("final model: %s", r)
+        else:
+            stages.final_finetune_pack(args.backend, args.hparams, args.pretrained, _final_jobs(args), t, **every)
     elif args.stage == "merge-eval":
         if len(args.options_from) > 1:
             raise SystemExit(f"mergemix: --options-from takes one tune-method JSON, got {len(args.options_from)}")

@@ -97,30 +97,91 @@ def _prepared(data_dir, loaded: dict):
     return loaded[key]
 
 
-def _finetune(backend, hp: dict, pretrained, data_dirs: Sequence, out_path, loaded: dict | None = None, pre: dict | None = None):
+CHECKPOINT_STEPS_ENV = "MERGEMIX_CHECKPOINT_EVERY_STEPS"
+CHECKPOINT_SECONDS_ENV = "MERGEMIX_CHECKPOINT_EVERY_SECONDS"
+CHECKPOINT_SECONDS_DEFAULT = 600.0
+
+
+def checkpoint_path(out_path) -> Path:
+    """The checkpoint folder of a fine-tune writing ``out_path``: ``<out_path>.ckpt`` (it holds
+    ``state.safetensors`` while the fine-tune runs and is removed once the model is saved)."""
+    return Path(f"{out_path}.ckpt")
+
+
+def _checkpoint_every(steps=None, seconds=None) -> tuple[int | None, float | None]:
+    """How often a fine-tune saves its checkpoint: the arguments, else the environment variables
+    ``MERGEMIX_CHECKPOINT_EVERY_STEPS`` (default: not by steps) and
+    ``MERGEMIX_CHECKPOINT_EVERY_SECONDS`` (default: 600); 0 (or none, off) turns a rule off."""
+    import math
+    import os
+
+    def value(given, var, kind, default):
+        source = f"{var}={os.environ.get(var)!r}" if given is None else f"{given!r}"
+        if given is None:
+            given = os.environ.get(var, "").strip()
+            if given == "":
+                return default
+            if given.lower() in ("none", "off", "no", "false"):
+                return None
+        try:
+            v = kind(given)
+        except (TypeError, ValueError, OverflowError):
+            v = None
+        if kind is int and isinstance(given, float) and v != given:
+            v = None  # 2.5 steps
+        if v is None or isinstance(given, bool) or not math.isfinite(v) or v < 0:
+            what = "a whole number of steps" if kind is int else "a number of seconds"
+            raise ValueError(f"checkpoint interval {source} is not allowed; give {what} >= 1, or 0 to turn it off")
+        return v or None
+
+    return (value(steps, CHECKPOINT_STEPS_ENV, int, None),
+            value(seconds, CHECKPOINT_SECONDS_ENV, float, CHECKPOINT_SECONDS_DEFAULT))
+
+
+def _finetune(backend, hp: dict, pretrained, data_dirs: Sequence, out_path, loaded: dict | None = None, pre: dict | None = None,
+              checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None):
     """Fine-tune the pre-trained model and save it with its manifest. ``loaded`` (data folder ->
     prepared dataset) and ``pre`` (the checked pre-trained manifest) let a pack of fine-tunes read
-    each once (:func:`finetune_pack`)."""
+    each once (:func:`finetune_pack`).
+
+    The training state is checkpointed to :func:`checkpoint_path` every ``checkpoint_every_steps``
+    steps or ``checkpoint_every_seconds`` seconds (None: :func:`_checkpoint_every`'s environment
+    variables); a rerun after a kill resumes from it and writes the same model bytes as an
+    uninterrupted run. The checkpoint is removed once the model is saved."""
+    from mergemix.backends.training import Checkpoint, checkpointing, remove_checkpoint
     from mergemix.provenance import pretrained_manifest
 
+    every_steps, every_seconds = _checkpoint_every(checkpoint_every_steps, checkpoint_every_seconds)
     model = backend.load_pretrained(pretrained)
     if pre is None:
         pre = pretrained_manifest(pretrained, backend)  # made with this backend's configuration (init_seed...)
     if loaded is None:
         loaded = {}
     data = [_prepared(d, loaded) for d in data_dirs]
+    described = backend.describe()
+    trained = {k: v for k, v in (described.get("params") or {}).items() if k not in backend.merge_only_params}
+    checkpoint = Checkpoint(
+        checkpoint_path(out_path), every_steps, every_seconds, keep=True,
+        fingerprint={"backend": {**described, "params": trained}, "pretrained_sha256": pre["sha256"],
+                     "data": [[d.name, d.sha256] for d in data], "mergemix_version": __version__},
+    )
     t0 = time.time()
-    metrics = backend.finetune(model, data, hp)
+    with checkpointing(checkpoint):
+        metrics = backend.finetune(model, data, hp)
     log.info("fine-tuned on %s in %.1fs: %s", "+".join(d.name for d in data), time.time() - t0, metrics)
     manifest = io.save_model(
         out_path, backend.state_to_save(model), _manifest(backend, "finetuned", data, hp, metrics, pretrained_sha256=pre["sha256"])
     )
+    remove_checkpoint(checkpoint.path)
     return model, manifest
 
 
-def finetune(backend_spec: dict, hp: dict, pretrained, data_dirs: Sequence, out_path, threads: int = 1) -> dict:
-    """Fine-tune the pre-trained model on the union of the train splits of ``data_dirs``."""
-    return _finetune(get_backend(backend_spec, threads=threads), hp, pretrained, data_dirs, out_path)[1]
+def finetune(backend_spec: dict, hp: dict, pretrained, data_dirs: Sequence, out_path, threads: int = 1,
+             checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None) -> dict:
+    """Fine-tune the pre-trained model on the union of the train splits of ``data_dirs``
+    (checkpointed and resumed as :func:`_finetune` says)."""
+    return _finetune(get_backend(backend_spec, threads=threads), hp, pretrained, data_dirs, out_path,
+                     checkpoint_every_steps=checkpoint_every_steps, checkpoint_every_seconds=checkpoint_every_seconds)[1]
 
 
 def _fresh_rng():
@@ -133,7 +194,8 @@ def _fresh_rng():
     return lambda: torch.manual_seed(seed)
 
 
-def finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence, threads: int = 1) -> list[dict]:
+def finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence, threads: int = 1,
+                  checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None) -> list[dict]:
     """Several fine-tunes in one process: ``jobs`` is a list of ``(data_dirs, out_path)``.
 
     Each writes the model and manifest its own :func:`finetune` job would, bit for bit (same seed,
@@ -150,7 +212,8 @@ def finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence, thre
     manifests = []
     for i, (data_dirs, out_path) in enumerate(jobs):
         reset()
-        manifests.append(_finetune(backend, hp, pretrained, data_dirs, out_path, loaded, pre)[1])
+        manifests.append(_finetune(backend, hp, pretrained, data_dirs, out_path, loaded, pre,
+                                   checkpoint_every_steps, checkpoint_every_seconds)[1])
         log.info("pack: %d/%d fine-tunes written (%s)", i + 1, len(jobs), out_path)
     return manifests
 
@@ -173,15 +236,19 @@ def select_best(df: pd.DataFrame, column: str = "val_acc", maximize: bool = True
 
 
 def final_finetune(
-    backend_spec: dict, hp: dict, pretrained, merge_eval_csv, data_dirs: Mapping[str, str], target_dir, out_path, eval_out, threads: int = 1
+    backend_spec: dict, hp: dict, pretrained, merge_eval_csv, data_dirs: Mapping[str, str], target_dir, out_path, eval_out, threads: int = 1,
+    checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None,
 ) -> dict:
-    """Algorithm 1's deployed model: fine-tune on the mixture whose merged model is best on val."""
+    """Algorithm 1's deployed model: fine-tune on the mixture whose merged model is best on val
+    (checkpointed and resumed as :func:`_finetune` says)."""
     return _final_finetune(lambda: get_backend(backend_spec, threads=threads), hp, pretrained, merge_eval_csv, data_dirs,
-                           target_dir, out_path, eval_out)
+                           target_dir, out_path, eval_out, checkpoint_every_steps=checkpoint_every_steps,
+                           checkpoint_every_seconds=checkpoint_every_seconds)
 
 
 def _final_finetune(backend, hp: dict, pretrained, merge_eval_csv, data_dirs: Mapping[str, str], target_dir, out_path, eval_out,
-                    loaded: dict | None = None, pre: dict | None = None) -> dict:
+                    loaded: dict | None = None, pre: dict | None = None, checkpoint_every_steps: int | None = None,
+                    checkpoint_every_seconds: float | None = None) -> dict:
     """:func:`final_finetune` with a backend (or a function making it, called once the selection is
     read), and what a pack shares (see :func:`_finetune`)."""
     from mergemix.tables import read_result_table
@@ -194,7 +261,8 @@ def _final_finetune(backend, hp: dict, pretrained, merge_eval_csv, data_dirs: Ma
     if callable(backend):
         backend = backend()
     loaded = {} if loaded is None else loaded
-    model, manifest = _finetune(backend, hp, pretrained, [data_dirs[c] for c in chosen], out_path, loaded, pre)
+    model, manifest = _finetune(backend, hp, pretrained, [data_dirs[c] for c in chosen], out_path, loaded, pre,
+                                checkpoint_every_steps, checkpoint_every_seconds)
     target = _prepared(target_dir, loaded)
     result = {
         "target": target.name,
@@ -209,7 +277,8 @@ def _final_finetune(backend, hp: dict, pretrained, merge_eval_csv, data_dirs: Ma
     return result
 
 
-def final_finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence[Mapping], threads: int = 1) -> list[dict]:
+def final_finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence[Mapping], threads: int = 1,
+                        checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None) -> list[dict]:
     """Several targets' :func:`final_finetune` in one process (see :func:`finetune_pack`): ``jobs`` are
     dicts with the keys ``merge_eval_csv``, ``data_dirs``, ``target_dir``, ``out_path`` and ``eval_out``."""
     from mergemix.provenance import pretrained_manifest
@@ -221,7 +290,9 @@ def final_finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence
     results = []
     for job in jobs:
         reset()
-        results.append(_final_finetune(backend, hp, pretrained, loaded=loaded, pre=pre, **job))
+        results.append(_final_finetune(backend, hp, pretrained, loaded=loaded, pre=pre,
+                                       checkpoint_every_steps=checkpoint_every_steps,
+                                       checkpoint_every_seconds=checkpoint_every_seconds, **job))
         log.info("final model: %s", results[-1])
     return results
 

@@ -26,7 +26,7 @@ if PACK["finetune"] == 1:
         resources:
             **GPU_RES,
         shell:
-            "{MERGEMIX} finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+            "{MERGEMIX} finetune --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
             "--pretrained {input.pretrained:q} --data {params.data:q} --out {output.model:q} 2> {log:q}"
 
 else:
@@ -58,7 +58,7 @@ else:
             resources:
                 **pack_resources(GPU_RES, len(_pack)),
             shell:
-                "{MERGEMIX} finetune-pack --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+                "{MERGEMIX} finetune-pack --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
                 "--pretrained {input.pretrained:q} --data {params.data:q} --subsets {params.subsets:q} "
                 "--out {output.models:q} 2> {log:q}"
 

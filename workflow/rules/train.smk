@@ -128,7 +128,7 @@ elif PACK["finetune"] == 1:
         resources:
             **GPU_RES,
         shell:
-            "{MERGEMIX} finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+            "{MERGEMIX} finetune --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
             "--pretrained {input.pretrained:q} --data {params.data:q} --out {output.model:q} 2> {log:q}"
 
 else:
@@ -161,7 +161,7 @@ else:
             resources:
                 **pack_resources(GPU_RES, len(_pack)),
             shell:
-                "{MERGEMIX} finetune-pack --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+                "{MERGEMIX} finetune-pack --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
                 "--pretrained {input.pretrained:q} --data {params.data:q} --subsets {params.subsets:q} "
                 "--out {output.models:q} 2> {log:q}"
 
@@ -217,7 +217,7 @@ elif PACK["finetune"] == 1:
         resources:
             **GPU_RES,
         shell:
-            "{MERGEMIX} final-finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+            "{MERGEMIX} final-finetune --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
             "--pretrained {input.pretrained:q} --merge-eval {input.merge_eval:q} --data {params.data:q} "
             "--target {params.target:q} --out {output.model:q} --eval-out {output.result:q} 2> {log:q}"
 
@@ -255,6 +255,6 @@ else:
             resources:
                 **pack_resources(GPU_RES, len(_pack)),
             shell:
-                "{MERGEMIX} final-finetune-pack --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+                "{MERGEMIX} final-finetune-pack --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
                 "--pretrained {input.pretrained:q} --candidates {params.candidates:q} --data {params.data:q} "
                 "--merge-eval {params.merge_eval:q} --out {params.models:q} --eval-out {params.results:q} 2> {log:q}"
