@@ -48,7 +48,7 @@ def tiny(cfg: dict) -> dict:
 
 def unpacked(cfg: dict) -> dict:
     """The same study with one job per item: every `pack` key of the schema set to 1."""
-    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((ROOT / "src" / "mergemix" / "schemas" / "config.schema.yaml").read_text())
     return {**copy.deepcopy(cfg), "pack": {k: 1 for k in schema["properties"]["pack"]["properties"]}}
 
 

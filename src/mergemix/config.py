@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# inside the package, so `mergemix check-config` works from an installed wheel; the workflow uses this file too
+DEFAULT_SCHEMA = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):

@@ -22,7 +22,7 @@ from mergemix.subsets import all_subsets, parse_subset, sample_mixtures, sort_ke
 if not config:
     config.update(load_yaml(Path(workflow.basedir) / "config" / "config.yaml"))
 try:
-    _checked = validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+    _checked = validate_config(config)  # the package's schema (mergemix/schemas/config.schema.yaml)
 except ConfigError as e:
     raise ValueError(f"{e}\n(config file(s): {', '.join(map(str, workflow.configfiles)) or 'config/config.yaml'})") from None
 config.clear()
