@@ -195,3 +195,14 @@ def test_checkpoint_settings_reach_every_fine_tune_job(default_config, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     cmds = [line for line in r.stdout.splitlines() if " -m mergemix " in line and "finetune" in line.split(" -m mergemix ")[1][:24]]
     assert cmds and all("--checkpoint-every-seconds 150 --checkpoint-every-steps 50" in c for c in cmds)
+
+
+def test_schema_defaults_are_the_one_source(default_config):
+    from mergemix.config import schema_defaults
+
+    no_split = {k: v for k, v in default_config.items() if k != "split"}
+    assert validate_config(no_split)["split"] == schema_defaults("split")
+    tune = schema_defaults("merge_eval.tune")
+    assert tune == {"space": {}, "budget": 12, "seed": 0, "n_startup_trials": 4}
+    assert validate_config({**default_config, "merge_eval": {"tune": {}}})["merge_eval"]["tune"] == tune
+    assert schema_defaults("checkpoint") == validate_config(default_config)["checkpoint"]

@@ -115,6 +115,16 @@ def load_yaml(path) -> dict:
             raise ConfigError(f"{where}: YAML syntax error: {what}; fix the file at that line") from None
 
 
+def schema_defaults(section: str, schema_path=None) -> dict:
+    """The defaults the schema declares for the properties of ``section`` (dotted, e.g.
+    ``merge_eval.tune``): the one source of defaults, for code that runs outside a validated study
+    (``mergemix select``, a stage called from Python)."""
+    node = load_yaml(schema_path or DEFAULT_SCHEMA)
+    for key in section.split("."):
+        node = node["properties"][key]
+    return {k: v["default"] for k, v in node.get("properties", {}).items() if isinstance(v, dict) and "default" in v}
+
+
 def validate_config(config: dict, schema_path=None) -> dict:
     """Validate ``config`` and fill defaults. Returns a new dict; raises :class:`ConfigError`."""
     config = copy.deepcopy(config)

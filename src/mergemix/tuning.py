@@ -19,7 +19,6 @@ from mergemix import io, subsets
 
 log = logging.getLogger("mergemix")
 
-TUNE_DEFAULTS = {"budget": 12, "seed": 0, "n_startup_trials": 4}
 
 
 def start_options(method: str, fixed: dict) -> dict:
@@ -51,7 +50,9 @@ def tune_method(
     if problems:
         raise ValueError("; ".join(problems))
     dims, _ = parse_space(space, tunable_kinds(method), f"merge_eval.tune.space.{method}")
-    spec = {**TUNE_DEFAULTS, **tune_spec}
+    from mergemix.config import schema_defaults
+
+    spec = {**{k: v for k, v in schema_defaults("merge_eval.tune").items() if k != "space"}, **tune_spec}
     ev = _evaluator(backend_spec, {"method": method, "options": fixed}, pretrained, model_paths, threads, eval_spec)
     target = load_prepared(target_dir)
     n, n_val = len(ev.names), len(target.indices["val"])

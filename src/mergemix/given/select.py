@@ -57,8 +57,9 @@ def _target(spec_or_dir: str, split: dict, work: Path) -> Path:
     spec = dict(spec)
     name = spec.pop("name", "target")
 
-    split = {"seed": 0, "val": 0.2, "test": 0.3, "val_from_train": 0.1, "val_cap": 5000, "max_train": None,
-             "max_val": None, "max_test": None, **split}
+    from mergemix.config import schema_defaults
+
+    split = {**schema_defaults("split"), **split}
     out = work / "data" / name
     stages.prepare(name, spec, split, out)
     return out
