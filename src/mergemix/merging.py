@@ -5,23 +5,51 @@ selected model), the pre-trained state ``theta0`` (shape ``[P]``) and keyword op
 the merged state (shape ``[P]``). Everything here is pure tensor math, no I/O.
 
 The built-in methods live one per module in :mod:`mergemix.merge_methods` (uniform, weighted,
-task_arithmetic, ties, dare, dare_ties) and are registered here on first use; a plugin adds its
-own with :func:`register_merge_method`.
+task_arithmetic, ties, dare, dare_ties) and are registered here on the first lookup of their name
+(this module imports none of them); another package adds its own through the entry-point group
+``mergemix.merge_methods`` (see :mod:`mergemix.plugins`), or with :func:`register_merge_method`.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from mergemix.plugins import GROUPS, PluginError, Registry
+
 MergeFn = Callable[..., torch.Tensor]
-MERGE_METHODS: Dict[str, MergeFn] = {}
 # Methods linear in the sum of the selected rows: ``linear(k, **options) -> (a, b)`` such that the
 # merged state is ``a * sum(thetas) + b * theta0`` for ``k`` selected models. The merge-eval engine
 # keeps that sum as a running sum (one row added or removed per Gray-code step); a method without
 # it (TIES, DARE...) is merged from scratch for every subset.
 LINEAR: Dict[str, Callable[..., Tuple[float, float]]] = {}
+
+# name -> the module whose ``METHODS`` table has it (a mergemix.merge_methods.MergeMethod each)
+BUILTIN_METHODS = {
+    name: "mergemix.merge_methods" for name in ("uniform", "weighted", "task_arithmetic", "ties", "dare", "dare_ties")
+}
+
+
+def _adopt_method(name: str, obj) -> None:
+    """Register what a target gave: a built-in of a ``METHODS`` table (mergemix.merge_methods, with
+    declared options and, for linear methods, their coefficients), or a plugin's function
+    ``fn(thetas, theta0, **options)`` (its ``linear`` attribute, if any, as its coefficients)."""
+    if isinstance(obj, ModuleType):
+        table = getattr(obj, "METHODS", {})
+        if name in table and hasattr(obj, "registered"):
+            extra = {}
+            if table[name].linear is not None:
+                extra["linear"] = lambda k, _lin=obj.linear_coefficients, **options: _lin(name, k, **options)
+            register_merge_method(name, **extra)(obj.registered(name))
+        return  # else: the module must register the name itself on import
+    if not callable(obj):
+        raise PluginError(f"merge method {name!r}: {obj!r} is not a function fn(thetas, theta0, **options)")
+    register_merge_method(name, linear=getattr(obj, "linear", None))(obj)
+
+
+MERGE_METHODS: Registry = Registry("merge method", GROUPS["merge_methods"], BUILTIN_METHODS, _adopt_method)
 
 
 def register_merge_method(name: str, linear: Callable[..., Tuple[float, float]] | None = None):
@@ -30,9 +58,8 @@ def register_merge_method(name: str, linear: Callable[..., Tuple[float, float]] 
     have them checked at config check; otherwise its keyword names and default types are."""
 
     def deco(fn: MergeFn) -> MergeFn:
-        if name in MERGE_METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
-        MERGE_METHODS[name] = fn
+        # refused: a name taken, or a built-in's name for a function of another module
+        MERGE_METHODS.add(name, fn)
         if linear is not None:
             LINEAR[name] = linear
         return fn
@@ -40,32 +67,19 @@ def register_merge_method(name: str, linear: Callable[..., Tuple[float, float]] 
     return deco
 
 
-_builtin_loaded = False
-
-
 def _load_builtin() -> None:
-    """Register the built-in methods of :mod:`mergemix.merge_methods` (one module each) once."""
-    global _builtin_loaded
-    if not _builtin_loaded:
-        _builtin_loaded = True
-        from mergemix import merge_methods
-
-        merge_methods.register_all()
+    """Kept for older callers: the methods are imported on the first lookup of their name now."""
 
 
 def method_names() -> list[str]:
-    _load_builtin()
-    return sorted(MERGE_METHODS)
+    """The methods' names (built-ins, plugins, registered), importing none of them."""
+    return MERGE_METHODS.names()
 
 
 def get_merge_method(name: str) -> MergeFn:
-    _load_builtin()
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown merge method {name!r}; registered: {', '.join(sorted(MERGE_METHODS))}"
-        ) from None
+    if name not in MERGE_METHODS:
+        raise KeyError(f"unknown merge method {name!r}; registered: {', '.join(MERGE_METHODS.names())}")
+    return MERGE_METHODS[name]
 
 
 def merge(method: str, thetas: torch.Tensor, theta0: torch.Tensor | None = None, *, segments=None, rows=None,

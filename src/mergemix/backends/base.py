@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mergemix.data.prepared import PreparedDataset
+from mergemix.plugins import GROUPS, PluginError, Registry
 
 
 EVAL_PRECISIONS = ("auto", "fp32", "bf16")
@@ -212,20 +213,46 @@ class Backend:
         return {"name": self.name, "params": self.params}
 
 
-BACKENDS: Dict[str, Type[Backend]] = {}
+# The registry: name -> backend class. The built-ins are imported on the first lookup of their name
+# (base.py imports none of the backend modules, which import it to register themselves); other
+# packages add backends through the entry-point group "mergemix.backends" (see mergemix.plugins).
+BUILTIN_BACKENDS = {
+    "smallcnn": "mergemix.backends.smallcnn:SmallCNNBackend",
+    "clip": "mergemix.backends.clip:ClipBackend",  # open_clip is imported only when used
+    "causal_lm": "mergemix.backends.causal_lm:CausalLMBackend",  # transformers/peft too
+}
+
+
+def _adopt_backend(name: str, obj) -> None:
+    """Register a backend class named by an entry point (one that did not register itself)."""
+    if not (isinstance(obj, type) and issubclass(obj, Backend)):
+        raise PluginError(f"backend {name!r}: {obj!r} is not a subclass of mergemix.backends.base.Backend")
+    if obj.name != name:
+        raise PluginError(f"backend {name!r}: class {obj.__module__}.{obj.__qualname__} has name {obj.name!r}; "
+                          f"set its class attribute name = {name!r} (the entry point's name)")
+    register_backend(obj)
+
+
+BACKENDS: Registry = Registry("backend", GROUPS["backends"], BUILTIN_BACKENDS, _adopt_backend)
 
 
 def register_backend(cls: Type[Backend]) -> Type[Backend]:
+    """Class decorator adding a backend under its ``name`` (a name of the built-ins is refused for
+    a class from another module)."""
     if not cls.name:
         raise ValueError("a backend class needs a non-empty name")
-    BACKENDS[cls.name] = cls
+    BACKENDS.add(cls.name, cls)
     return cls
 
 
+def backend_names() -> list[str]:
+    """The backends' names (built-ins and plugins), importing none of them."""
+    return BACKENDS.names()
+
+
 def backend_class(name: str) -> Type[Backend]:
-    _load_builtin()
     if name not in BACKENDS:
-        raise KeyError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
+        raise KeyError(f"unknown backend {name!r}; available: {', '.join(BACKENDS.names())}")
     return BACKENDS[name]
 
 
@@ -235,6 +262,4 @@ def get_backend(spec: dict, threads: int = 1, device: str | None = None) -> Back
 
 
 def _load_builtin() -> None:
-    from mergemix.backends import smallcnn  # noqa: F401
-    from mergemix.backends import causal_lm  # noqa: F401  (imports transformers/peft lazily)
-    from mergemix.backends import clip  # noqa: F401  (open_clip is imported only when used)
+    """Kept for older callers: the backends are imported on the first lookup of their name now."""

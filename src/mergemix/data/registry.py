@@ -5,15 +5,21 @@ a :class:`RawDataset`. Register a new source with::
 
     @register_source("my_source")
     def my_source(spec: dict, seed: int) -> RawDataset: ...
+
+The built-in sources are imported on the first lookup of their name; another package adds sources
+through the entry-point group ``mergemix.datasets`` (see :mod:`mergemix.plugins`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Dict, Optional
 
 import numpy as np
+
+from mergemix.plugins import GROUPS, PluginError, Registry
 
 
 @dataclass
@@ -35,10 +41,42 @@ class RawDataset:
 # wrote (None for sources without one). Sources never touch the network: downloads are separate.
 SourceFn = Callable[[dict, int, Optional[Path]], RawDataset]
 DownloadFn = Callable[[dict, Path], dict]
-SOURCES: Dict[str, SourceFn] = {}
 SOURCE_PARAMS: Dict[str, dict] = {}
 LOCAL_PATHS: Dict[str, dict] = {}  # source -> {spec key: "file" | "folder"}
 DOWNLOADERS: Dict[str, DownloadFn] = {}
+
+# The registry: name -> source function. The built-ins are imported on the first lookup of their
+# name (this module imports none of the dataset modules, which import it to register themselves);
+# other packages add sources through the entry-point group "mergemix.datasets" (see mergemix.plugins).
+BUILTIN_SOURCES = {
+    "digits": "mergemix.data.digits:digits",
+    "hf_chat": "mergemix.data.text:hf_chat",
+    "jsonl_chat": "mergemix.data.text:jsonl_chat",
+    "benchmarks": "mergemix.data.text:benchmarks",
+    "lm_eval": "mergemix.data.text:lm_eval_source",
+    "image_folder": "mergemix.data.images:image_folder",
+    "hf_images": "mergemix.data.images:hf_images",
+}
+# the attribute register_source leaves on a source function: its registration, to register it again
+REGISTRATION = "__mergemix_source__"
+
+
+def _adopt_source(name: str, obj) -> None:
+    """Register a source function named by an entry point (or a built-in whose module was imported
+    before the registry forgot it): with the params it was registered with, else those it declares
+    as attributes ``params``, ``download`` and ``local_paths`` (none: only ``source`` is allowed)."""
+    if isinstance(obj, ModuleType) or not callable(obj):
+        return  # a module must register the name itself on import
+    reg = getattr(obj, REGISTRATION, None)
+    if reg is None:
+        reg = {k: getattr(obj, k, None) for k in ("params", "download", "local_paths")}
+    elif reg.get("name") != name:
+        raise PluginError(f"dataset source {name!r}: function {obj.__module__}.{obj.__qualname__} is registered as "
+                          f"{reg.get('name')!r}; name its entry point {reg.get('name')!r}")
+    register_source(name, params=reg["params"], download=reg["download"], local_paths=reg["local_paths"])(obj)
+
+
+SOURCES: Registry = Registry("dataset source", GROUPS["datasets"], BUILTIN_SOURCES, _adopt_source)
 
 
 def register_source(name: str, params: dict | None = None, download: DownloadFn | None = None,
@@ -54,9 +92,12 @@ def register_source(name: str, params: dict | None = None, download: DownloadFn 
     """
 
     def deco(fn: SourceFn) -> SourceFn:
-        if name in SOURCES:
-            raise ValueError(f"dataset source {name!r} is already registered")
-        SOURCES[name] = fn
+        # refused: a name taken, or a built-in's name for a function of another module
+        SOURCES.add(name, fn)
+        try:
+            setattr(fn, REGISTRATION, {"name": name, "params": params, "download": download, "local_paths": local_paths})
+        except (AttributeError, TypeError):  # a callable that takes no attributes
+            pass
         SOURCE_PARAMS[name] = dict(params or {})
         LOCAL_PATHS[name] = dict(local_paths or {})
         if download is not None:
@@ -66,25 +107,31 @@ def register_source(name: str, params: dict | None = None, download: DownloadFn 
     return deco
 
 
+def source_names() -> list[str]:
+    """The sources' names (built-ins and plugins), importing none of them."""
+    return SOURCES.names()
+
+
 def needs_download(spec: dict) -> bool:
-    _load_builtin()
-    return spec.get("source") in DOWNLOADERS
+    src = spec.get("source")
+    if src not in SOURCES:
+        return False
+    SOURCES[src]  # imported: registered with its download step, if any
+    return src in DOWNLOADERS
 
 
 def get_source(name: str) -> SourceFn:
-    _load_builtin()
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise KeyError(f"unknown dataset source {name!r}; available: {', '.join(sorted(SOURCES))}") from None
+    if name not in SOURCES:
+        raise KeyError(f"unknown dataset source {name!r}; available: {', '.join(SOURCES.names())}")
+    return SOURCES[name]
 
 
 def check_spec(name: str, spec: dict) -> list[str]:
     """Problems with a dataset spec, as messages naming the key and what is allowed."""
-    _load_builtin()
     src = spec.get("source")
-    if src not in SOURCES:
-        return [f"datasets.{name}.source: unknown source {src!r}; allowed: {', '.join(sorted(SOURCES))}"]
+    if not isinstance(src, str) or src not in SOURCES:
+        return [f"datasets.{name}.source: unknown source {src!r}; allowed: {', '.join(SOURCES.names())}"]
+    SOURCES[src]  # imported: its params registered
     problems = []
     allowed = SOURCE_PARAMS[src]
     for key, value in spec.items():
@@ -110,6 +157,4 @@ def check_spec(name: str, spec: dict) -> list[str]:
 
 
 def _load_builtin() -> None:
-    from mergemix.data import digits  # noqa: F401  (registers itself)
-    from mergemix.data import text  # noqa: F401  (chat data and benchmark targets)
-    from mergemix.data import images  # noqa: F401  (image_folder, hf_images)
+    """Kept for older callers: the sources are imported on the first lookup of their name now."""
