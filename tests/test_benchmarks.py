@@ -30,7 +30,8 @@ def test_optimizer_benchmark_runs():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "optimizer.py"), "--device", "cpu", "--steps", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "ratio torch.optim/ours" in r.stdout and r.stdout.count("ratio to torch.optim") == 3
+    assert "ratio first/second" in r.stdout and "packed job, 16 fine-tunes" in r.stdout
+    assert r.stdout.count("ratio to torch.optim default") >= 4  # default, foreach (fused where available) x 2 shape sets
 
 
 def test_engine_benchmark_reports_every_ratio(tmp_path):

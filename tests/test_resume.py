@@ -51,27 +51,33 @@ class Preempted(Exception):
 
 
 def interrupt_after(monkeypatch, steps: int) -> None:
-    """The next fine-tune in this process stops (an exception) at the optimizer step after ``steps``."""
-    real, calls = training.Optimizer.step, [0]
+    """The fine-tunes of this process stop (an exception) at the optimizer step after ``steps``
+    (counted over all of them): a step pre-hook on each optimizer :func:`training.fit` makes."""
+    real, calls = training.make_optimizer, [0]
 
-    def step(self):
+    def stop(optimizer, args, kwargs):
         calls[0] += 1
         if calls[0] > steps:
             raise Preempted(f"stopped after step {steps}")
-        real(self)
 
-    monkeypatch.setattr(training.Optimizer, "step", step)
+    def make(params, hp):
+        opt = real(params, hp)
+        opt.register_step_pre_hook(stop)
+        return opt
+
+    monkeypatch.setattr(training, "make_optimizer", make)
 
 
 # a `mergemix finetune` process slowed down (50 ms a step) so that it can be killed mid-way
 SLOW_CLI = """
 import sys, time
 from mergemix.backends import training
-real = training.Optimizer.step
-def step(self):
-    real(self)
-    time.sleep(0.05)
-training.Optimizer.step = step
+real = training.make_optimizer
+def make(params, hp):
+    opt = real(params, hp)
+    opt.register_step_post_hook(lambda *a: time.sleep(0.05))
+    return opt
+training.make_optimizer = make
 from mergemix.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -207,15 +213,18 @@ def test_progress_lines_and_checkpoint_settings(study, tmp_path, monkeypatch, ca
         stages._checkpoint_every(2.5)
 
 
-def test_fit_restores_every_random_state(tmp_path):
+@pytest.mark.parametrize("optimizer", [{"optimizer": "adam"}, {"optimizer": "adamw", "weight_decay": 0.1},
+                                       {"optimizer": "sgd", "momentum": 0.8, "weight_decay": 0.01}])
+def test_fit_restores_every_random_state(tmp_path, optimizer):
     """A loss drawing from torch's, numpy's and Python's global generators (as dropout or a data
-    augmentation would): the resumed run still ends on the uninterrupted run's weights."""
+    augmentation would): the resumed run still ends on the uninterrupted run's weights, with each
+    optimizer (its state restored from the checkpoint's tensors and JSON)."""
     import random
 
     import numpy as np
     import torch
 
-    hp = {"epochs": 3, "lr": 0.05, "batch_size": 4, "schedule": "linear", "seed": 3, "optimizer": "adam"}
+    hp = {"epochs": 3, "lr": 0.05, "batch_size": 4, "schedule": "linear", "seed": 3, **optimizer}
     x = torch.linspace(-1, 1, 40).reshape(20, 2)
 
     def run(stop=None, checkpoint=None):

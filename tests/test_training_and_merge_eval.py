@@ -1,7 +1,5 @@
 """Small real runs of the stages in-process: a tiny convnet really trained, merged and evaluated."""
 
-import copy
-
 import pandas as pd
 import pytest
 import torch
@@ -112,34 +110,6 @@ def test_select_best_breaks_ties_towards_the_smallest_subset():
     df = pd.DataFrame({"subset": ["a+b", "c", "a", "a+b+c"], "val_acc": [0.9, 0.9, 0.5, 0.9], "test_acc": [1, 2, 3, 4]})
     assert stages.select_best(df)["subset"] == "c"
     assert stages.select_best(df, "val_acc", maximize=False)["subset"] == "a"
-
-
-@pytest.mark.parametrize("name,cls,kw,foreach", [
-    ("adamw", "AdamW", {"weight_decay": 0.1}, False),
-    ("adamw", "AdamW", {"weight_decay": 0.1}, True),
-    ("adam", "Adam", {"weight_decay": 0.01}, False),
-    ("adam", "Adam", {"weight_decay": 0.01}, True),
-    ("sgd", "SGD", {"weight_decay": 0.01, "momentum": 0.9}, None),
-])
-def test_optimizer_matches_torch_optim(name, cls, kw, foreach):
-    from mergemix.backends.training import Optimizer
-
-    torch.manual_seed(0)
-    a = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    b = copy.deepcopy(a)
-    ours = Optimizer(a.parameters(), name, lr=0.01, foreach=foreach, **kw)
-    ref = getattr(torch.optim, cls)(b.parameters(), lr=0.01, **kw)
-    x, y = torch.randn(16, 5), torch.randn(16, 3)
-    for step in range(6):
-        for m, opt in ((a, ours), (b, ref)):
-            opt.zero_grad()
-            # the last layer gets no gradient (and no update) in the first steps; the learning rate changes
-            out = m[:3](x) if step < 3 else m[:3](x) + 0 * m[3](m[:3](x)).sum()
-            ((out - y) ** 2).mean().backward()
-            (opt.param_groups[0] if hasattr(opt, "param_groups") else opt.__dict__)["lr"] = 0.01 * (1 + step) / 6
-            opt.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.allclose(pa, pb, atol=1e-6)
 
 
 def test_eval_pretrained_scores_each_target_on_its_own_data(trained, tmp_path):

@@ -5,6 +5,21 @@ from it when the job is rerun after a kill (a preempted or requeued job): the tr
 then the same bytes as those of an uninterrupted run (on CPU; on a GPU as far as its kernels are
 deterministic). While training it logs its progress (steps done, rate, ETA, recent loss) at least
 every :data:`PROGRESS_SECONDS` and at the end of each epoch, with a progress bar on a terminal.
+
+Optimizers are ``torch.optim``'s (:func:`make_optimizer`: AdamW, Adam, SGD with momentum, as
+torch picks them: a loop over the tensors on CPU, multi-tensor kernels on CUDA); the schedule
+(:func:`lr_factor`) sets their parameter groups' learning rate before each step, and a checkpoint
+holds ``optimizer.state_dict()`` (tensors in the safetensors file, the rest as JSON in its
+metadata; no pickles). mergemix used to carry its own AdamW/Adam/SGD, with the same arithmetic,
+because the first step of a ``torch.optim`` optimizer imports TorchDynamo (1.3-2 s), which
+dominated jobs of one short fine-tune each. Fine-tunes are now packed (16 ``smallcnn`` fine-tunes a
+job), so the import is paid once per training process: ``benchmarks/optimizer.py`` on a 2-core CPU
+measured 1.3-1.5 s, 1.07x the time of a pack of 16 embedded-study fine-tunes on 4 datasets and 1.2x
+on 1 dataset (about 11 training processes, 15 s of CPU time, in a study of 3-5 minutes); steps
+cost 0.17 ms more on the smallcnn's 10 tensors (torch.optim's own Python overhead) and the same on
+large models. Not a difference a user feels, so the hand-written optimizers were removed (the
+trained bytes are unchanged on CPU). With ``pack: 1`` each fine-tune job pays the import
+(1.4-1.5x a one-fine-tune job).
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ log = logging.getLogger("mergemix.train")
 
 PROGRESS_SECONDS = 30.0  # a progress line in the log at least this often (and after every epoch)
 CHECKPOINT_FILE = "state.safetensors"  # inside the checkpoint folder (Checkpoint.path)
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: torch.optim state (1: the hand-written optimizers of before, not resumed)
 _META_KEY = "mergemix_checkpoint"
 
 
@@ -38,107 +53,33 @@ class TrainingDiverged(RuntimeError):
     """The training loss or the weights became NaN or infinite: the job stops instead of saving them."""
 
 
-class Optimizer:
-    """AdamW, Adam and SGD with momentum, numerically the same updates as ``torch.optim``'s.
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
-    Written out here because constructing a ``torch.optim`` optimizer imports TorchDynamo, about
-    two seconds per process, which dominates the short fine-tuning jobs of small studies. Like
-    ``torch.optim``'s default, Adam and AdamW update all tensors at once with multi-tensor kernels
-    on a GPU and a tensor at a time on CPU (``benchmarks/optimizer.py`` compares them).
+
+def make_optimizer(params, hp: dict) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer the hyperparameters name, at the base learning rate ``lr``.
+
+    ``adamw``: :class:`torch.optim.AdamW`, decoupled weight decay (``p *= 1 - lr * weight_decay``
+    before the Adam update); ``adam``: :class:`torch.optim.Adam`, L2 weight decay (``weight_decay *
+    p`` added to the gradient); both with torch's betas (0.9, 0.999) and eps 1e-8. ``sgd``:
+    :class:`torch.optim.SGD` with ``momentum`` (default 0.9; no dampening, not Nesterov) and L2
+    ``weight_decay``. ``weight_decay`` defaults to 0 for all three (torch's AdamW would use 0.01).
+    torch picks the implementation: multi-tensor (foreach) kernels for CUDA tensors, a loop over
+    the tensors on CPU. :func:`fit` sets each step's learning rate (:func:`lr_factor`).
     """
-
-    def __init__(self, params, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                 betas=(0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None):
-        if name not in ("adamw", "adam", "sgd"):
-            raise ValueError(f"unknown optimizer {name!r}; allowed: adamw, adam, sgd")
-        self.params = [p for p in params if p.requires_grad]
-        self.name, self.base_lr, self.lr, self.wd = name, lr, lr, weight_decay
-        self.momentum, self.betas, self.eps = momentum, betas, eps
-        self.steps = [0] * len(self.params)
-        self.foreach = foreach  # multi-tensor kernels; None: on CUDA tensors only, as torch.optim does
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params] if name != "sgd" else None
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not live:
-            return
-        for i in live:  # like torch.optim, each tensor counts its own updates (bias corrections)
-            self.steps[i] += 1
-        if self.name == "sgd":
-            self._sgd(live)
-        elif self.foreach is True or (self.foreach is None and self.params[live[0]].is_cuda):
-            self._adam(live)
-        else:
-            self._adam_loop(live)
-
-    def _sgd(self, live) -> None:
-        lr, wd = self.lr, self.wd
-        for i in live:
-            p = self.params[i]
-            g = p.grad
-            if wd:
-                g = g.add(p, alpha=wd)
-            buf = self.m[i]
-            if self.steps[i] == 1:
-                buf.copy_(g)
-            else:
-                buf.mul_(self.momentum).add_(g)
-            p.add_(buf, alpha=-lr)
-
-    def _corrections(self, i) -> tuple[float, float]:
-        b1, b2 = self.betas
-        return 1 - b1 ** self.steps[i], math.sqrt(1 - b2 ** self.steps[i])
-
-    def _adam(self, live) -> None:
-        """One update of every tensor at once (multi-tensor ``_foreach`` kernels: a few launches per
-        step instead of a few per tensor, which matters for a ViT's ~150 tensors on a GPU)."""
-        lr, wd = self.lr, self.wd
-        b1, b2 = self.betas
-        ps = [self.params[i] for i in live]
-        gs = [p.grad for p in ps]
-        ms, vs = [self.m[i] for i in live], [self.v[i] for i in live]
-        corr = [self._corrections(i) for i in live]
-        if self.name == "adamw":
-            torch._foreach_mul_(ps, 1 - lr * wd)
-        elif wd:
-            gs = torch._foreach_add(gs, ps, alpha=wd)
-        torch._foreach_lerp_(ms, gs, 1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, [c2 for _, c2 in corr])
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(ps, ms, denom, [-lr / c1 for c1, _ in corr])
-
-    def _adam_loop(self, live) -> None:
-        """The same update a tensor at a time (faster on CPU, where there are no launches to save)."""
-        lr, wd = self.lr, self.wd
-        b1, b2 = self.betas
-        for i in live:
-            p = self.params[i]
-            g = p.grad
-            if self.name == "adamw":
-                p.mul_(1 - lr * wd)
-            elif wd:
-                g = g.add(p, alpha=wd)
-            c1, c2 = self._corrections(i)
-            self.m[i].lerp_(g, 1 - b1)
-            self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (self.v[i].sqrt() / c2).add_(self.eps)
-            p.addcdiv_(self.m[i], denom, value=-lr / c1)
+    name = hp.get("optimizer", "adamw")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    lr, wd = float(hp["lr"]), float(hp.get("weight_decay", 0.0))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(hp.get("momentum", 0.9)), weight_decay=wd)
+    return OPTIMIZERS[name](params, lr=lr, weight_decay=wd)
 
 
-def make_optimizer(params, hp: dict) -> Optimizer:
-    return Optimizer(
-        params, hp.get("optimizer", "adamw"), float(hp["lr"]), float(hp.get("weight_decay", 0.0)),
-        float(hp.get("momentum", 0.9)),
-    )
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every parameter group of ``opt``."""
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def lr_factor(step: int, total: int, hp: dict) -> float:
@@ -283,19 +224,67 @@ def _fingerprint(ck: Checkpoint, params, hp: dict, n_samples: int, groups, steps
     return {k: _digest(v)[:16] for k, v in parts.items()}
 
 
-def _save_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: "Optimizer", epoch_gen_state: torch.Tensor,
-                     meta: dict) -> None:
+def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``opt.state_dict()`` split into tensors (for the safetensors file: ``opt.state.<param
+    index>.<name>``, e.g. ``opt.state.3.exp_avg``) and JSON (the parameter groups, and each
+    parameter's state: a step count as a number with its dtype, a tensor by its key)."""
+    sd = opt.state_dict()
+    tensors, state = {}, {}
+    for index, entries in sd["state"].items():
+        saved = state[str(index)] = {}
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 0:  # step counts
+                saved[key] = {"number": value.item(), "dtype": str(value.dtype).removeprefix("torch.")}
+            elif isinstance(value, torch.Tensor):
+                name = f"opt.state.{index}.{key}"
+                tensors[name] = value.detach().cpu().contiguous()
+                saved[key] = {"tensor": name}
+            else:
+                saved[key] = value
+    return tensors, {"class": type(opt).__name__, "param_groups": sd["param_groups"], "state": state}
+
+
+def _optimizer_state_dict(saved: dict, tensors: dict, opt: torch.optim.Optimizer, params) -> dict:
+    """The ``state_dict`` :func:`_optimizer_state` saved, for ``opt.load_state_dict``; ValueError
+    (saying what) when it does not fit ``opt`` and ``params``."""
+    if saved.get("class") != type(opt).__name__:
+        raise ValueError(f"optimizer {saved.get('class')}, not {type(opt).__name__}")
+    groups = saved["param_groups"]
+    if len(groups) != len(opt.param_groups) or any(
+            len(g["params"]) != len(cur["params"]) for g, cur in zip(groups, opt.param_groups)):
+        raise ValueError("other parameter groups")
+    state = {}
+    for index, entries in saved["state"].items():
+        i = int(index)
+        if not 0 <= i < len(params):
+            raise ValueError(f"state of parameter {index}, which is not there")
+        restored = state[i] = {}
+        for key, value in entries.items():
+            if isinstance(value, dict) and "tensor" in value:
+                t = tensors.get(value["tensor"])
+                if t is None or tuple(t.shape) != tuple(params[i].shape):
+                    raise ValueError(f"{value['tensor']} missing or of another shape")
+                restored[key] = t
+            elif isinstance(value, dict) and "number" in value:
+                restored[key] = torch.tensor(value["number"], dtype=getattr(torch, value["dtype"]))
+            else:
+                restored[key] = value
+    # JSON has no tuples: give back the types of opt's own groups (betas)
+    groups = [{k: tuple(v) if isinstance(cur.get(k), tuple) and isinstance(v, list) else v for k, v in g.items()}
+              for g, cur in zip(groups, opt.param_groups)]
+    return {"state": state, "param_groups": groups}
+
+
+def _save_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: torch.optim.Optimizer,
+                     epoch_gen_state: torch.Tensor, meta: dict) -> None:
     """One atomic save (temporary file, fsync, rename) of everything :func:`_resume` restores."""
     from safetensors.torch import save_file
 
     from mergemix import io
 
-    tensors = {}
-    for i, p in enumerate(params):
-        tensors[f"param.{i}"] = p.detach().cpu().contiguous()
-        tensors[f"opt.m.{i}"] = opt.m[i].detach().cpu().contiguous()
-        if opt.v is not None:
-            tensors[f"opt.v.{i}"] = opt.v[i].detach().cpu().contiguous()
+    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    opt_tensors, opt_meta = _optimizer_state(opt)
+    tensors.update(opt_tensors)
     tensors["rng.order"] = epoch_gen_state.clone()  # the shuffle generator at the start of the epoch
     tensors["rng.torch"] = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
@@ -305,8 +294,8 @@ def _save_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: "Optimizer"
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(key, dtype=np.int64))
     version, internal, gauss_next = random.getstate()
     meta = {
-        **meta, "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "optimizer": opt.name,
-        "optimizer_steps": list(opt.steps), "cuda_rng_devices": len(cuda),
+        **meta, "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "optimizer": opt_meta,
+        "cuda_rng_devices": len(cuda),
         "numpy_rng": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python_rng": [version, list(internal), gauss_next],
     }
@@ -316,9 +305,10 @@ def _save_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: "Optimizer"
             os.fsync(f.fileno())
 
 
-def _load_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: "Optimizer", name: str):
-    """The tensors and JSON of a checkpoint of this very run, or None (with a log line saying why
-    a checkpoint that is there is not resumed: another run's, or unreadable)."""
+def _load_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: torch.optim.Optimizer, name: str):
+    """The parameters' tensors, the optimizer's state dict and the JSON of a checkpoint of this
+    very run, or None (with a log line saying why a checkpoint that is there is not resumed:
+    another run's, or unreadable)."""
     from mergemix import io
 
     path = ck.file
@@ -345,27 +335,27 @@ def _load_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: "Optimizer"
     except Exception as e:  # a damaged file: safetensors reports it in its own exception types
         log.warning("%s: not resuming from checkpoint %s, it cannot be read (%s); training from the start", name, path, e)
         return None
-    expected = {f"param.{i}": p.shape for i, p in enumerate(params)}
-    expected.update({f"opt.m.{i}": p.shape for i, p in enumerate(params)})
-    if opt.v is not None:
-        expected.update({f"opt.v.{i}": p.shape for i, p in enumerate(params)})
-    bad = [k for k, shape in expected.items() if k not in tensors or tuple(tensors[k].shape) != tuple(shape)]
+    bad = [f"param.{i}" for i, p in enumerate(params)
+           if f"param.{i}" not in tensors or tuple(tensors[f"param.{i}"].shape) != tuple(p.shape)]
     if bad or "rng.order" not in tensors or "rng.torch" not in tensors:
         log.warning("%s: not resuming from checkpoint %s: tensors missing or of other shapes (%s); training from the "
                     "start", name, path, ", ".join(bad[:3]) or "random states")
         return None
-    return tensors, meta
+    try:
+        opt_state = _optimizer_state_dict(meta["optimizer"], tensors, opt, params)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        log.warning("%s: not resuming from checkpoint %s: its optimizer state does not fit (%s); training from the "
+                    "start", name, path, e)
+        return None
+    return tensors, opt_state, meta
 
 
 @torch.no_grad()
-def _resume(tensors: dict, meta: dict, params, opt: "Optimizer", gen: torch.Generator) -> None:
+def _resume(tensors: dict, opt_state: dict, meta: dict, params, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
     """Put the weights, optimizer and every random state back to where the checkpoint was saved."""
     for i, p in enumerate(params):
         p.copy_(tensors[f"param.{i}"])
-        opt.m[i].copy_(tensors[f"opt.m.{i}"])
-        if opt.v is not None:
-            opt.v[i].copy_(tensors[f"opt.v.{i}"])
-    opt.steps = [int(n) for n in meta["optimizer_steps"]]
+    opt.load_state_dict(opt_state)
     gen.set_state(tensors["rng.order"])
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[f"rng.cuda.{k}"] for k in range(int(meta.get("cuda_rng_devices", 0)))]
@@ -430,6 +420,7 @@ def fit(
     """
     params = [p for p in params if p.requires_grad]
     opt = make_optimizer(params, hp)
+    base_lr = float(hp["lr"])
     bs = int(hp["batch_size"])
     epochs = int(hp["epochs"])
     probs = None
@@ -448,8 +439,8 @@ def fit(
         fingerprint = _fingerprint(ck, params, hp, n_samples, groups, steps_per_epoch, total)
         found = _load_checkpoint(ck, fingerprint, params, opt, name)
         if found is not None:
-            tensors, meta = found
-            _resume(tensors, meta, params, opt, gen)
+            tensors, opt_state, meta = found
+            _resume(tensors, opt_state, meta, params, opt, gen)
             start_epoch, start_step = int(meta["epoch"]), int(meta["step_in_epoch"])
             resumed_losses, before = [float(v) for v in meta["epoch_losses"]], float(meta.get("elapsed_seconds", 0.0))
             log.info("%s: resuming from checkpoint %s at step %d/%d (epoch %d/%d), %s trained before", name, ck.file,
@@ -465,7 +456,7 @@ def fit(
         eta = (total - done) / rate if rate > 0 else float("nan")
         return f"step {done}/{total} ({100.0 * done / total:.0f}%), {rate:.3g} steps/s, ETA {_duration(eta)}"
 
-    last = float("nan")
+    last, lr = float("nan"), opt.param_groups[0]["lr"]
     with contextlib.ExitStack() as stack:
         bar = _progress_bar(stack, total, first_done, name)
         for epoch in range(start_epoch, epochs):
@@ -477,7 +468,8 @@ def fit(
             resumed = epoch == start_epoch
             losses = list(resumed_losses) if resumed else []
             for s in range(start_step if resumed else 0, steps_per_epoch):
-                opt.lr = opt.base_lr * lr_factor(epoch * steps_per_epoch + s, total, hp)
+                lr = base_lr * lr_factor(epoch * steps_per_epoch + s, total, hp)
+                set_lr(opt, lr)
                 idx = order[s * bs : (s + 1) * bs]
                 if backward_done:
                     opt.zero_grad()
@@ -491,7 +483,7 @@ def fit(
                     step = epoch * steps_per_epoch + s + 1
                     raise TrainingDiverged(
                         f"{log_name or 'training'}: the training loss is {value} at step {step} of {total} (epoch {epoch + 1}) "
-                        f"with learning rate {opt.lr:g}: training diverged; lower the learning rate (lr of finetune or "
+                        f"with learning rate {lr:g}: training diverged; lower the learning rate (lr of finetune or "
                         "pretrain.hparams) or set grad_clip"
                     )
                 if clip:
@@ -519,7 +511,7 @@ def fit(
             if bad is not None:  # a finite loss can still come with an overflowing update
                 raise TrainingDiverged(
                     f"{log_name or 'training'}: the weights hold NaN or infinite values after epoch {epoch + 1} "
-                    f"(step {(epoch + 1) * steps_per_epoch}, learning rate {opt.lr:g}): training diverged; lower the learning "
+                    f"(step {(epoch + 1) * steps_per_epoch}, learning rate {lr:g}): training diverged; lower the learning "
                     "rate (lr of finetune or pretrain.hparams) or set grad_clip"
                 )
             now = time.time()
