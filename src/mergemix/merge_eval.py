@@ -168,7 +168,7 @@ class MergeEvaluator:
 
         ``orders``: the rows' ``order`` values (default ``mask - 1``). ``test="all"`` scores the
         test split of every subset; ``"selected"`` only of ``test_masks`` and of the best subset on
-        val by the selection rule (:func:`mergemix.stages.select_best`), so the best over all chunks
+        val by the selection rule (:func:`mergemix.selection.select_best`), so the best over all chunks
         always has its test accuracy."""
         import pandas as pd
 
@@ -217,9 +217,9 @@ class MergeEvaluator:
         """Score the test split of ``df``'s best row on val (the selection rule, among rows scored
         on the whole val split) when it has none: a job that knows only its own rows scores its
         local best, and the best over all jobs is one of those."""
-        from mergemix import stages
+        from mergemix.selection import select_best
 
-        best = stages.select_best(df)
+        best = select_best(df)
         i = df.index[df["subset"] == best["subset"]][0]
         if pd_isna(df.at[i, "test_acc"]):
             mask = subsets.names_to_mask(subsets.parse_subset(best["subset"]), self.names)

@@ -27,7 +27,7 @@ COLUMNS = [
 def method_rows(method: str, target: str, merged: pd.DataFrame, mixture: pd.DataFrame | None, base_acc: float) -> dict:
     """One row of the method comparison (``merged``: a merge-eval table; ``mixture``: the target's
     mixture table, or None when no mixture was fine-tuned)."""
-    from mergemix.stages import full_rows, select_best
+    from mergemix.selection import full_rows, select_best
 
     full = full_rows(merged)
     best = select_best(full)

@@ -11,6 +11,7 @@ import numpy as np
 
 from mergemix import __version__, io, subsets
 from mergemix.data.prepared import load_prepared, prepare_dataset
+from mergemix.selection import full_rows, select_best  # noqa: F401  (the selection rule, re-exported)
 
 
 if TYPE_CHECKING:  # pandas is imported lazily: it costs every short job ~0.3 s
@@ -216,23 +217,6 @@ def finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence, thre
                                    checkpoint_every_steps, checkpoint_every_seconds)[1])
         log.info("pack: %d/%d fine-tunes written (%s)", i + 1, len(jobs), out_path)
     return manifests
-
-
-def full_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows scored on the whole val split: a search that scores slices (halving) selects among these only."""
-    if "val_examples" not in df.columns or df.empty:
-        return df
-    return df[df["val_examples"] == df["val_examples"].max()]
-
-
-def select_best(df: pd.DataFrame, column: str = "val_acc", maximize: bool = True) -> pd.Series:
-    """The row with the best ``column``; ties go to the smallest subset, then the first name.
-    Only rows scored on the whole val split compete (see :func:`full_rows`)."""
-    df = full_rows(df).copy()
-    df["_key"] = df["subset"].map(subsets.sort_key)
-    best = df[column].max() if maximize else df[column].min()
-    tied = df[np.isclose(df[column], best, rtol=0, atol=1e-12)]
-    return tied.sort_values("_key").iloc[0].drop("_key")
 
 
 def final_finetune(

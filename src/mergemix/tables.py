@@ -122,7 +122,7 @@ def check_result_table(df, path, kind: str):
             if not 0.0 <= v <= 1.0:
                 raise TableError(f"{path}: column {col!r} {where(i)}: {_show(v)} is outside [0, 1]; {_fix(path)}")
     if kind in ("merge_eval", "merge_eval_rows") and df["test_acc"].isna().any():
-        from mergemix.stages import select_best
+        from mergemix.selection import select_best
 
         best = select_best(df)
         if pd.isna(best["test_acc"]):

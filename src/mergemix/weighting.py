@@ -31,7 +31,8 @@ def weights_search(
 
     from mergemix.data.prepared import load_prepared
     from mergemix.search.weights import WeightSearch
-    from mergemix.stages import _evaluator, _search_fingerprint, full_rows, select_best
+    from mergemix.selection import full_rows, select_best
+    from mergemix.stages import _evaluator, _search_fingerprint
     from mergemix.tables import read_result_table
 
     ev = _evaluator(backend_spec, {"method": "uniform"}, pretrained, model_paths, threads, eval_spec)
