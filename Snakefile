@@ -8,6 +8,10 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
+# `snakemake --report report.html`: the study's front page (what was run, how to read the tables)
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"

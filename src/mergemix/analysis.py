@@ -14,7 +14,7 @@ import pandas as pd
 
 from mergemix import io, metrics
 from mergemix.similarity import METRICS
-from mergemix.stages import full_rows, select_best
+from mergemix.selection import full_rows, select_best
 from mergemix.subsets import sort_key, subset_id
 
 SELECTION_COLUMNS = [
@@ -197,6 +197,7 @@ def analyze(
     avg = simsel_df.iloc[-1]
     scored = {m: avg[m] for m in METRICS if not (isinstance(avg[m], float) and math.isnan(avg[m]))}
     best_metric = max(scored, key=lambda m: (scored[m], -list(METRICS).index(m))) if scored else ""
+    sim_choices = {r["target"]: r["_sim_choices"] for r in sel_rows}  # for the report's similarity table
     for r, s in zip(sel_rows, simsel_rows):
         choices = r.pop("_sim_choices")
         r["similarity_metric"] = best_metric
@@ -217,6 +218,12 @@ def analyze(
     from mergemix.figures import plot_all
 
     plot_all(data, corr_df, out_dir / "figures", eps, figure_formats, sampled=mixtures == "sampled")
+    # snakemake --report: the overview figure and HTML versions of the tables (the CSVs above are the data)
+    from mergemix.figures import plot_overview
+    from mergemix.report_tables import write_report
+
+    overview_png = plot_overview(sel_df, out_dir / "figures" / "overview", figure_formats)
+    write_report(out_dir / "report", sel_df, corr_df, simsel_df, sim_choices, best_metric, overview_png)
     return {"correlation": corr_df, "selection": sel_df, "similarity_selection": simsel_df}
 
 

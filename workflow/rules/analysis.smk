@@ -95,13 +95,25 @@ rule analyze:
     output:
         correlation=report(f"{R}/correlation.csv", caption="../report/correlation.rst", category="Tables"),
         selection=report(f"{R}/selection.csv", caption="../report/selection.rst", category="Tables"),
-        similarity_selection=f"{R}/similarity_selection.csv",
+        similarity_selection=report(
+            f"{R}/similarity_selection.csv", caption="../report/similarity_selection.rst", category="Tables"
+        ),
         rankings=report(f"{R}/rankings.csv", caption="../report/rankings.rst", category="Tables"),
         figures=report(
             expand(f"{R}/figures/{{fig}}.{{fmt}}", fig=FIGURES, fmt=FIG_FORMATS),
             caption="../report/figures.rst",
             category="Figures",
         ),
+        # the report's front page and inline tables: HTML versions of the CSVs above, and an overview figure
+        overview=report(
+            expand(f"{R}/figures/overview.{{fmt}}", fmt=FIG_FORMATS), caption="../report/overview.rst", category="Figures"
+        ),
+        selection_html=report(f"{R}/report/selection.html", caption="../report/selection.rst", category="Tables"),
+        correlation_html=report(f"{R}/report/correlation.html", caption="../report/correlation.rst", category="Tables"),
+        similarity_html=report(
+            f"{R}/report/similarity_selection.html", caption="../report/similarity_selection.rst", category="Tables"
+        ),
+        front_page=f"{R}/report/front_page.html",  # included by workflow/report/workflow.rst
     params:
         targets=js(CANDIDATES),
         options=js({**config["analysis"], "mixtures": "off" if not MIXTURE_ON else "sampled" if SAMPLE else "all"}),
