@@ -6,6 +6,7 @@ import base64
 import html as htmllib
 import json
 import re
+import os
 import shutil
 import subprocess
 import urllib.parse
@@ -161,10 +162,19 @@ def test_report_front_page_tables_and_captions(report):
 
 
 def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
+    """A headless Chromium: on PATH, or Debian's package installed now when this runs as root with
+    apt-get (as tests/slurm/cluster.sh installs Slurm); None when neither works (the test skips)."""
+    names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    found = next((shutil.which(n) for n in names if shutil.which(n)), None)
+    if found is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "install", "-y", "-qq", "chromium"], ["apt-get", "update", "-qq"],
+                    ["apt-get", "install", "-y", "-qq", "chromium"]):
+            if subprocess.run(cmd, capture_output=True, env=env, timeout=900, check=False).returncode == 0 and \
+                    cmd[1] == "install":
+                break
+        found = next((shutil.which(n) for n in names if shutil.which(n)), None)
+    return found
 
 
 # Run in the page once it has loaded (and React has drawn it): what each image, table and link
