@@ -21,3 +21,26 @@ def test_merge_eval_logs_progress_with_eta_and_best(tmp_path, caplog, monkeypatc
     best = stages.select_best(df)
     assert float(last.group(5)) == round(df["val_acc"].max(), 4)
     assert df.loc[df["subset"] == last.group(6), "val_acc"].iloc[0] == best["val_acc"]
+
+
+def test_a_terminal_gets_a_bar_and_a_log_does_not(monkeypatch):
+    import contextlib
+    import io as stdio
+    import sys
+
+    from mergemix.progress import progress_bar
+
+    class Tty(stdio.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", stdio.StringIO())
+    with contextlib.ExitStack() as stack:
+        assert progress_bar(stack, 10, 0, "merge-eval") is None  # a job log: lines only
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    with contextlib.ExitStack() as stack:
+        bar = progress_bar(stack, 10, 0, "merge-eval", unit="model")
+        bar.update(4)
+        bar.refresh()  # tqdm redraws at most every 0.1 s by itself
+    assert "merge-eval" in tty.getvalue() and "4/10" in tty.getvalue()

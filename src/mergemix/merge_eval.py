@@ -184,6 +184,12 @@ class MergeEvaluator:
         n_val = len(target.indices["val"])
         k = max(1, int(getattr(self.backend, "merges_per_forward", 1)))
         pairs = list(zip(masks, orders))
+        import contextlib
+
+        from mergemix.progress import progress_bar
+
+        stack = contextlib.ExitStack()
+        bar = progress_bar(stack, len(pairs), 0, "merge-eval", unit="model")
         for start in range(0, len(pairs), k):  # k merged models per forward pass (batched adapters)
             group = pairs[start:start + k]
             if k == 1:
@@ -201,6 +207,8 @@ class MergeEvaluator:
                 self.mask = None  # evaluate_many leaves the live weights undefined
                 rows += [self.row(m, v, tests.get(i, float("nan")), o, n_val) for i, ((m, o), v) in enumerate(zip(group, vals))]
             done = start + len(group)
+            if bar is not None:
+                bar.update(len(group))
             now = time.time()
             if now - last >= PROGRESS_SECONDS or done == len(pairs):
                 last = now
@@ -208,6 +216,7 @@ class MergeEvaluator:
                 best = max(rows, key=lambda r: r["val_acc"])
                 log.info("merge-eval: %d/%d merged models (%.1f/s, ETA %.0fs), best val_acc so far %.4f (%s)",
                          done, len(pairs), rate, (len(pairs) - done) / rate, best["val_acc"], best["subset"])
+        stack.close()
         df = pd.DataFrame(rows, columns=COLUMNS)
         if test == "selected" and len(df):
             self.fill_best_test(df, target)

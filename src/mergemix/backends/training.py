@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -379,19 +378,9 @@ def _duration(seconds: float) -> str:
 
 
 def _progress_bar(stack: contextlib.ExitStack, total: int, done: int, name: str):
-    """A tqdm bar when stderr is a terminal and tqdm is installed (log lines printed above it), else None."""
-    isatty = getattr(sys.stderr, "isatty", None)
-    if not (isatty and isatty()):
-        return None
-    try:
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-    except ImportError:
-        return None
-    bar = stack.enter_context(tqdm(total=total, initial=done, desc=name or "training", unit="step", leave=False,
-                                   dynamic_ncols=True))
-    stack.enter_context(logging_redirect_tqdm())
-    return bar
+    from mergemix.progress import progress_bar
+
+    return progress_bar(stack, total, done, name or "training", unit="step")
 
 
 def fit(
