@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mergemix-installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test test-fast dry-run clean
+.PHONY: install run test test-fast lint format dry-run clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,9 @@ dry-run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# the unit tests only (every test not marked workflow, slurm or slow), two workers: under 2 minutes
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not workflow"
+	$(PY) -m pytest -m unit -n 2 -q
 
 clean:
 	rm -rf results .snakemake

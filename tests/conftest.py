@@ -8,6 +8,14 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+LONG_MARKS = ("workflow", "slurm", "slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that is not a workflow, Slurm or slow one is a unit test (make test-fast)."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in LONG_MARKS):
+            item.add_marker(pytest.mark.unit)
 
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")

@@ -500,6 +500,7 @@ def test_results_lock_same_checkout_dead_owner_and_release(tmp_path):
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_a_live_run_of_another_checkout_is_refused(tmp_path):
     """A real Snakemake run refuses a results folder that another checkout's live run holds."""
     import socket

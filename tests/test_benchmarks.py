@@ -8,6 +8,8 @@ import pytest
 
 from conftest import ROOT, offline_env
 
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a subprocess
+
 pytest.importorskip("open_clip")
 
 

@@ -65,6 +65,7 @@ def test_shipped_metadata_matches_the_fusion_bench_wheel(tmp_path):
     assert check.compare(check.read_wheel(wheel), CLASSNAMES, TEMPLATES, STUDY) == []
 
 
+@pytest.mark.slow
 def test_classnames_ship_in_the_built_wheel(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
                         "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)

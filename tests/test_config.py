@@ -173,6 +173,7 @@ def test_missing_local_inputs_are_refused_before_any_job(default_config, spec, k
         assert "(not a folder)" in _error(default_config)
 
 
+@pytest.mark.slow
 def test_missing_local_inputs_stop_the_dag_build(default_config, tmp_path):
     import subprocess
     import sys
@@ -185,6 +186,7 @@ def test_missing_local_inputs_stop_the_dag_build(default_config, tmp_path):
     assert r.returncode != 0 and f"datasets.mine.path: {tmp_path / 'gone.jsonl'} (no such file)" in r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_settings_reach_every_fine_tune_job(default_config, tmp_path):
     assert validate_config(dict(default_config))["checkpoint"] == {"every_minutes": 10, "every_steps": None}
     default_config["checkpoint"] = {"every_minutes": 2.5, "every_steps": 50}

@@ -217,6 +217,7 @@ def check_lm_selection(spec, pre, folders, target, out, peft_type):
     return table
 
 
+@pytest.mark.slow
 def test_lm_select_ia3_adapters_and_the_cli(base_dir, tmp_path):  # noqa: F811
     spec, pre, folders, target = lm_setup(base_dir, tmp_path, {})
     table = check_lm_selection(spec, pre, folders, target, tmp_path / "ranking.csv", "IA3")

@@ -350,6 +350,7 @@ def test_benchmarks_source_splits_and_llm_jp_eval_conversion(tmp_path):
 
 
 # --- lm-evaluation-harness adapter (optional extra) --------------------------------------------
+@pytest.mark.slow
 def test_lm_eval_target_scores_the_live_model(base_dir, pretrained, tmp_path):
     """A local multiple-choice task through lm-eval on the in-memory model, against a hand computation."""
     pytest.importorskip("lm_eval")

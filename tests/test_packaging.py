@@ -1,10 +1,12 @@
-"""The conda env file and pyproject agree; the package has no circular imports."""
+"""Packaging: one software environment, every module importable on its own, thin rules, the schema in the wheel."""
 
 import pkgutil
 import re
 import subprocess
 import sys
 
+
+import pytest
 
 import mergemix
 from conftest import ROOT
@@ -18,6 +20,7 @@ def test_software_is_deployed_in_one_environment():
     assert "{shlex.quote(sys.executable)} -m mergemix" in (ROOT / "workflow/rules/common.smk").read_text()
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own():
     # a fresh interpreter per module: an import cycle fails whichever module is imported first
     for mod in pkgutil.walk_packages(mergemix.__path__, "mergemix."):
@@ -34,6 +37,7 @@ def test_rules_are_thin_calls_of_the_cli():
             assert re.search(r'shell:\s*\n\s*"{MERGEMIX} [a-z-]+ ', body), (smk.name, rule)
 
 
+@pytest.mark.slow
 def test_the_schema_ships_in_the_wheel_and_check_config_works_from_it(tmp_path):
     import zipfile
 

@@ -47,6 +47,7 @@ def comparable(manifest: dict) -> dict:
     return m
 
 
+@pytest.mark.slow
 def test_finetune_pack_writes_what_one_process_per_job_writes(study, tmp_path):
     pre = study / "pre" / "model.safetensors"
     single, packed = tmp_path / "single", tmp_path / "packed"

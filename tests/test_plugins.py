@@ -226,6 +226,7 @@ def test_plugin_names_resolve_in_process(plugin_root, on_path):
     assert merging.linear_coefficients("median", 3) is None  # not linear: merged from scratch per subset
 
 
+@pytest.mark.slow
 def test_check_config_accepts_a_study_on_the_plugin(plugin_root, tmp_path):
     cfg = tmp_path / "plugged.yaml"
     cfg.write_text(yaml.safe_dump(plugin_study(tmp_path / "results")))

@@ -83,6 +83,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_killed_finetune_resumes_to_the_same_bytes(study, tmp_path):
     pre, data = study / "pre" / "model.safetensors", [study / "data" / "mirror"]
     whole = stages.finetune(DIGITS_BACKEND, HP, pre, data, tmp_path / "whole" / "model.safetensors")

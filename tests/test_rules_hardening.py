@@ -21,6 +21,7 @@ from mergemix.data.prepared import prepare_dataset
 from mergemix.data.registry import SOURCES, _load_builtin
 from test_workflow import planned_jobs, rule_family, snakemake
 
+pytestmark = pytest.mark.workflow  # most of these run Snakemake on a study
 RULES = ROOT / "workflow" / "rules"
 # a results_dir an unquoted shell command would split at the space and run `touch PWNED` in
 WEIRD = "res dir;touch PWNED"
