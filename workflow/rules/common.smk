@@ -46,16 +46,18 @@ DATASETS = sorted(config["datasets"])
 TARGETS = targets_of(config)
 CANDIDATES = {t: candidates_of(config, t) for t in TARGETS}
 MIXTURE_ON = config["mixture"]["enabled"]
-FINAL_ON = config["final"]["enabled"]
+from mergemix.settings import Study
+
+SETTINGS = Study.from_config(config)  # typed, frozen sections (defaults only in the schema)
+FINAL_ON = SETTINGS.final.enabled
 # selection only: no mixture study and no final fine-tune, so no mixture is ever trained
 TRAIN_NOTHING = not MIXTURE_ON and not FINAL_ON
 # models: given fine-tuned models (one per candidate), imported instead of fine-tuned (train.smk)
 GIVEN = config["models"]
 # fine-tune checkpoints (preemption): the flags of every fine-tune stage; not params, so changing
 # how often a job saves never reruns a finished fine-tune
-_CK = config["checkpoint"]
-CHECKPOINT_ARGS = (f"--checkpoint-every-seconds {float(_CK['every_minutes']) * 60:g} "
-                   f"--checkpoint-every-steps {int(_CK['every_steps'] or 0)}")
+CHECKPOINT_ARGS = (f"--checkpoint-every-seconds {SETTINGS.checkpoint.every_seconds:g} "
+                   f"--checkpoint-every-steps {int(SETTINGS.checkpoint.every_steps or 0)}")
 CHUNKS = config["merge_eval"]["chunks"]
 # Search: each target's strategy (`auto` resolved: exhaustive while 2^N-1 fits the budget). The
 # exhaustive strategy fans out into CHUNKS jobs per target; a budgeted one runs WORKERS jobs

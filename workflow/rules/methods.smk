@@ -4,9 +4,9 @@
 METHODS = [m for m in ME.get("methods") or []]
 # merge_eval.method_options: fixed options per compared method; merge_eval.tune: options tuned on
 # val per method and target before the method's merge-eval (the tuned options replace the defaults)
-METHOD_OPTIONS = ME.get("method_options") or {}
-TUNE = ME.get("tune") or {}
-TUNED = [m for m in METHODS if m in (TUNE.get("space") or {})]
+METHOD_OPTIONS = SETTINGS.merge_eval.method_options
+TUNE = SETTINGS.merge_eval.tune.to_dict()
+TUNED = [m for m in METHODS if m in TUNE["space"]]
 TUNE_SPEC = js({k: v for k, v in TUNE.items() if k != "space"})
 
 
