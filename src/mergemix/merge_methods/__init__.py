@@ -14,8 +14,10 @@ types, ranges, defaults) by :func:`check_options`; :func:`apply` checks, fills t
 runs a method. The engine may also pass ``segments`` (the sizes of the parameter tensors, in the
 order of the flat vector: needed by ``scope: tensor``) and ``rows`` (the selected models' indices
 among all candidates: a DARE model then keeps one drop mask in every subset); methods that do not
-use them ignore them. :func:`register_all` puts the methods in ``mergemix.merging``'s registry
-(once, skipping names registered already); nothing is registered on import.
+use them ignore them. Nothing is registered on import: ``mergemix.merging.MERGE_METHODS`` names this
+module as the target of every built-in (``merging.BUILTIN_METHODS``), and the first lookup of a name
+imports it and registers :func:`registered` of that name (with :func:`linear_coefficients` for a
+linear method); :func:`register_all` is kept for older callers.
 
 Adapter backends (what the methods mean for the flat vectors the backends save)
 --------------------------------------------------------------------------------
@@ -33,8 +35,9 @@ Adapter backends (what the methods mean for the flat vectors the backends save)
   adapter of rank ``k * r`` by concatenation (``B = [w_1 B_1 ... w_k B_k]``, ``A = [A_1; ...; A_k]``,
   peft's ``cat``); TIES/DARE of the products act on the dense updates ``B_i @ A_i`` of each layer
   (peft's ``*_svd`` combinations then truncate them back to a rank). Exact merging of the products
-  is meant to be the default for LoRA; these functions only see flat vectors, so they merge the
-  factors when given the factors, as ``causal_lm`` does when it flattens A and B.
+  is the default for LoRA: ``causal_lm`` with ``lora_merge: products`` hands these functions the
+  dense updates of each layer (its ``merge_space_params``). They only see flat vectors, so they
+  merge the factors when given the factors, as ``causal_lm`` does with ``lora_merge: factors``.
 """
 
 from __future__ import annotations
@@ -182,8 +185,13 @@ def registered(method: str) -> Callable[..., torch.Tensor]:
 
 
 def register_all() -> list[str]:
-    """Register every method in ``mergemix.merging``'s registry, skipping the names taken already
-    (today ``uniform`` and ``task_arithmetic`` of merging.py); returns the names registered now."""
+    """Register every method of :data:`METHODS` in ``mergemix.merging``'s registry, skipping the names
+    it has already; returns the names registered now.
+
+    Kept for older callers: the registry is lazy (:mod:`mergemix.plugins`) and lists every built-in
+    name before it is loaded (the first lookup of a name registers it), so this finds every name
+    taken and returns ``[]``. To import and register them all, use
+    ``mergemix.merging.MERGE_METHODS.load_all()``."""
     from mergemix.merging import MERGE_METHODS, register_merge_method
 
     takes_linear = "linear" in inspect.signature(register_merge_method).parameters
