@@ -162,6 +162,10 @@ class Registry(MutableMapping):
         built-in's and ``obj`` is not from that built-in's module."""
         with self._lock:
             target = self.builtins.get(name)
+            if target is not None and getattr(obj, "__module__", None) == "__main__":
+                spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+                if spec is not None and spec.name == target.partition(":")[0]:
+                    return obj  # the built-in's own module run as a script (python -m): its import registers it
             if target is not None and getattr(obj, "__module__", None) != target.partition(":")[0]:
                 raise PluginError(
                     f"{self.what} {name!r} of {_qualified(obj)} clashes with mergemix's built-in {self.what} "
