@@ -76,12 +76,12 @@ def _message(err) -> str:
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[err.validator]
         return f"{key}: {err.instance!r} is not allowed; give a value {op} {err.validator_value}"
     if err.validator == "minProperties" and not err.instance:
-        return f"{key}: empty; list at least {err.validator_value} entries (see README.md, Configuration)"
+        return f"{key}: empty; list at least {err.validator_value} entries (see config/README.md)"
     if err.validator == "uniqueItems" or (key == "targets" and isinstance(err.instance, list) and _duplicates(err.instance)):
         dup = ", ".join(map(repr, _duplicates(err.instance)))
         return f"{key}: {dup} listed more than once; list each name once"
     if err.validator == "required":
-        return f"{key}: {err.message}; add it (see README.md, Configuration)"
+        return f"{key}: {err.message}; add it (see config/README.md)"
     if err.validator == "additionalProperties":
         allowed = ", ".join(sorted(err.schema.get("properties", {})))
         return f"{key}: {err.message}; allowed keys: {allowed}"
@@ -245,7 +245,7 @@ def given_problems(config: dict, targets: list[str]) -> list[str]:
 
 
 # The strategy `auto` picks when a target's 2^N-1 subsets exceed the budget: the one that came
-# closest to exhaustive in benchmarks/search.py (README, Search strategies).
+# closest to exhaustive in benchmarks/search.py (docs/search-and-merge-methods.md, Search strategies).
 AUTO_STRATEGY = "surrogate"
 DEFAULT_BUDGET = 1023
 # merge_eval.strategy: weights searches mixture proportions (merge_eval.weights) from the best binary

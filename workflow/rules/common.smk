@@ -125,7 +125,7 @@ else:
 DOWNLOADED = sorted(n for n, spec in DATA_SPECS.items() if needs_download(spec))
 FINETUNE_HP = js(config["finetune"])
 
-# Packing (config `pack`; README, Packing short jobs): where a backend's jobs last seconds, one job
+# Packing (config `pack`; docs/design.md, Packing short jobs): where a backend's jobs last seconds, one job
 # runs a pack of them (one Python start and torch import instead of one each), writing exactly the
 # files, bit for bit, that a job per item would. Packs are fixed-size runs of the sorted items, each a
 # rule of its own (`name:`) declaring every file it reads and writes, so every path is unchanged;

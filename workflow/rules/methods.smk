@@ -1,4 +1,4 @@
-# Beyond the paper's uniform subsets (README, "Merge methods and weighted mixtures"):
+# Beyond the paper's uniform subsets (docs/search-and-merge-methods.md, "Merge methods and weighted mixtures"):
 # merge_eval.methods compares merge methods as surrogates of mixture fine-tuning, and
 # merge_eval.strategy: weights searches mixture proportions from the best subset.
 METHODS = [m for m in ME.get("methods") or []]

@@ -233,7 +233,7 @@ def benchmark_records(bench: dict, path, max_n: Optional[int], where: str) -> li
         if not isinstance(prompt, str) or not isinstance(refs, list) or not refs:
             raise ValueError(
                 f"{where}: {path} line {i + 1} needs 'prompt' (a string) and 'references' (a non-empty list of "
-                f"strings); got keys {sorted(row)}. See README.md, 'The benchmark file format'"
+                f"strings); got keys {sorted(row)}. See docs/studies.md, 'The benchmark file format'"
             )
         out.append(
             {
