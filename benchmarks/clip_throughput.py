@@ -41,8 +41,11 @@ from mergemix.merge_eval import MergeEvaluator  # noqa: E402
 
 TINY = {
     "name": "mergemix-bench-tiny",
-    "config": {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 2, "width": 64, "patch_size": 8},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+    "config": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 16, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    },
 }
 
 
@@ -66,16 +69,27 @@ def write_prepared(folder: Path, name: str, sizes: dict, size: int, classes: int
     x = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
     y = rng.integers(0, classes, n).astype(np.int64)
     sha = io.save_arrays(folder / "arrays.safetensors", {"x": x, "y": y})
-    data = {"file": "arrays.safetensors", "sha256": sha, "bytes": (folder / "arrays.safetensors").stat().st_size,
-            "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in {"x": x, "y": y}.items()}}
+    data = {
+        "file": "arrays.safetensors",
+        "sha256": sha,
+        "bytes": (folder / "arrays.safetensors").stat().st_size,
+        "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in {"x": x, "y": y}.items()},
+    }
     bounds = np.cumsum([0, *sizes.values()])
     indices = {k: list(range(int(a), int(b))) for k, a, b in zip(sizes, bounds[:-1], bounds[1:])}
-    io.write_json(folder / "splits.json", {
-        "name": name, "spec": {"source": "synthetic", "templates": ["a photo of a {}."]},
-        "split": {"seed": seed}, "classes": [f"class {i}" for i in range(classes)],
-        "sizes": {k: len(v) for k, v in indices.items()}, "indices": indices, "info": {},
-        "data": data,  # load_prepared checks the data file against it
-    })
+    io.write_json(
+        folder / "splits.json",
+        {
+            "name": name,
+            "spec": {"source": "synthetic", "templates": ["a photo of a {}."]},
+            "split": {"seed": seed},
+            "classes": [f"class {i}" for i in range(classes)],
+            "sizes": {k: len(v) for k, v in indices.items()},
+            "indices": indices,
+            "info": {},
+            "data": data,  # load_prepared checks the data file against it
+        },
+    )
     return folder
 
 
@@ -110,8 +124,9 @@ def main(argv=None) -> int:
             params.update(model="ViT-B-32-quickgelu")
         torch.manual_seed(0)
         clip = open_clip.create_model(params["model"], pretrained=None)
-        size = int(clip.visual.image_size[0] if isinstance(clip.visual.image_size, (tuple, list))
-                   else clip.visual.image_size)
+        size = int(
+            clip.visual.image_size[0] if isinstance(clip.visual.image_size, (tuple, list)) else clip.visual.image_size
+        )
         torch.save(clip.state_dict(), tmp / "random.pt")
         n_params = sum(p.numel() for p in clip.visual.parameters())
         del clip
@@ -120,18 +135,34 @@ def main(argv=None) -> int:
         backend = get_backend({"name": "clip", "params": params}, threads=threads, device=str(device))
         pre = tmp / "pretrained" / "model.safetensors"
         backend.fetch_pretrained(pre)
-        warm = load_prepared(write_prepared(tmp / "warm", "warm", {"train": 2 * args.batch_size, "val": 8, "test": 8},
-                                            size, args.classes, 1))
-        train = load_prepared(write_prepared(tmp / "train", "train", {"train": n_train, "val": 8, "test": 8},
-                                             size, args.classes, 2))
-        target = load_prepared(write_prepared(tmp / "target", "target",
-                                              {"train": 8, "val": args.val_images, "test": 8}, size, args.classes, 3))
+        warm = load_prepared(
+            write_prepared(
+                tmp / "warm", "warm", {"train": 2 * args.batch_size, "val": 8, "test": 8}, size, args.classes, 1
+            )
+        )
+        train = load_prepared(
+            write_prepared(tmp / "train", "train", {"train": n_train, "val": 8, "test": 8}, size, args.classes, 2)
+        )
+        target = load_prepared(
+            write_prepared(
+                tmp / "target", "target", {"train": 8, "val": args.val_images, "test": 8}, size, args.classes, 3
+            )
+        )
         backend.load_pretrained(pre)  # heads live beside the pre-trained model
         for d in (warm, train, target):
             backend.write_head(pre, d, backend.head_path(d.name))
 
-        hp = {"epochs": 1, "lr": 1e-5, "batch_size": args.batch_size, "optimizer": "adamw", "weight_decay": 0.1,
-              "schedule": "cosine", "warmup_frac": 0.05, "grad_clip": 1.0, "seed": 0}
+        hp = {
+            "epochs": 1,
+            "lr": 1e-5,
+            "batch_size": args.batch_size,
+            "optimizer": "adamw",
+            "weight_decay": 0.1,
+            "schedule": "cosine",
+            "warmup_frac": 0.05,
+            "grad_clip": 1.0,
+            "seed": 0,
+        }
         model = backend.load_pretrained(pre)
         backend.finetune(model, [warm], hp)  # warm-up: kernels, autocast, allocator
         _, t_train = timed(lambda: backend.finetune(model, [train], hp), device)
@@ -150,11 +181,12 @@ def main(argv=None) -> int:
             paths[f"d{i}"] = str(tmp / "models" / f"d{i}.safetensors")
             provenance = {  # what a real fine-tune records (the engine checks it before merging)
                 "pretrained_sha256": io.read_json(io.manifest_path(pre))["sha256"],
-                "data": [{"name": f"d{i}", "sha256": "stand-in"}], "hyperparameters": hp,
+                "data": [{"name": f"d{i}", "sha256": "stand-in"}],
+                "hyperparameters": hp,
             }
             io.save_model(paths[f"d{i}"], noisy, {"kind": "finetuned", "backend": backend.describe(), **provenance})
         names = sorted(paths)
-        masks = subsets.all_masks(len(names))[-args.merged:]  # the largest subsets: the most to merge
+        masks = subsets.all_masks(len(names))[-args.merged :]  # the largest subsets: the most to merge
 
         engine, t_setup = timed(lambda: MergeEvaluator(backend, pre, paths), device)
 
@@ -179,28 +211,45 @@ def main(argv=None) -> int:
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     fig = {
-        "model": params["model"], "image_encoder_params": n_params, "image_size": size, "device": dev,
-        "precision": args.precision if device.type == "cuda" else "fp32", "torch": torch.__version__,
-        "threads": threads, "batch_size": args.batch_size,
+        "model": params["model"],
+        "image_encoder_params": n_params,
+        "image_size": size,
+        "device": dev,
+        "precision": args.precision if device.type == "cuda" else "fp32",
+        "torch": torch.__version__,
+        "threads": threads,
+        "batch_size": args.batch_size,
         "train_images_per_s": n_train / t_train,
         "eval_images_per_s_first_call": args.val_images / t_first,
         "eval_images_per_s_cached": args.val_images / t_cached,
         "s_per_merged_model_engine": t_engine / len(masks),
         "s_per_merged_model_plain": t_plain / len(masks),
-        "engine_setup_s": t_setup, "models": args.models, "val_images": args.val_images,
+        "engine_setup_s": t_setup,
+        "models": args.models,
+        "val_images": args.val_images,
     }
-    print(f"{fig['model']} image encoder ({n_params / 1e6:.1f}M params, {size} px) on {dev}, {fig['precision']}, "
-          f"torch {torch.__version__}, {threads} threads")
-    print(f"training (batch {args.batch_size}, {n_train} images, 1 epoch incl. optimizer): "
-          f"{fig['train_images_per_s']:8.1f} images/s")
+    print(
+        f"{fig['model']} image encoder ({n_params / 1e6:.1f}M params, {size} px) on {dev}, {fig['precision']}, "
+        f"torch {torch.__version__}, {threads} threads"
+    )
+    print(
+        f"training (batch {args.batch_size}, {n_train} images, 1 epoch incl. optimizer): "
+        f"{fig['train_images_per_s']:8.1f} images/s"
+    )
     print(f"evaluation, first call (memory map -> device tensor): {fig['eval_images_per_s_first_call']:8.1f} images/s")
-    print(f"evaluation, cached split tensor:                      {fig['eval_images_per_s_cached']:8.1f} images/s"
-          f"   ratio cached/first {t_first / t_cached:5.2f}x")
+    print(
+        f"evaluation, cached split tensor:                      {fig['eval_images_per_s_cached']:8.1f} images/s"
+        f"   ratio cached/first {t_first / t_cached:5.2f}x"
+    )
     print(f"merged model on {args.val_images} val images, {args.models} candidates, largest {len(masks)} subsets:")
-    print(f"  engine (models read once, merged into one live model): {fig['s_per_merged_model_engine']:8.3f} s each"
-          f" (+{t_setup:.2f} s once to read {args.models} models)")
-    print(f"  plain (read members' files, average, load, evaluate):  {fig['s_per_merged_model_plain']:8.3f} s each"
-          f"   ratio plain/engine {t_plain / t_engine:5.2f}x")
+    print(
+        f"  engine (models read once, merged into one live model): {fig['s_per_merged_model_engine']:8.3f} s each"
+        f" (+{t_setup:.2f} s once to read {args.models} models)"
+    )
+    print(
+        f"  plain (read members' files, average, load, evaluate):  {fig['s_per_merged_model_plain']:8.3f} s each"
+        f"   ratio plain/engine {t_plain / t_engine:5.2f}x"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(fig, indent=1))

@@ -134,7 +134,9 @@ def naive(backend: Backend, pretrained, paths: dict, target, masks) -> None:
         del model, states, avg
 
 
-def measure(label: str, spec: dict, pretrained, paths: dict, target_dir, args, device: str, n_naive: int, note: str = "") -> dict:
+def measure(
+    label: str, spec: dict, pretrained, paths: dict, target_dir, args, device: str, n_naive: int, note: str = ""
+) -> dict:
     """Engine, floor, merge-only and naive times of one study; ratios of per-subset times."""
     backend = get_backend(spec, threads=args.threads, device=device)
     target = load_prepared(target_dir)
@@ -151,7 +153,7 @@ def measure(label: str, spec: dict, pretrained, paths: dict, target_dir, args, d
         t_engine = min(t_engine, timed(lambda: run_engine(engine, target, masks), device))
         with evaluation_stubbed(backend):
             t_merge = min(t_merge, timed(lambda: run_engine(engine, target, masks), device))
-    del engine, fixed
+    engine = fixed = None  # free both models before the naive run (the lambdas above are done)
     naive_masks = masks
     if len(masks) > n_naive:
         naive_masks = sorted(random.Random(0).sample(masks, n_naive))
@@ -159,30 +161,47 @@ def measure(label: str, spec: dict, pretrained, paths: dict, target_dir, args, d
     n = len(masks)
     examples = sum(len(target.indices[s]) for s in EVAL_SPLITS)
     return {
-        "backend": label, "candidates": len(paths), "subsets": n, "examples_per_subset": examples,
-        "naive_subsets": len(naive_masks), "setup_s": t_setup,
-        "engine_s": t_engine, "floor_s": t_floor, "merge_only_s": t_merge, "naive_s": t_naive,
-        "merged_per_s": n / t_engine, "engine_over_floor": t_engine / t_floor,
-        "naive_over_engine": (t_naive / len(naive_masks)) / (t_engine / n), "merge_share": t_merge / t_engine,
+        "backend": label,
+        "candidates": len(paths),
+        "subsets": n,
+        "examples_per_subset": examples,
+        "naive_subsets": len(naive_masks),
+        "setup_s": t_setup,
+        "engine_s": t_engine,
+        "floor_s": t_floor,
+        "merge_only_s": t_merge,
+        "naive_s": t_naive,
+        "merged_per_s": n / t_engine,
+        "engine_over_floor": t_engine / t_floor,
+        "naive_over_engine": (t_naive / len(naive_masks)) / (t_engine / n),
+        "merge_share": t_merge / t_engine,
         "note": note,
     }
 
 
 def print_engine_table(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
-    head = (f"{'backend':<22}{'cands':>6}{'subsets':>8}{'examples':>9}{'merged/s':>10}{'engine/floor':>13}"
-            f"{'naive/engine':>13}{'merge share':>12}{'setup s':>9}")
+    head = (
+        f"{'backend':<22}{'cands':>6}{'subsets':>8}{'examples':>9}{'merged/s':>10}{'engine/floor':>13}"
+        f"{'naive/engine':>13}{'merge share':>12}{'setup s':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        naive_col = f"{r['naive_over_engine']:.2f}x" + ("" if r["naive_subsets"] == r["subsets"] else f"({r['naive_subsets']})")
-        print(f"{r['backend']:<22}{r['candidates']:>6}{r['subsets']:>8}{r['examples_per_subset']:>9}{r['merged_per_s']:>10.2f}"
-              f"{r['engine_over_floor']:>13.2f}{naive_col:>13}{r['merge_share']:>12.1%}{r['setup_s']:>9.2f}")
+        naive_col = f"{r['naive_over_engine']:.2f}x" + (
+            "" if r["naive_subsets"] == r["subsets"] else f"({r['naive_subsets']})"
+        )
+        print(
+            f"{r['backend']:<22}{r['candidates']:>6}{r['subsets']:>8}{r['examples_per_subset']:>9}{r['merged_per_s']:>10.2f}"
+            f"{r['engine_over_floor']:>13.2f}{naive_col:>13}{r['merge_share']:>12.1%}{r['setup_s']:>9.2f}"
+        )
     for r in rows:
         if r.get("note"):
             print(f"  {r['backend']}: {r['note']}")
-    print("  examples: val + test examples evaluated per subset; naive/engine (k): naive timed on a random "
-          "sample of k subsets; merge share: engine time with evaluation stubbed out / engine time")
+    print(
+        "  examples: val + test examples evaluated per subset; naive/engine (k): naive timed on a random "
+        "sample of k subsets; merge share: engine time with evaluation stubbed out / engine time"
+    )
 
 
 # =============================================================================================
@@ -195,8 +214,13 @@ def digits_study(tmp: Path, n_cands: int, threads: int, quick: bool) -> tuple[di
     for name in ["clean", "rotate", *domains]:
         stages.prepare(name, {"source": "digits", "domain": name}, split, tmp / "data" / name)
     pre = tmp / "pre" / "model.safetensors"
-    stages.pretrain(spec, {"epochs": 1 if quick else 3, "lr": 0.003, "batch_size": 64, "seed": 0}, tmp / "data" / "clean", pre,
-                    threads=threads)
+    stages.pretrain(
+        spec,
+        {"epochs": 1 if quick else 3, "lr": 0.003, "batch_size": 64, "seed": 0},
+        tmp / "data" / "clean",
+        pre,
+        threads=threads,
+    )
     hp = {"epochs": 1, "lr": 0.003, "batch_size": 64, "seed": 0}
     paths = {}
     for d in domains:
@@ -209,26 +233,53 @@ def write_images(folder: Path, name: str, sizes: dict, size: int, classes: int, 
     """A prepared image dataset in the pipeline's format: random uint8 images [N, 3, S, S]."""
     rng = np.random.default_rng(seed)
     n = sum(sizes.values())
-    arrays = {"x": rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8), "y": rng.integers(0, classes, n).astype(np.int64)}
+    arrays = {
+        "x": rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8),
+        "y": rng.integers(0, classes, n).astype(np.int64),
+    }
     sha = io.save_arrays(folder / "arrays.safetensors", arrays)
     bounds = np.cumsum([0, *sizes.values()])
     indices = {k: list(range(int(a), int(b))) for k, a, b in zip(sizes, bounds[:-1], bounds[1:])}
-    io.write_json(folder / "splits.json", {
-        "name": name, "spec": {"source": "synthetic", "templates": ["a photo of a {}."]}, "split": {"seed": seed},
-        "classes": [f"class {i}" for i in range(classes)], "sizes": {k: len(v) for k, v in indices.items()},
-        "indices": indices, "info": {},
-        "data": {"file": "arrays.safetensors", "sha256": sha, "bytes": (folder / "arrays.safetensors").stat().st_size,
-                 "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}},
-    })
+    io.write_json(
+        folder / "splits.json",
+        {
+            "name": name,
+            "spec": {"source": "synthetic", "templates": ["a photo of a {}."]},
+            "split": {"seed": seed},
+            "classes": [f"class {i}" for i in range(classes)],
+            "sizes": {k: len(v) for k, v in indices.items()},
+            "indices": indices,
+            "info": {},
+            "data": {
+                "file": "arrays.safetensors",
+                "sha256": sha,
+                "bytes": (folder / "arrays.safetensors").stat().st_size,
+                "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
+            },
+        },
+    )
     return folder
 
 
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 2, "width": 64, "patch_size": 8},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 16, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
-def clip_study(tmp: Path, n_cands: int, threads: int, *, tiny: bool, precision: str, val: int, test: int,
-               train: int, batch_size: int) -> tuple[dict, Path, dict, Path]:
+def clip_study(
+    tmp: Path,
+    n_cands: int,
+    threads: int,
+    *,
+    tiny: bool,
+    precision: str,
+    val: int,
+    test: int,
+    train: int,
+    batch_size: int,
+) -> tuple[dict, Path, dict, Path]:
     """Random-weight CLIP (tiny, or ViT-B-32), zero-shot heads, one real 1-epoch fine-tune per candidate."""
     import open_clip
 
@@ -252,9 +303,13 @@ def clip_study(tmp: Path, n_cands: int, threads: int, *, tiny: bool, precision: 
     pre = root / "pre" / "model.safetensors"
     stages.fetch_pretrained(spec, pre, threads=threads)
     names = [f"c{i}" for i in range(n_cands)]
-    dirs = {n: write_images(root / "data" / n, n, {"train": train, "val": 8, "test": 8}, size, 10, i + 1)
-            for i, n in enumerate(names)}
-    dirs["target"] = write_images(root / "data" / "target", "target", {"train": 8, "val": val, "test": test}, size, 10, 99)
+    dirs = {
+        n: write_images(root / "data" / n, n, {"train": train, "val": 8, "test": 8}, size, 10, i + 1)
+        for i, n in enumerate(names)
+    }
+    dirs["target"] = write_images(
+        root / "data" / "target", "target", {"train": 8, "val": val, "test": test}, size, 10, 99
+    )
     for n, d in dirs.items():
         stages.head(spec, pre, d, pre.parent / "heads" / f"{n}.safetensors", threads=threads)
     hp = {"epochs": 1, "lr": 1e-5, "batch_size": batch_size, "optimizer": "adamw", "seed": 0}
@@ -271,11 +326,14 @@ def byte_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+    tk = Tokenizer(
+        models.BPE(vocab={ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[])
+    )
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                  additional_special_tokens=special)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", additional_special_tokens=special
+    )
     tok.chat_template = (
         "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
         "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
@@ -284,8 +342,13 @@ def byte_tokenizer():
     return tok
 
 
-LLAMA_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2}
+LLAMA_TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def llama_dir(path: Path, shape: dict, device: str = "cpu", dtype=torch.float32) -> Path:
@@ -295,8 +358,15 @@ def llama_dir(path: Path, shape: dict, device: str = "cpu", dtype=torch.float32)
     tok = byte_tokenizer()
     # a wide initialisation keeps a toy model's greedy outputs varied; transformers' default (0.02) at real width
     init = 0.2 if shape["hidden_size"] < 512 else 0.02
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False, initializer_range=init, **shape)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        initializer_range=init,
+        **shape,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
@@ -348,7 +418,9 @@ def lm_study(tmp: Path, n_cands: int, threads: int, adapter: str, n_val: int, n_
             q, a = [(f"copy {w}", w), (f"reverse {w}", w[::-1]), (f"upper {w}", w.upper())][i % 3]
             rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
         io.write_jsonl(tmp / "src" / f"{name}.jsonl", rows)
-        prepare_dataset(name, {"source": "jsonl_chat", "path": str(tmp / "src" / f"{name}.jsonl")}, LM_SPLIT, tmp / "data" / name)
+        prepare_dataset(
+            name, {"source": "jsonl_chat", "path": str(tmp / "src" / f"{name}.jsonl")}, LM_SPLIT, tmp / "data" / name
+        )
         paths[name] = str(tmp / "ft" / name / "model.safetensors")
         stages.finetune(spec, hp, pre, [tmp / "data" / name], paths[name], threads=threads)
     target = lm_target(tmp / "target", n_val, n_test, 20, 4)
@@ -367,7 +439,9 @@ def adapter_states(backend: Backend, model, k: int, seed: int = 0) -> list[dict]
         for name, p in backend.merge_params(model).items():
             noise = torch.randn(p.shape, generator=gen)
             base = p.detach().float().cpu()
-            st[name] = base * (1 + 0.1 * noise) if "ia3_l" in name else (base + 0.01 * noise if "lora_B" in name else base)
+            st[name] = (
+                base * (1 + 0.1 * noise) if "ia3_l" in name else (base + 0.01 * noise if "lora_B" in name else base)
+            )
         out.append(st)
     return out
 
@@ -382,29 +456,47 @@ def measure_batched(label: str, spec: dict, pretrained, target_dir, k: int, args
     t_seq = t_bat = float("inf")
     for _ in range(args.repeats):
         seq, bat = [], []
-        t_seq = min(t_seq, timed(lambda: seq.extend(Backend.evaluate_many(backend, model, target, "val", states)), device))
+        t_seq = min(
+            t_seq, timed(lambda: seq.extend(Backend.evaluate_many(backend, model, target, "val", states)), device)
+        )
         t_bat = min(t_bat, timed(lambda: bat.extend(backend.evaluate_many(model, target, "val", states)), device))
     diff = max(abs(a - b) for a, b in zip(seq, bat))
     cfg = model.config
     return {
-        "model": label, "adapter": backend.params["adapter"], "k": k, "prompts": len(target.indices["val"]),
-        "eval_batch_size": backend.params["eval_batch_size"], "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
-        "sequential_s": t_seq, "batched_s": t_bat, "sequential_per_s": k / t_seq, "batched_per_s": k / t_bat,
-        "ratio": t_seq / t_bat, "max_score_diff": diff, "scores": seq,
+        "model": label,
+        "adapter": backend.params["adapter"],
+        "k": k,
+        "prompts": len(target.indices["val"]),
+        "eval_batch_size": backend.params["eval_batch_size"],
+        "hidden": cfg.hidden_size,
+        "layers": cfg.num_hidden_layers,
+        "sequential_s": t_seq,
+        "batched_s": t_bat,
+        "sequential_per_s": k / t_seq,
+        "batched_per_s": k / t_bat,
+        "ratio": t_seq / t_bat,
+        "max_score_diff": diff,
+        "scores": seq,
     }
 
 
 def print_batched_table(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
-    head = (f"{'model':<24}{'adapter':>8}{'K':>4}{'prompts':>8}{'seq merged/s':>14}{'batched merged/s':>18}"
-            f"{'batched/seq':>12}{'max |score diff|':>18}")
+    head = (
+        f"{'model':<24}{'adapter':>8}{'K':>4}{'prompts':>8}{'seq merged/s':>14}{'batched merged/s':>18}"
+        f"{'batched/seq':>12}{'max |score diff|':>18}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:<24}{r['adapter']:>8}{r['k']:>4}{r['prompts']:>8}{r['sequential_per_s']:>14.2f}"
-              f"{r['batched_per_s']:>18.2f}{r['ratio']:>11.2f}x{r['max_score_diff']:>18.2g}")
-    print("  seq: Backend.evaluate_many (load each merged adapter, evaluate); batched: the backend's evaluate_many "
-          "(K adapters per batched generation, eval_batch_size prompts x K rows)")
+        print(
+            f"{r['model']:<24}{r['adapter']:>8}{r['k']:>4}{r['prompts']:>8}{r['sequential_per_s']:>14.2f}"
+            f"{r['batched_per_s']:>18.2f}{r['ratio']:>11.2f}x{r['max_score_diff']:>18.2g}"
+        )
+    print(
+        "  seq: Backend.evaluate_many (load each merged adapter, evaluate); batched: the backend's evaluate_many "
+        "(K adapters per batched generation, eval_batch_size prompts x K rows)"
+    )
 
 
 # =============================================================================================
@@ -425,15 +517,22 @@ def run_cpu(args, device: str) -> dict:
             rows.append(measure("smallcnn (digits)", spec, pre, paths, target, args, device, naive_n["smallcnn"]))
         if "clip" in args.backends:
             sizes = dict(val=100, test=50, train=16) if args.quick else dict(val=500, test=500, train=64)
-            spec, pre, paths, target = clip_study(tmp / "clip", cands["clip"], args.threads, tiny=True, precision="fp32",
-                                                  batch_size=16, **sizes)
+            spec, pre, paths, target = clip_study(
+                tmp / "clip", cands["clip"], args.threads, tiny=True, precision="fp32", batch_size=16, **sizes
+            )
             rows.append(measure("clip (tiny ViT, 16px)", spec, pre, paths, target, args, device, naive_n["clip"]))
         if "causal_lm" in args.backends:
             n_val, n_test = (4, 4) if args.quick else (16, 16)
-            spec, pre, paths, target = lm_study(tmp / "lm", cands["causal_lm"], args.threads, "ia3", n_val, n_test, args.quick)
-            note = (f"{cands['causal_lm']} candidates only: greedy generation of every val and test prompt per subset "
-                    "is slow on CPU")
-            rows.append(measure("causal_lm (tiny, IA3)", spec, pre, paths, target, args, device, naive_n["causal_lm"], note))
+            spec, pre, paths, target = lm_study(
+                tmp / "lm", cands["causal_lm"], args.threads, "ia3", n_val, n_test, args.quick
+            )
+            note = (
+                f"{cands['causal_lm']} candidates only: greedy generation of every val and test prompt per subset "
+                "is slow on CPU"
+            )
+            rows.append(
+                measure("causal_lm (tiny, IA3)", spec, pre, paths, target, args, device, naive_n["causal_lm"], note)
+            )
         batched = []
         if "causal_lm" in args.backends:
             n_prompts = 8 if args.quick else 32
@@ -441,8 +540,11 @@ def run_cpu(args, device: str) -> dict:
             for adapter in ("ia3", "lora"):
                 spec, pre, _, _ = lm_study(tmp / f"lm_b_{adapter}", 0, args.threads, adapter, 4, 4, True)
                 batched.append(measure_batched("tiny llama (hidden 64)", spec, pre, target, args.k, args, device))
-    print_engine_table(rows, f"merge-eval engine on {describe(device)}, torch {torch.__version__}, {args.threads} thread(s), "
-                             f"best of {args.repeats}")
+    print_engine_table(
+        rows,
+        f"merge-eval engine on {describe(device)}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"best of {args.repeats}",
+    )
     if batched:
         print_batched_table(batched, f"batched adapters (causal_lm) on {describe(device)}")
     return {"engine": rows, "batched_adapters": batched}
@@ -457,18 +559,48 @@ def run_gpu(args, device: str) -> dict:
         tmp = Path(tmp)
         val = 100 if tiny else args.images
         for precision in ("fp32", "bf16"):
-            spec, pre, paths, target = clip_study(tmp / "vit", n, args.threads, tiny=tiny, precision=precision, val=val,
-                                                  test=0, train=32 if tiny else 64, batch_size=32)
+            spec, pre, paths, target = clip_study(
+                tmp / "vit",
+                n,
+                args.threads,
+                tiny=tiny,
+                precision=precision,
+                val=val,
+                test=0,
+                train=32 if tiny else 64,
+                batch_size=32,
+            )
             name = "tiny ViT" if tiny else "ViT-B-32"
-            rows.append(measure(f"{name} {precision}", spec, pre, paths, target, args, device, 3 if args.quick else 10,
-                                note=f"{val} random {16 if tiny else 224}px val images, no test images"))
-        shape = LLAMA_TINY if tiny else {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": args.lm_layers,
-                                         "num_attention_heads": 32, "num_key_value_heads": 8}
+            rows.append(
+                measure(
+                    f"{name} {precision}",
+                    spec,
+                    pre,
+                    paths,
+                    target,
+                    args,
+                    device,
+                    3 if args.quick else 10,
+                    note=f"{val} random {16 if tiny else 224}px val images, no test images",
+                )
+            )
+        shape = (
+            LLAMA_TINY
+            if tiny
+            else {
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_hidden_layers": args.lm_layers,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+            }
+        )
         on_cuda = torch.device(device).type == "cuda"
         model_dir = llama_dir(tmp / "llama", shape, device=device, dtype=torch.bfloat16 if on_cuda else torch.float32)
         n_prompts = 8 if args.quick else args.lm_prompts
-        target = lm_target(tmp / "lm_target", n_prompts, 4, 40 if tiny else args.lm_prompt_chars,
-                           4 if tiny else args.lm_new_tokens)
+        target = lm_target(
+            tmp / "lm_target", n_prompts, 4, 40 if tiny else args.lm_prompt_chars, 4 if tiny else args.lm_new_tokens
+        )
         for adapter in ("ia3", "lora"):
             params = {"model": str(model_dir), "eval_batch_size": args.lm_batch}
             if adapter == "lora":
@@ -480,15 +612,22 @@ def run_gpu(args, device: str) -> dict:
             batched.append(measure_batched(label, spec, pre, target, args.k, args, device))
             if on_cuda:
                 torch.cuda.empty_cache()
-    print_engine_table(rows, f"merge-eval engine on {describe(device)}, torch {torch.__version__}, best of {args.repeats}")
+    print_engine_table(
+        rows, f"merge-eval engine on {describe(device)}, torch {torch.__version__}, best of {args.repeats}"
+    )
     if not tiny:
         for r in rows:
             ok = r["engine_over_floor"] <= 1.1 and r["merged_per_s"] >= 40
-            print(f"  {r['backend']}: {r['merged_per_s']:.1f} subsets/s, engine/floor {r['engine_over_floor']:.2f} "
-                  f"(goal <= 1.10 and >= 40 subsets/s on an H100: {'met' if ok else 'not met'})")
-    print_batched_table(batched, f"batched adapters (causal_lm) on {describe(device)}; random weights, byte-level "
-                                 f"vocabulary ({len(byte_tokenizer())} tokens), {args.lm_prompt_chars if not tiny else 40}-byte "
-                                 f"prompts, {args.lm_new_tokens if not tiny else 4} new tokens each")
+            print(
+                f"  {r['backend']}: {r['merged_per_s']:.1f} subsets/s, engine/floor {r['engine_over_floor']:.2f} "
+                f"(goal <= 1.10 and >= 40 subsets/s on an H100: {'met' if ok else 'not met'})"
+            )
+    print_batched_table(
+        batched,
+        f"batched adapters (causal_lm) on {describe(device)}; random weights, byte-level "
+        f"vocabulary ({len(byte_tokenizer())} tokens), {args.lm_prompt_chars if not tiny else 40}-byte "
+        f"prompts, {args.lm_new_tokens if not tiny else 4} new tokens each",
+    )
     for r in batched:
         if not tiny:
             met = "met" if r["ratio"] >= 3 else "not met"
@@ -508,7 +647,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default: cpu; with --gpu: cuda")
     p.add_argument("--tiny", action="store_true", help="with --gpu: toy model sizes (checks the code paths on CPU)")
     p.add_argument("--quick", action="store_true", help="fewer candidates, examples and repeats (a smoke run)")
-    p.add_argument("--backends", nargs="+", default=["smallcnn", "clip", "causal_lm"], choices=["smallcnn", "clip", "causal_lm"])
+    p.add_argument(
+        "--backends", nargs="+", default=["smallcnn", "clip", "causal_lm"], choices=["smallcnn", "clip", "causal_lm"]
+    )
     p.add_argument("--candidates", type=int, default=None, help="candidates for every CPU backend (default 7, 7, 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed passes, best of (default 2; 1 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU, all cores on CUDA)")
@@ -523,9 +664,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = args.device or ("cuda" if args.gpu else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        print(f"engine.py: device {device!r} needs CUDA, but torch.cuda.is_available() is False on this machine "
-              f"(torch {torch.__version__}). Run --gpu on a GPU machine; to check its code paths here: "
-              "python benchmarks/engine.py --gpu --device cpu --tiny --quick", file=sys.stderr)
+        print(
+            f"engine.py: device {device!r} needs CUDA, but torch.cuda.is_available() is False on this machine "
+            f"(torch {torch.__version__}). Run --gpu on a GPU machine; to check its code paths here: "
+            "python benchmarks/engine.py --gpu --device cpu --tiny --quick",
+            file=sys.stderr,
+        )
         return 2
     if args.gpu and torch.device(device).type != "cuda" and not args.tiny:
         print("engine.py: --gpu on a CPU device is only meaningful with --tiny (a code-path check)", file=sys.stderr)

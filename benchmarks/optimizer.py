@@ -48,8 +48,13 @@ print(first, time.perf_counter() - t)
 
 
 def fresh(code: str) -> str:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+    ).stdout
 
 
 def startup(runs: int = 3) -> tuple[float, float, float]:
@@ -154,31 +159,41 @@ def main(argv=None) -> int:
     steps = args.steps or (20 if device.type == "cuda" else 5)
 
     first, second, start = startup()
-    print(f"torch.optim start-up, fresh interpreter after `import torch` (median of 3): first AdamW step {first:.3f} s "
-          f"(imports TorchDynamo), a second optimizer's first step {second * 1e3:.2f} ms: ratio first/second "
-          f"{first / second:.0f}x, once per process")
+    print(
+        f"torch.optim start-up, fresh interpreter after `import torch` (median of 3): first AdamW step {first:.3f} s "
+        f"(imports TorchDynamo), a second optimizer's first step {second * 1e3:.2f} ms: ratio first/second "
+        f"{first / second:.0f}x, once per process"
+    )
 
     with tempfile.TemporaryDirectory() as d:
         one = finetune_seconds(Path(d), ["rotate"])
         four = finetune_seconds(Path(d), ["rotate", "noise", "thin", "shear"])
-    print(f"embedded-study jobs (1 thread; interpreter start with `import torch` {start:.2f} s; "
-          f"one fine-tune: 1 dataset {one:.2f} s, 4 datasets {four:.2f} s):")
+    print(
+        f"embedded-study jobs (1 thread; interpreter start with `import torch` {start:.2f} s; "
+        f"one fine-tune: 1 dataset {one:.2f} s, 4 datasets {four:.2f} s):"
+    )
     for label, ft in (("1 dataset", one), ("4 datasets", four)):
         for n in (args.pack, 1):
             job = start + n * ft
             kind = f"packed job, {n} fine-tunes" if n > 1 else "one fine-tune a job"
-            print(f"  {kind:26s} ({label:10s}) {job:7.2f} s, with torch.optim's import {job + first:7.2f} s: "
-                  f"ratio {(job + first) / job:.3f}x")
+            print(
+                f"  {kind:26s} ({label:10s}) {job:7.2f} s, with torch.optim's import {job + first:7.2f} s: "
+                f"ratio {(job + first) / job:.3f}x"
+            )
 
-    shown = {"smallcnn (10 tensors)": (smallcnn_shapes(), 200),
-             f"ViT-B/32 ({len(vit_b32_shapes())} tensors)": (vit_b32_shapes(), steps)}
+    shown = {
+        "smallcnn (10 tensors)": (smallcnn_shapes(), 200),
+        f"ViT-B/32 ({len(vit_b32_shapes())} tensors)": (vit_b32_shapes(), steps),
+    }
     for name, (shapes, n) in shown.items():
         t = step_times(shapes, device, n)
         print(f"torch.optim AdamW step on {name}, {device} (median of 3 alternating rounds of {n} steps):")
         ref = t["default"]
         for k, v in t.items():
-            print(f"  {k:8s} {v * 1e3:9.3f} ms   ratio to torch.optim default {v / ref:5.2f}x"
-                  + ("  <- mergemix's (torch picks)" if k == "default" else ""))
+            print(
+                f"  {k:8s} {v * 1e3:9.3f} ms   ratio to torch.optim default {v / ref:5.2f}x"
+                + ("  <- mergemix's (torch picks)" if k == "default" else "")
+            )
     return 0
 
 

@@ -38,7 +38,18 @@ def build_models(cfg: dict, configfile: Path, cores: int) -> Path:
     """Prepared data, θ0 and the single fine-tunes of the study, through the workflow itself."""
     out = Path(cfg["results_dir"]) / cfg["study"]
     files = [f"{out}/pretrained.csv"] + [f"{out}/models/finetuned/{d}/model.safetensors" for d in cfg["datasets"]]
-    cmd = [sys.executable, "-m", "snakemake", *files, "--cores", str(cores), "--configfile", str(configfile), "--quiet", "rules"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *files,
+        "--cores",
+        str(cores),
+        "--configfile",
+        str(configfile),
+        "--quiet",
+        "rules",
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True)
     return out
 
@@ -192,27 +203,37 @@ def main(argv=None) -> int:
                     exh = best_mask(val, range(1, 2**n))
                     r = run_strategy(name, table, n, budget, seed, options)
                     chosen = r["best"]  # None: the budget allowed no full evaluation (counted as a miss)
-                    stats.append({
-                        "within": chosen is not None and val[exh] - val[chosen] <= args.tol + 1e-12,
-                        "regret_val": val[exh] - val[chosen] if chosen else float("nan"),
-                        "regret_test": tests[t][exh] - tests[t][chosen] if chosen else float("nan"),
-                        "eval_frac": r["evaluations"] / (2**n - 1),
-                        "examples_frac": r["examples"] / ((2**n - 1) * table["correct"].shape[1]),
-                        "seconds": r["seconds"],
-                    })
-            rows.append({
-                "strategy": name, "budget": budget, "runs": len(stats),
-                **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]},
-            })
+                    stats.append(
+                        {
+                            "within": chosen is not None and val[exh] - val[chosen] <= args.tol + 1e-12,
+                            "regret_val": val[exh] - val[chosen] if chosen else float("nan"),
+                            "regret_test": tests[t][exh] - tests[t][chosen] if chosen else float("nan"),
+                            "eval_frac": r["evaluations"] / (2**n - 1),
+                            "examples_frac": r["examples"] / ((2**n - 1) * table["correct"].shape[1]),
+                            "seconds": r["seconds"],
+                        }
+                    )
+            rows.append(
+                {
+                    "strategy": name,
+                    "budget": budget,
+                    "runs": len(stats),
+                    **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]},
+                }
+            )
 
-    print(f"\n{len(targets)} targets x {len(args.seeds)} seeds; exhaustive = 2^N-1 = "
-          f"{2 ** len(candidates_of(cfg, targets[0])) - 1} merged evaluations per target")
+    print(
+        f"\n{len(targets)} targets x {len(args.seeds)} seeds; exhaustive = 2^N-1 = "
+        f"{2 ** len(candidates_of(cfg, targets[0])) - 1} merged evaluations per target"
+    )
     head = f"{'strategy':<11}{'budget':>8}{'within ' + str(args.tol):>14}{'regret val':>12}{'regret test':>13}{'evals/exh':>11}{'examples/exh':>14}{'s/run':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['strategy']:<11}{r['budget']:>8.2f}{r['within']:>14.0%}{r['regret_val']:>12.4f}{r['regret_test']:>13.4f}"
-              f"{r['eval_frac']:>11.1%}{r['examples_frac']:>14.1%}{r['seconds']:>8.2f}")
+        print(
+            f"{r['strategy']:<11}{r['budget']:>8.2f}{r['within']:>14.0%}{r['regret_val']:>12.4f}{r['regret_test']:>13.4f}"
+            f"{r['eval_frac']:>11.1%}{r['examples_frac']:>14.1%}{r['seconds']:>8.2f}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -57,8 +57,17 @@ def run(cfg: dict, folder: Path, cores: int) -> dict:
     cfg = {**cfg, "results_dir": str(folder / "results")}
     configfile = folder / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/default", "--cores", str(cores),
-           "--configfile", str(configfile)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        "workflow/profiles/default",
+        "--cores",
+        str(cores),
+        "--configfile",
+        str(configfile),
+    ]
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -69,7 +78,12 @@ def run(cfg: dict, folder: Path, cores: int) -> dict:
     stats = log.split("Job stats:")[1].split("total")[0]
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", stats, re.M)}
     jobs.pop("all", None)
-    return {"wall_s": round(wall, 1), "jobs": sum(jobs.values()), "rules": jobs, "out": Path(cfg["results_dir"]) / cfg["study"]}
+    return {
+        "wall_s": round(wall, 1),
+        "jobs": sum(jobs.values()),
+        "rules": jobs,
+        "out": Path(cfg["results_dir"]) / cfg["study"],
+    }
 
 
 def digest(path: Path) -> str:
@@ -85,7 +99,9 @@ def compare(a: Path, b: Path) -> tuple[int, int]:
         fa = sorted(p.relative_to(a) for p in a.rglob(pattern))
         fb = sorted(p.relative_to(b) for p in b.rglob(pattern))
         if fa != fb:
-            problems.append(f"{pattern}: only packed {sorted(set(fa) - set(fb))[:5]}, only unpacked {sorted(set(fb) - set(fa))[:5]}")
+            problems.append(
+                f"{pattern}: only packed {sorted(set(fa) - set(fb))[:5]}, only unpacked {sorted(set(fb) - set(fa))[:5]}"
+            )
         problems += [f"{rel} differs" for rel in sorted(set(fa) & set(fb)) if digest(a / rel) != digest(b / rel)]
         counts.append(len(fa))
     if problems:
@@ -122,8 +138,10 @@ def main(argv=None) -> int:
             print(f"{mode:9s} {res[mode]['jobs']:4d} jobs  {res[mode]['wall_s']:7.1f} s", flush=True)
         csvs, models = compare(res["packed"]["out"], res["unpacked"]["out"])
 
-    print(f"\n{Path(args.config).name}{' (--tiny)' if args.tiny else ''}, --cores {args.cores}, pack {sizes} vs all 1; "
-          f"load average now {os.getloadavg()[0]:.2f}")
+    print(
+        f"\n{Path(args.config).name}{' (--tiny)' if args.tiny else ''}, --cores {args.cores}, pack {sizes} vs all 1; "
+        f"load average now {os.getloadavg()[0]:.2f}"
+    )
     print(f"identical: {csvs} CSVs byte for byte, {models} model files by sha256")
     rules = sorted({family(r) for m in res.values() for r in m["rules"]})
     print(f"\n{'rule':22s} {'packed jobs':>11s} {'unpacked jobs':>13s}")
@@ -135,10 +153,21 @@ def main(argv=None) -> int:
     print(f"\nwall time: packed {pw:.1f} s, unpacked {uw:.1f} s; ratio unpacked/packed {uw / pw:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "config": args.config, "tiny": args.tiny, "cores": args.cores, "pack": sizes, "csvs": csvs, "models": models,
-            **{m: {k: v for k, v in r.items() if k != "out"} for m, r in res.items()}, "ratio": round(uw / pw, 3),
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "config": args.config,
+                    "tiny": args.tiny,
+                    "cores": args.cores,
+                    "pack": sizes,
+                    "csvs": csvs,
+                    "models": models,
+                    **{m: {k: v for k, v in r.items() if k != "out"} for m, r in res.items()},
+                    "ratio": round(uw / pw, 3),
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

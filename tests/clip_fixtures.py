@@ -38,8 +38,16 @@ def write_tiny_weights(path: Path, seed: int = 0) -> Path:
 
 
 def backend_spec(weights: Path) -> dict:
-    return {"name": "clip", "params": {"model": TINY_NAME, "model_config": TINY_CONFIG, "weights": str(weights),
-                                       "precision": "fp32", "eval_batch_size": 32}}
+    return {
+        "name": "clip",
+        "params": {
+            "model": TINY_NAME,
+            "model_config": TINY_CONFIG,
+            "weights": str(weights),
+            "precision": "fp32",
+            "eval_batch_size": 32,
+        },
+    }
 
 
 def make_images(classes, n_per_class: int, seed: int, style: str = "square"):
@@ -55,7 +63,7 @@ def make_images(classes, n_per_class: int, seed: int, style: str = "square"):
             a = rng.normal(120, 25, (h, w, 3))
             colour = np.array(COLOURS[c], dtype=float) + rng.normal(0, 15, 3)
             if style == "stripes":
-                a[:: 3] = colour
+                a[::3] = colour
             else:
                 y0, x0 = int(rng.integers(0, h // 3)), int(rng.integers(0, w // 3))
                 a[y0 : y0 + h // 2, x0 : x0 + w // 2] = colour
@@ -79,17 +87,21 @@ def _hf_split(classes, n, seed, style):
     import datasets
 
     images, labels = make_images(classes, n, seed, style)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classes)),
-                                  "note": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": images, "label": labels, "note": ["x"] * len(labels)}, features=features)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classes)), "note": datasets.Value("string")}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": images, "label": labels, "note": ["x"] * len(labels)}, features=features
+    )
 
 
 def write_hf_disk(path: Path, classes, n_train: int, n_test: int, seed: int, style="square") -> Path:
     """A ``DatasetDict`` (train, test) written with ``save_to_disk``, with an extra unused column."""
     import datasets
 
-    dd = datasets.DatasetDict({"train": _hf_split(classes, n_train, seed, style),
-                               "test": _hf_split(classes, n_test, seed + 1, style)})
+    dd = datasets.DatasetDict(
+        {"train": _hf_split(classes, n_train, seed, style), "test": _hf_split(classes, n_test, seed + 1, style)}
+    )
     dd.save_to_disk(str(path))
     return Path(path)
 

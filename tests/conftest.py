@@ -73,10 +73,16 @@ def train_digits(folder, candidates, pretrain_epochs: int = 8) -> dict:
     folder = Path(folder)
     for name in ["clean", "shift", *candidates]:
         stages.prepare(name, {"source": "digits", "domain": name}, DIGITS_SPLIT, folder / "data" / name)
-    stages.pretrain(DIGITS_BACKEND, {"epochs": pretrain_epochs, "lr": 0.01, "batch_size": 32}, folder / "data/clean",
-                    folder / "pre/model.safetensors")
+    stages.pretrain(
+        DIGITS_BACKEND,
+        {"epochs": pretrain_epochs, "lr": 0.01, "batch_size": 32},
+        folder / "data/clean",
+        folder / "pre/model.safetensors",
+    )
     models = {}
     for name in candidates:
         models[name] = str(folder / f"ft/{name}/model.safetensors")
-        stages.finetune(DIGITS_BACKEND, DIGITS_HP, folder / "pre/model.safetensors", [folder / "data" / name], models[name])
+        stages.finetune(
+            DIGITS_BACKEND, DIGITS_HP, folder / "pre/model.safetensors", [folder / "data" / name], models[name]
+        )
     return models

@@ -32,7 +32,9 @@ def make_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        tokenizer_object=tk,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
         additional_special_tokens=SPECIAL,
     )
     tok.chat_template = CHAT_TEMPLATE
@@ -47,9 +49,17 @@ def make_model_dir(path, seed: int = 0) -> Path:
     path = Path(path)
     tok = make_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, tie_word_embeddings=False, initializer_range=0.2,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
@@ -117,8 +127,15 @@ def write_benchmarks(root, n_dev=4, n_test=6) -> list[dict]:
         pairs = gen(n_dev + n_test, seed=seed)
         for split, rows in (("dev", pairs[:n_dev]), ("test", pairs[n_dev:])):
             write_jsonl(root / split / f"{name}.jsonl", [{"prompt": q, "references": [a]} for q, a in rows])
-        out.append({"name": name, "dev": str(root / "dev" / f"{name}.jsonl"), "test": str(root / "test" / f"{name}.jsonl"),
-                    "metric": metric, "max_new_tokens": 4})
+        out.append(
+            {
+                "name": name,
+                "dev": str(root / "dev" / f"{name}.jsonl"),
+                "test": str(root / "test" / f"{name}.jsonl"),
+                "metric": metric,
+                "max_new_tokens": 4,
+            }
+        )
     return out
 
 
@@ -134,10 +151,19 @@ def adapter_target(backend, model, folder, split: dict):
         prompts = [q for q, _ in pairs]
         refs = backend.generate(model, [[{"role": "user", "content": q}] for q in prompts], 4)
         for part, sl in (("dev", slice(0, 6)), ("test", slice(6, 12))):
-            write_jsonl(folder / part / f"{bench}.jsonl",
-                        [{"prompt": q, "references": [r or "x"]} for q, r in zip(prompts[sl], refs[sl])])
-        benches.append({"name": bench, "dev": str(folder / "dev" / f"{bench}.jsonl"),
-                        "test": str(folder / "test" / f"{bench}.jsonl"), "metric": "char_f1", "max_new_tokens": 4})
+            write_jsonl(
+                folder / part / f"{bench}.jsonl",
+                [{"prompt": q, "references": [r or "x"]} for q, r in zip(prompts[sl], refs[sl])],
+            )
+        benches.append(
+            {
+                "name": bench,
+                "dev": str(folder / "dev" / f"{bench}.jsonl"),
+                "test": str(folder / "test" / f"{bench}.jsonl"),
+                "metric": "char_f1",
+                "max_new_tokens": 4,
+            }
+        )
     prepare_dataset("skill", {"source": "benchmarks", "benchmarks": benches}, split, folder / "data")
     return load_prepared(folder / "data")
 

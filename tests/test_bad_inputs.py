@@ -95,8 +95,12 @@ class Runner:
         self.n = 0
         if not REAL_EXEC:
             self.server = subprocess.Popen(
-                [sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                env=self.env, cwd=ROOT,
+                [sys.executable, "-c", _SERVER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=self.env,
+                cwd=ROOT,
             )
 
     def run(self, argv, prelude: str = "", cwd=None):
@@ -150,20 +154,46 @@ def art(cli, tmp_path_factory):
     a = SimpleNamespace(root=root)
     a.data = {n: root / "data" / n for n in DOMAINS}
     for n, domain in DOMAINS.items():
-        cli.ok(["prepare", "--name", n, "--spec", js({"source": "digits", "domain": domain}), "--split", js(SPLIT),
-                "--out", a.data[n]])
+        cli.ok(
+            [
+                "prepare",
+                "--name",
+                n,
+                "--spec",
+                js({"source": "digits", "domain": domain}),
+                "--split",
+                js(SPLIT),
+                "--out",
+                a.data[n],
+            ]
+        )
 
     def pretrain(out, backend=BACKEND, hp=PRE_HP):
         cli.ok(["pretrain", "--backend", js(backend), "--hparams", js(hp), "--data", a.data["clean"], "--out", out])
         return out
 
     def finetune(name, pre, out, backend=BACKEND, hp=HP):
-        cli.ok(["finetune", "--backend", js(backend), "--hparams", js(hp), "--pretrained", pre,
-                "--data", a.data[name], "--out", out])
+        cli.ok(
+            [
+                "finetune",
+                "--backend",
+                js(backend),
+                "--hparams",
+                js(hp),
+                "--pretrained",
+                pre,
+                "--data",
+                a.data[name],
+                "--out",
+                out,
+            ]
+        )
         return out
 
     a.pre = pretrain(root / "pre/model.safetensors")
-    a.pre_other = pretrain(root / "pre_other/model.safetensors", hp={**PRE_HP, "seed": 1})  # same backend, other weights
+    a.pre_other = pretrain(
+        root / "pre_other/model.safetensors", hp={**PRE_HP, "seed": 1}
+    )  # same backend, other weights
     a.pre_seed1 = pretrain(root / "pre_seed1/model.safetensors", backend=BACKEND_SEED1)
     a.ft = {n: finetune(n, a.pre, root / f"ft/{n}/model.safetensors") for n in ("rotate", "mirror")}
     a.ft_other = finetune("mirror", a.pre_other, root / "ft_other/mirror/model.safetensors")
@@ -174,19 +204,71 @@ def art(cli, tmp_path_factory):
         a.emb[n] = root / f"emb/{n}.safetensors"
         cli.ok(["embed", "--backend", js(BACKEND), "--pretrained", a.pre, "--data", a.data[n], "--out", a.emb[n]])
     a.emb_other = root / "emb_other/mirror.safetensors"
-    cli.ok(["embed", "--backend", js(BACKEND), "--pretrained", a.pre_other, "--data", a.data["mirror"], "--out", a.emb_other])
+    cli.ok(
+        [
+            "embed",
+            "--backend",
+            js(BACKEND),
+            "--pretrained",
+            a.pre_other,
+            "--data",
+            a.data["mirror"],
+            "--out",
+            a.emb_other,
+        ]
+    )
     a.pretrained_csv = root / "pretrained.csv"
-    cli.ok(["eval-pretrained", "--backend", js(BACKEND), "--pretrained", a.pre, "--targets", f"thin={a.data['thin']}",
-            "--out", a.pretrained_csv])
+    cli.ok(
+        [
+            "eval-pretrained",
+            "--backend",
+            js(BACKEND),
+            "--pretrained",
+            a.pre,
+            "--targets",
+            f"thin={a.data['thin']}",
+            "--out",
+            a.pretrained_csv,
+        ]
+    )
     a.merge_eval = root / "merge_eval/thin.csv"
     cli.ok(merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": a.ft["mirror"]}, a.merge_eval))
     a.similarity = root / "similarity/thin.csv"
-    cli.ok(["similarity", "--target", a.emb["thin"], "--candidates", f"rotate={a.emb['rotate']}",
-            f"mirror={a.emb['mirror']}", "--out", a.similarity])
+    cli.ok(
+        [
+            "similarity",
+            "--target",
+            a.emb["thin"],
+            "--candidates",
+            f"rotate={a.emb['rotate']}",
+            f"mirror={a.emb['mirror']}",
+            "--out",
+            a.similarity,
+        ]
+    )
     a.final = root / "final/thin.json"
-    cli.ok(["final-finetune", "--backend", js(BACKEND), "--hparams", js(HP), "--pretrained", a.pre,
-            "--merge-eval", a.merge_eval, "--data", f"rotate={a.data['rotate']}", f"mirror={a.data['mirror']}",
-            "--target", a.data["thin"], "--out", root / "final_model/thin/model.safetensors", "--eval-out", a.final])
+    cli.ok(
+        [
+            "final-finetune",
+            "--backend",
+            js(BACKEND),
+            "--hparams",
+            js(HP),
+            "--pretrained",
+            a.pre,
+            "--merge-eval",
+            a.merge_eval,
+            "--data",
+            f"rotate={a.data['rotate']}",
+            f"mirror={a.data['mirror']}",
+            "--target",
+            a.data["thin"],
+            "--out",
+            root / "final_model/thin/model.safetensors",
+            "--eval-out",
+            a.final,
+        ]
+    )
     # the good tables pass analyze (the checks refuse only what is wrong)
     cli.ok(analyze_argv(a, {}, root / "analysis"))
     a.manifests = {p: json.loads(p.with_suffix(".json").read_text()) for p in root.rglob("model.safetensors")}
@@ -194,20 +276,60 @@ def art(cli, tmp_path_factory):
 
 
 def merge_eval_argv(a, models: dict, out, backend=BACKEND, pretrained=None):
-    return ["merge-eval", "--backend", js(backend), "--merge", js({"method": "uniform"}), "--pretrained",
-            pretrained or a.pre, "--models", *[f"{n}={p}" for n, p in models.items()], "--target", a.data["thin"],
-            "--chunk", "0", "--chunks", "1", "--out", out]
+    return [
+        "merge-eval",
+        "--backend",
+        js(backend),
+        "--merge",
+        js({"method": "uniform"}),
+        "--pretrained",
+        pretrained or a.pre,
+        "--models",
+        *[f"{n}={p}" for n, p in models.items()],
+        "--target",
+        a.data["thin"],
+        "--chunk",
+        "0",
+        "--chunks",
+        "1",
+        "--out",
+        out,
+    ]
 
 
 def analyze_argv(a, replace: dict, out_dir):
-    f = {"pretrained": a.pretrained_csv, "merge_eval": a.merge_eval, "similarity": a.similarity, "final": a.final, **replace}
-    return ["analyze", "--targets", js({"thin": ["mirror", "rotate"]}), "--options", js({"figure_formats": ["png"]}),
-            "--pretrained-csv", f["pretrained"], "--merge-eval", f"thin={f['merge_eval']}",
-            "--similarity", f"thin={f['similarity']}", "--final", f"thin={f['final']}", "--out-dir", out_dir]
+    f = {
+        "pretrained": a.pretrained_csv,
+        "merge_eval": a.merge_eval,
+        "similarity": a.similarity,
+        "final": a.final,
+        **replace,
+    }
+    return [
+        "analyze",
+        "--targets",
+        js({"thin": ["mirror", "rotate"]}),
+        "--options",
+        js({"figure_formats": ["png"]}),
+        "--pretrained-csv",
+        f["pretrained"],
+        "--merge-eval",
+        f"thin={f['merge_eval']}",
+        "--similarity",
+        f"thin={f['similarity']}",
+        "--final",
+        f"thin={f['final']}",
+        "--out-dir",
+        out_dir,
+    ]
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --- building bad inputs --------------------------------------------------------------------------
@@ -262,8 +384,17 @@ def drop_checksum(folder: Path) -> None:  # splits.json as an older mergemix wro
 
 
 def eval_pretrained_on(a, data_dir: Path, d: Path):
-    return ["eval-pretrained", "--backend", js(BACKEND), "--pretrained", a.pre, "--targets", f"thin={data_dir}",
-            "--out", d / "out/pretrained.csv"]
+    return [
+        "eval-pretrained",
+        "--backend",
+        js(BACKEND),
+        "--pretrained",
+        a.pre,
+        "--targets",
+        f"thin={data_dir}",
+        "--out",
+        d / "out/pretrained.csv",
+    ]
 
 
 def edited_csv(src: Path, d: Path, fn) -> Path:
@@ -328,122 +459,369 @@ ENOSPC_PRELUDE = textwrap.dedent(
 
 CASES = [
     # --- config values, checked before anything runs -------------------------------------------
-    Case("yaml-syntax-error", lambda a, d: check_config(d, text="study: tiny\nbackend:\n  name: smallcnn\n   params: {channels: 4}\n"),
-         ["study.yaml:4:10", "YAML syntax error"]),
-    Case("lr-nan", lambda a, d: check_config(d, set_key("finetune", "lr", float("nan"))), ["finetune.lr", "nan", "finite"]),
-    Case("lr-inf", lambda a, d: check_config(d, set_key("pretrain", "hparams", "lr", float("inf"))),
-         ["pretrain.hparams.lr", "inf", "finite"]),
+    Case(
+        "yaml-syntax-error",
+        lambda a, d: check_config(d, text="study: tiny\nbackend:\n  name: smallcnn\n   params: {channels: 4}\n"),
+        ["study.yaml:4:10", "YAML syntax error"],
+    ),
+    Case(
+        "lr-nan",
+        lambda a, d: check_config(d, set_key("finetune", "lr", float("nan"))),
+        ["finetune.lr", "nan", "finite"],
+    ),
+    Case(
+        "lr-inf",
+        lambda a, d: check_config(d, set_key("pretrain", "hparams", "lr", float("inf"))),
+        ["pretrain.hparams.lr", "inf", "finite"],
+    ),
     Case("lr-zero", lambda a, d: check_config(d, set_key("finetune", "lr", 0)), ["finetune.lr", "0", "> 0"]),
-    Case("lr-negative", lambda a, d: check_config(d, set_key("finetune", "lr", -0.001)), ["finetune.lr", "-0.001", "> 0"]),
-    Case("lr-read-as-string", lambda a, d: check_config(d, replace=("lr: 0.005", "lr: 1e-3")),
-         ["finetune.lr", "'1e-3'", "write 1.0e-3"]),
-    Case("epochs-zero", lambda a, d: check_config(d, set_key("finetune", "epochs", 0)), ["finetune.epochs", "0", ">= 1"]),
-    Case("batch-size-negative", lambda a, d: check_config(d, set_key("pretrain", "hparams", "batch_size", -8)),
-         ["pretrain.hparams.batch_size", "-8", ">= 1"]),
-    Case("channels-zero", lambda a, d: check_config(d, set_key("backend", "params", "channels", 0)),
-         ["backend.params.channels", "0", "integer >= 1"]),
-    Case("hidden-negative", lambda a, d: check_config(d, set_key("backend", "params", "hidden", -16)),
-         ["backend.params.hidden", "-16", "integer >= 1"]),
+    Case(
+        "lr-negative", lambda a, d: check_config(d, set_key("finetune", "lr", -0.001)), ["finetune.lr", "-0.001", "> 0"]
+    ),
+    Case(
+        "lr-read-as-string",
+        lambda a, d: check_config(d, replace=("lr: 0.005", "lr: 1e-3")),
+        ["finetune.lr", "'1e-3'", "write 1.0e-3"],
+    ),
+    Case(
+        "epochs-zero", lambda a, d: check_config(d, set_key("finetune", "epochs", 0)), ["finetune.epochs", "0", ">= 1"]
+    ),
+    Case(
+        "batch-size-negative",
+        lambda a, d: check_config(d, set_key("pretrain", "hparams", "batch_size", -8)),
+        ["pretrain.hparams.batch_size", "-8", ">= 1"],
+    ),
+    Case(
+        "channels-zero",
+        lambda a, d: check_config(d, set_key("backend", "params", "channels", 0)),
+        ["backend.params.channels", "0", "integer >= 1"],
+    ),
+    Case(
+        "hidden-negative",
+        lambda a, d: check_config(d, set_key("backend", "params", "hidden", -16)),
+        ["backend.params.hidden", "-16", "integer >= 1"],
+    ),
     Case("split-negative", lambda a, d: check_config(d, set_key("split", "val", -0.1)), ["split.val", "-0.1", "> 0"]),
-    Case("split-no-train-left", lambda a, d: check_config(d, lambda c: c["split"].update(val=0.6, test=0.4)),
-         ["split.val + split.test", "0.6 + 0.4", "below 1"]),
-    Case("merge-option-unknown", lambda a, d: check_config(d, set_key("merge_eval", "options", {"scale": 0.5})),
-         ["merge_eval.options.scale", "'uniform'", "no options"]),
-    Case("merge-option-wrong-type",
-         lambda a, d: check_config(d, lambda c: c["merge_eval"].update(method="task_arithmetic", options={"scale": "big"})),
-         ["merge_eval.options.scale", "'big'", "a number > 0"]),
-    Case("target-twice", lambda a, d: check_config(d, set_key("targets", ["rotate", "noise", "rotate"])),
-         ["targets", "'rotate'", "more than once"]),
+    Case(
+        "split-no-train-left",
+        lambda a, d: check_config(d, lambda c: c["split"].update(val=0.6, test=0.4)),
+        ["split.val + split.test", "0.6 + 0.4", "below 1"],
+    ),
+    Case(
+        "merge-option-unknown",
+        lambda a, d: check_config(d, set_key("merge_eval", "options", {"scale": 0.5})),
+        ["merge_eval.options.scale", "'uniform'", "no options"],
+    ),
+    Case(
+        "merge-option-wrong-type",
+        lambda a, d: check_config(
+            d, lambda c: c["merge_eval"].update(method="task_arithmetic", options={"scale": "big"})
+        ),
+        ["merge_eval.options.scale", "'big'", "a number > 0"],
+    ),
+    Case(
+        "target-twice",
+        lambda a, d: check_config(d, set_key("targets", ["rotate", "noise", "rotate"])),
+        ["targets", "'rotate'", "more than once"],
+    ),
     Case("datasets-empty", lambda a, d: check_config(d, set_key("datasets", {})), ["datasets", "empty"]),
     # --- models that do not belong together are never merged or evaluated -----------------------
-    Case("model-from-another-pretrained",
-         lambda a, d: (merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": a.ft_other}, d / "out.csv"),
-                       [str(a.ft_other.with_suffix(".json")), "pretrained_sha256", _sha(a, a.pre_other), _sha(a, a.pre)])),
-    Case("model-copied-into-another-folder",
-         lambda a, d: (merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": copy_model(a.ft["rotate"], d / "mirror")},
-                                       d / "out.csv"),
-                       [str(d / "mirror/model.json"), "['rotate']", "'mirror'"])),
-    Case("model-other-init-seed",
-         lambda a, d: (merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": a.ft_seed1}, d / "out.csv"),
-                       [str(a.ft_seed1.with_suffix(".json")), "pretrained_sha256"])),
-    Case("backend-init-seed-differs-from-pretrained",
-         lambda a, d: (merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": a.ft["mirror"]}, d / "out.csv",
-                                       backend=BACKEND_SEED1),
-                       [str(a.pre.with_suffix(".json")), "backend.params.init_seed", "0", "1"])),
-    Case("finetune-with-other-init-seed",
-         lambda a, d: (["finetune", "--backend", js(BACKEND_SEED1), "--hparams", js(HP), "--pretrained", a.pre,
-                        "--data", a.data["mirror"], "--out", d / "out/model.safetensors"],
-                       [str(a.pre.with_suffix(".json")), "backend.params.init_seed"])),
-    Case("model-other-hyperparameters",
-         lambda a, d: (merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": a.ft_hp}, d / "out.csv"),
-                       [str(a.ft_hp.with_suffix(".json")), "hyperparameters.lr", "0.01", "0.005"])),
-    Case("model-from-older-mergemix",
-         lambda a, d: (merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": edit_manifest(
-             copy_model(a.ft["mirror"], d / "mirror"), lambda m: [m.pop(k) for k in ("pretrained_sha256", "data")])},
-             d / "out.csv"),
-             [str(d / "mirror/model.json"), "older mergemix", "rerun"])),
-    Case("model-tensor-shape",
-         lambda a, d: (["eval-models", "--backend", js(BACKEND), "--pretrained", a.pre, "--models",
-                        f"rotate={resaved_model(a, d, lambda s: s.update({'conv1.bias': s['conv1.bias'][:3].clone()}))}",
-                        "--target", a.data["thin"], "--out", d / "out.csv"],
-                       [str(d / "m/model.safetensors"), "'conv1.bias'", "shape [3]", "[4]"])),
-    Case("model-tensor-dtype",
-         lambda a, d: (["eval-models", "--backend", js(BACKEND), "--pretrained", a.pre, "--models",
-                        f"rotate={resaved_model(a, d, lambda s: s.update({'fc.weight': s['fc.weight'].double()}))}",
-                        "--target", a.data["thin"], "--out", d / "out.csv"],
-                       [str(d / "m/model.safetensors"), "'fc.weight'", "float64", "float32"])),
-    Case("model-extra-tensor",
-         lambda a, d: (["eval-models", "--backend", js(BACKEND), "--pretrained", a.pre, "--models",
-                        f"rotate={resaved_model(a, d, lambda s: s.update({'extra.weight': s['fc.bias'].clone()}))}",
-                        "--target", a.data["thin"], "--out", d / "out.csv"],
-                       [str(d / "m/model.safetensors"), "unexpected ['extra.weight']"])),
-    Case("mixture-model-of-another-subset",
-         lambda a, d: (["eval-models", "--backend", js(BACKEND), "--pretrained", a.pre, "--models",
-                        f"mirror+rotate={a.ft['rotate']}", "--target", a.data["thin"], "--out", d / "out.csv"],
-                       [str(a.ft["rotate"].with_suffix(".json")), "['rotate']", "'mirror+rotate'"])),
-    Case("embeddings-from-another-pretrained",
-         lambda a, d: (["similarity", "--target", a.emb["thin"], "--candidates", f"rotate={a.emb['rotate']}",
-                        f"mirror={a.emb_other}", "--out", d / "out.csv"],
-                       [str(a.emb_other), "pretrained_sha256"])),
-    Case("embeddings-of-another-dataset",
-         lambda a, d: (["similarity", "--target", a.emb["thin"], "--candidates", f"rotate={a.emb['mirror']}",
-                        f"mirror={a.emb['mirror']}", "--out", d / "out.csv"],
-                       [str(a.emb["mirror"]), "'mirror'", "'rotate'"])),
+    Case(
+        "model-from-another-pretrained",
+        lambda a, d: (
+            merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": a.ft_other}, d / "out.csv"),
+            [str(a.ft_other.with_suffix(".json")), "pretrained_sha256", _sha(a, a.pre_other), _sha(a, a.pre)],
+        ),
+    ),
+    Case(
+        "model-copied-into-another-folder",
+        lambda a, d: (
+            merge_eval_argv(
+                a, {"rotate": a.ft["rotate"], "mirror": copy_model(a.ft["rotate"], d / "mirror")}, d / "out.csv"
+            ),
+            [str(d / "mirror/model.json"), "['rotate']", "'mirror'"],
+        ),
+    ),
+    Case(
+        "model-other-init-seed",
+        lambda a, d: (
+            merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": a.ft_seed1}, d / "out.csv"),
+            [str(a.ft_seed1.with_suffix(".json")), "pretrained_sha256"],
+        ),
+    ),
+    Case(
+        "backend-init-seed-differs-from-pretrained",
+        lambda a, d: (
+            merge_eval_argv(
+                a, {"rotate": a.ft["rotate"], "mirror": a.ft["mirror"]}, d / "out.csv", backend=BACKEND_SEED1
+            ),
+            [str(a.pre.with_suffix(".json")), "backend.params.init_seed", "0", "1"],
+        ),
+    ),
+    Case(
+        "finetune-with-other-init-seed",
+        lambda a, d: (
+            [
+                "finetune",
+                "--backend",
+                js(BACKEND_SEED1),
+                "--hparams",
+                js(HP),
+                "--pretrained",
+                a.pre,
+                "--data",
+                a.data["mirror"],
+                "--out",
+                d / "out/model.safetensors",
+            ],
+            [str(a.pre.with_suffix(".json")), "backend.params.init_seed"],
+        ),
+    ),
+    Case(
+        "model-other-hyperparameters",
+        lambda a, d: (
+            merge_eval_argv(a, {"rotate": a.ft["rotate"], "mirror": a.ft_hp}, d / "out.csv"),
+            [str(a.ft_hp.with_suffix(".json")), "hyperparameters.lr", "0.01", "0.005"],
+        ),
+    ),
+    Case(
+        "model-from-older-mergemix",
+        lambda a, d: (
+            merge_eval_argv(
+                a,
+                {
+                    "rotate": a.ft["rotate"],
+                    "mirror": edit_manifest(
+                        copy_model(a.ft["mirror"], d / "mirror"),
+                        lambda m: [m.pop(k) for k in ("pretrained_sha256", "data")],
+                    ),
+                },
+                d / "out.csv",
+            ),
+            [str(d / "mirror/model.json"), "older mergemix", "rerun"],
+        ),
+    ),
+    Case(
+        "model-tensor-shape",
+        lambda a, d: (
+            [
+                "eval-models",
+                "--backend",
+                js(BACKEND),
+                "--pretrained",
+                a.pre,
+                "--models",
+                f"rotate={resaved_model(a, d, lambda s: s.update({'conv1.bias': s['conv1.bias'][:3].clone()}))}",
+                "--target",
+                a.data["thin"],
+                "--out",
+                d / "out.csv",
+            ],
+            [str(d / "m/model.safetensors"), "'conv1.bias'", "shape [3]", "[4]"],
+        ),
+    ),
+    Case(
+        "model-tensor-dtype",
+        lambda a, d: (
+            [
+                "eval-models",
+                "--backend",
+                js(BACKEND),
+                "--pretrained",
+                a.pre,
+                "--models",
+                f"rotate={resaved_model(a, d, lambda s: s.update({'fc.weight': s['fc.weight'].double()}))}",
+                "--target",
+                a.data["thin"],
+                "--out",
+                d / "out.csv",
+            ],
+            [str(d / "m/model.safetensors"), "'fc.weight'", "float64", "float32"],
+        ),
+    ),
+    Case(
+        "model-extra-tensor",
+        lambda a, d: (
+            [
+                "eval-models",
+                "--backend",
+                js(BACKEND),
+                "--pretrained",
+                a.pre,
+                "--models",
+                f"rotate={resaved_model(a, d, lambda s: s.update({'extra.weight': s['fc.bias'].clone()}))}",
+                "--target",
+                a.data["thin"],
+                "--out",
+                d / "out.csv",
+            ],
+            [str(d / "m/model.safetensors"), "unexpected ['extra.weight']"],
+        ),
+    ),
+    Case(
+        "mixture-model-of-another-subset",
+        lambda a, d: (
+            [
+                "eval-models",
+                "--backend",
+                js(BACKEND),
+                "--pretrained",
+                a.pre,
+                "--models",
+                f"mirror+rotate={a.ft['rotate']}",
+                "--target",
+                a.data["thin"],
+                "--out",
+                d / "out.csv",
+            ],
+            [str(a.ft["rotate"].with_suffix(".json")), "['rotate']", "'mirror+rotate'"],
+        ),
+    ),
+    Case(
+        "embeddings-from-another-pretrained",
+        lambda a, d: (
+            [
+                "similarity",
+                "--target",
+                a.emb["thin"],
+                "--candidates",
+                f"rotate={a.emb['rotate']}",
+                f"mirror={a.emb_other}",
+                "--out",
+                d / "out.csv",
+            ],
+            [str(a.emb_other), "pretrained_sha256"],
+        ),
+    ),
+    Case(
+        "embeddings-of-another-dataset",
+        lambda a, d: (
+            [
+                "similarity",
+                "--target",
+                a.emb["thin"],
+                "--candidates",
+                f"rotate={a.emb['mirror']}",
+                f"mirror={a.emb['mirror']}",
+                "--out",
+                d / "out.csv",
+            ],
+            [str(a.emb["mirror"]), "'mirror'", "'rotate'"],
+        ),
+    ),
     # --- data and result integrity ----------------------------------------------------------------
-    Case("data-truncated",
-         lambda a, d: (eval_pretrained_on(a, changed_data(a, d, truncate), d),
-                       [str(d / "thin/arrays.safetensors"), "truncated", f"delete {d / 'thin'}", "rerun snakemake"])),
-    Case("data-overwritten",
-         lambda a, d: (eval_pretrained_on(a, changed_data(a, d, overwrite_tail), d),
-                       [str(d / "thin/arrays.safetensors"), "sha256", "overwritten", "rerun snakemake"])),
-    Case("data-from-older-mergemix",
-         lambda a, d: (eval_pretrained_on(a, changed_data(a, d, drop_checksum), d),
-                       [str(d / "thin/splits.json"), "older mergemix", f"delete {d / 'thin'}"])),
-    Case("training-loss-nan",
-         lambda a, d: (["finetune", "--backend", js(BACKEND), "--hparams", js({**HP, "lr": 1e20}), "--pretrained", a.pre,
-                        "--data", a.data["mirror"], "--out", d / "out/model.safetensors"],
-                       ["training loss is nan", "at step", "learning rate 1e+20"])),
-    Case("analyze-missing-column",
-         lambda a, d: (analyze_argv(a, {"merge_eval": (p := edited_csv(a.merge_eval, d, lambda df: df.drop(columns="test_acc")))},
-                                    d / "out"), [str(p), "test_acc"])),
-    Case("analyze-accuracy-out-of-range",
-         lambda a, d: (analyze_argv(a, {"merge_eval": (p := edited_csv(a.merge_eval, d, lambda df: df.assign(val_acc=1.7)))},
-                                    d / "out"), [str(p), "'val_acc'", "1.7", "outside [0, 1]"])),
-    Case("analyze-accuracy-not-a-number",
-         lambda a, d: (analyze_argv(a, {"pretrained": (p := edited_csv(a.pretrained_csv, d, lambda df: df.assign(test_acc="high")))},
-                                    d / "out"), [str(p), "'test_acc'", "'high'", "not a number"])),
-    Case("analyze-duplicate-subset",
-         lambda a, d: (analyze_argv(a, {"similarity": (p := edited_csv(a.similarity, d, lambda df: df.iloc[[0, 0, 1, 2]]))},
-                                    d / "out"), [str(p), "subset", "more than once"])),
-    Case("final-finetune-on-a-tampered-table",
-         lambda a, d: (["final-finetune", "--backend", js(BACKEND), "--hparams", js(HP), "--pretrained", a.pre,
-                        "--merge-eval", (p := edited_csv(a.merge_eval, d, lambda df: df.assign(size=5))),
-                        "--data", f"rotate={a.data['rotate']}", f"mirror={a.data['mirror']}", "--target", a.data["thin"],
-                        "--out", d / "out/model.safetensors", "--eval-out", d / "out/final.json"],
-                       [str(p), "'size'", "5"])),
-    Case("disk-full",
-         lambda a, d: (eval_pretrained_on(a, a.data["thin"], d), [str(d / "out/pretrained.csv"), "no space left on device"],
-                       ENOSPC_PRELUDE)),
+    Case(
+        "data-truncated",
+        lambda a, d: (
+            eval_pretrained_on(a, changed_data(a, d, truncate), d),
+            [str(d / "thin/arrays.safetensors"), "truncated", f"delete {d / 'thin'}", "rerun snakemake"],
+        ),
+    ),
+    Case(
+        "data-overwritten",
+        lambda a, d: (
+            eval_pretrained_on(a, changed_data(a, d, overwrite_tail), d),
+            [str(d / "thin/arrays.safetensors"), "sha256", "overwritten", "rerun snakemake"],
+        ),
+    ),
+    Case(
+        "data-from-older-mergemix",
+        lambda a, d: (
+            eval_pretrained_on(a, changed_data(a, d, drop_checksum), d),
+            [str(d / "thin/splits.json"), "older mergemix", f"delete {d / 'thin'}"],
+        ),
+    ),
+    Case(
+        "training-loss-nan",
+        lambda a, d: (
+            [
+                "finetune",
+                "--backend",
+                js(BACKEND),
+                "--hparams",
+                js({**HP, "lr": 1e20}),
+                "--pretrained",
+                a.pre,
+                "--data",
+                a.data["mirror"],
+                "--out",
+                d / "out/model.safetensors",
+            ],
+            ["training loss is nan", "at step", "learning rate 1e+20"],
+        ),
+    ),
+    Case(
+        "analyze-missing-column",
+        lambda a, d: (
+            analyze_argv(
+                a, {"merge_eval": (p := edited_csv(a.merge_eval, d, lambda df: df.drop(columns="test_acc")))}, d / "out"
+            ),
+            [str(p), "test_acc"],
+        ),
+    ),
+    Case(
+        "analyze-accuracy-out-of-range",
+        lambda a, d: (
+            analyze_argv(
+                a, {"merge_eval": (p := edited_csv(a.merge_eval, d, lambda df: df.assign(val_acc=1.7)))}, d / "out"
+            ),
+            [str(p), "'val_acc'", "1.7", "outside [0, 1]"],
+        ),
+    ),
+    Case(
+        "analyze-accuracy-not-a-number",
+        lambda a, d: (
+            analyze_argv(
+                a,
+                {"pretrained": (p := edited_csv(a.pretrained_csv, d, lambda df: df.assign(test_acc="high")))},
+                d / "out",
+            ),
+            [str(p), "'test_acc'", "'high'", "not a number"],
+        ),
+    ),
+    Case(
+        "analyze-duplicate-subset",
+        lambda a, d: (
+            analyze_argv(
+                a, {"similarity": (p := edited_csv(a.similarity, d, lambda df: df.iloc[[0, 0, 1, 2]]))}, d / "out"
+            ),
+            [str(p), "subset", "more than once"],
+        ),
+    ),
+    Case(
+        "final-finetune-on-a-tampered-table",
+        lambda a, d: (
+            [
+                "final-finetune",
+                "--backend",
+                js(BACKEND),
+                "--hparams",
+                js(HP),
+                "--pretrained",
+                a.pre,
+                "--merge-eval",
+                (p := edited_csv(a.merge_eval, d, lambda df: df.assign(size=5))),
+                "--data",
+                f"rotate={a.data['rotate']}",
+                f"mirror={a.data['mirror']}",
+                "--target",
+                a.data["thin"],
+                "--out",
+                d / "out/model.safetensors",
+                "--eval-out",
+                d / "out/final.json",
+            ],
+            [str(p), "'size'", "5"],
+        ),
+    ),
+    Case(
+        "disk-full",
+        lambda a, d: (
+            eval_pretrained_on(a, a.data["thin"], d),
+            [str(d / "out/pretrained.csv"), "no space left on device"],
+            ENOSPC_PRELUDE,
+        ),
+    ),
 ]
 
 
@@ -459,7 +837,11 @@ def test_bad_input_is_refused(case, art, cli, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if all(e in ln for e in expect)]
     assert lines, f"no stderr line names all of {expect}:\n{r.stderr[-3000:]}"
     assert snapshot(art.root) == before  # every finished output unchanged
-    written = [p for p in tmp_path.rglob("*") if p.is_file() and ("out" in p.relative_to(tmp_path).parts[0] or p.suffix == ".tmp")]
+    written = [
+        p
+        for p in tmp_path.rglob("*")
+        if p.is_file() and ("out" in p.relative_to(tmp_path).parts[0] or p.suffix == ".tmp")
+    ]
     assert not written, f"outputs or temporary files left behind: {written}"
 
 
@@ -515,9 +897,24 @@ def test_a_live_run_of_another_checkout_is_refused(tmp_path):
     env = {**os.environ, **{v: "1" for v in OFFLINE_VARS}}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     r = subprocess.run(  # run in its own working directory: this checkout's .snakemake is left alone
-        [sys.executable, "-m", "snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"),
-         "--configfile", str(tmp_path / "study.yaml"), "--directory", str(tmp_path / "work")],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--cores",
+            "1",
+            "--snakefile",
+            str(ROOT / "Snakefile"),
+            "--configfile",
+            str(tmp_path / "study.yaml"),
+            "--directory",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     out = r.stdout + r.stderr
     assert r.returncode != 0, out

@@ -131,8 +131,12 @@ def test_a_state_that_does_not_fit_is_refused(setup, target):
 
 
 def test_generic_default_is_load_and_evaluate(tmp_path):
-    prepare_dataset("thin", {"source": "digits", "domain": "thin"}, {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 50},
-                    tmp_path / "thin")
+    prepare_dataset(
+        "thin",
+        {"source": "digits", "domain": "thin"},
+        {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 50},
+        tmp_path / "thin",
+    )
     data = load_prepared(tmp_path / "thin")
     be = get_backend({"name": "smallcnn", "params": {"channels": 2, "hidden": 8}}, device="cpu")
     assert be.merges_per_forward == 1

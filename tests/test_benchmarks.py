@@ -16,24 +16,50 @@ pytest.importorskip("open_clip")
 def test_clip_throughput_runs_the_backend_paths(tmp_path):
     out = tmp_path / "fig.json"
     with offline_env():
-        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "clip_throughput.py"), "--tiny",
-                            "--val-images", "300", "--models", "3", "--merged", "2", "--json", str(out)],
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "clip_throughput.py"),
+                "--tiny",
+                "--val-images",
+                "300",
+                "--models",
+                "3",
+                "--merged",
+                "2",
+                "--json",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert r.returncode == 0, r.stderr[-3000:]
     fig = json.loads(out.read_text())
-    for key in ("train_images_per_s", "eval_images_per_s_first_call", "eval_images_per_s_cached",
-                "s_per_merged_model_engine", "s_per_merged_model_plain"):
+    for key in (
+        "train_images_per_s",
+        "eval_images_per_s_first_call",
+        "eval_images_per_s_cached",
+        "s_per_merged_model_engine",
+        "s_per_merged_model_plain",
+    ):
         assert fig[key] > 0, key
     assert fig["val_images"] == 300 and fig["batch_size"] == 128
     assert "ratio plain/engine" in r.stdout and "ratio cached/first" in r.stdout
 
 
 def test_optimizer_benchmark_runs():
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "optimizer.py"), "--device", "cpu", "--steps", "1"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optimizer.py"), "--device", "cpu", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ratio first/second" in r.stdout and "packed job, 16 fine-tunes" in r.stdout
-    assert r.stdout.count("ratio to torch.optim default") >= 4  # default, foreach (fused where available) x 2 shape sets
+    assert (
+        r.stdout.count("ratio to torch.optim default") >= 4
+    )  # default, foreach (fused where available) x 2 shape sets
 
 
 def test_engine_benchmark_reports_every_ratio(tmp_path):
@@ -41,8 +67,12 @@ def test_engine_benchmark_reports_every_ratio(tmp_path):
     for extra in ([], ["--gpu", "--device", "cpu", "--tiny"]):
         out = tmp_path / f"engine{len(extra)}.json"
         with offline_env():
-            r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--quick", *extra, "--json", str(out)],
-                               capture_output=True, text=True, timeout=600)
+            r = subprocess.run(
+                [sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--quick", *extra, "--json", str(out)],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
         assert r.returncode == 0, r.stderr[-3000:]
         fig = json.loads(out.read_text())
         assert len(fig["engine"]) == (2 if extra else 3) and len(fig["batched_adapters"]) == 2
@@ -60,8 +90,9 @@ def test_engine_benchmark_gpu_without_cuda_says_so():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--gpu"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--gpu"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and "needs CUDA" in r.stderr and "--device cpu --tiny" in r.stderr
 
 
@@ -88,5 +119,7 @@ def test_workflow_benchmark_builds_valid_studies_and_compares_results(tmp_path, 
     (b / "x" / "t.csv").write_text("subset,val_acc\na,0.6\n")
     with pytest.raises(SystemExit, match="t.csv differs"):
         bench.compare(a, b)
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "workflow.py"), "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "workflow.py"), "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "--tiny" in r.stdout

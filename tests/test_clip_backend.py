@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from clip_fixtures import (
-    IMAGE_SIZE, TINY_NAME, backend_spec, make_images, write_hf_disk, write_hf_parquet, write_image_folder,
+    IMAGE_SIZE,
+    TINY_NAME,
+    backend_spec,
+    make_images,
+    write_hf_disk,
+    write_hf_parquet,
+    write_image_folder,
     write_tiny_weights,
 )
 from mergemix import io, stages
@@ -19,8 +25,17 @@ from mergemix.data.prepared import load_prepared
 open_clip = pytest.importorskip("open_clip")
 
 SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "val_from_train": 0.2, "val_cap": 50}
-HP = {"epochs": 6, "lr": 1e-3, "batch_size": 16, "optimizer": "adamw", "weight_decay": 0.1,
-      "schedule": "cosine", "warmup_frac": 0.1, "grad_clip": 1.0, "seed": 0}
+HP = {
+    "epochs": 6,
+    "lr": 1e-3,
+    "batch_size": 16,
+    "optimizer": "adamw",
+    "weight_decay": 0.1,
+    "schedule": "cosine",
+    "warmup_frac": 0.1,
+    "grad_clip": 1.0,
+    "seed": 0,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -38,12 +53,23 @@ def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clip")
     weights = write_tiny_weights(tmp / "weights.pt")
     specs = {
-        "folder": {"source": "image_folder", "path": str(write_image_folder(tmp / "folder", ["red", "green", "blue"], 12, 6, 0)),
-                   "image_size": IMAGE_SIZE},
-        "disk": {"source": "hf_images", "hub_id": str(write_hf_disk(tmp / "disk", ["red", "green", "blue", "yellow"], 12, 6, 10)),
-                 "image_size": IMAGE_SIZE, "templates": "cars"},
-        "parquet": {"source": "hf_images", "hub_id": str(write_hf_parquet(tmp / "pq", ["red", "green", "blue"], 12, 6, 20)),
-                    "image_size": IMAGE_SIZE, "templates": ["a {} thing.", "the colour {}."]},
+        "folder": {
+            "source": "image_folder",
+            "path": str(write_image_folder(tmp / "folder", ["red", "green", "blue"], 12, 6, 0)),
+            "image_size": IMAGE_SIZE,
+        },
+        "disk": {
+            "source": "hf_images",
+            "hub_id": str(write_hf_disk(tmp / "disk", ["red", "green", "blue", "yellow"], 12, 6, 10)),
+            "image_size": IMAGE_SIZE,
+            "templates": "cars",
+        },
+        "parquet": {
+            "source": "hf_images",
+            "hub_id": str(write_hf_parquet(tmp / "pq", ["red", "green", "blue"], 12, 6, 20)),
+            "image_size": IMAGE_SIZE,
+            "templates": ["a {} thing.", "the colour {}."],
+        },
     }
     dirs = {}
     for name, spec in specs.items():
@@ -70,8 +96,11 @@ def direct_model(weights):
 def test_zeroshot_head_equals_direct_computation(study):
     model = direct_model(study["weights"])
     tok = open_clip.get_tokenizer(TINY_NAME)
-    for name, templates in (("disk", TEMPLATES["cars"]), ("parquet", ["a {} thing.", "the colour {}."]),
-                            ("folder", TEMPLATES["generic"])):
+    for name, templates in (
+        ("disk", TEMPLATES["cars"]),
+        ("parquet", ["a {} thing.", "the colour {}."]),
+        ("folder", TEMPLATES["generic"]),
+    ):
         data = load_prepared(study["dirs"][name])
         state, manifest = io.load_model(study["pretrained"].parent / "heads" / f"{name}.safetensors")
         assert manifest["classnames"] == data.classes and manifest["templates"] == templates
@@ -119,7 +148,7 @@ def test_fetch_and_load_never_touch_the_network(study, monkeypatch):
     assert params and all(k.startswith("visual.") for k in params)
     assert set(params) == {f"visual.{k}" for k, _ in ref.visual.named_parameters()}
     for k, p in params.items():
-        assert torch.equal(p.detach(), ref.visual.get_parameter(k[len("visual."):]))
+        assert torch.equal(p.detach(), ref.visual.get_parameter(k[len("visual.") :]))
 
 
 def test_missing_weights_file_and_wrong_image_size_are_refused(study, tmp_path):
@@ -156,7 +185,9 @@ def test_finetune_changes_only_the_image_encoder_and_learns_every_dataset(study,
     out = tmp_path / "ft" / "model.safetensors"
     io.save_model(out, backend.state_to_save(model), {"kind": "finetuned"})
     assert set(io.load_model(out)[0]) == set(theta0)
-    assert heads_before == {p.name: io.sha256_file(p) for p in (study["pretrained"].parent / "heads").glob("*.safetensors")}
+    assert heads_before == {
+        p.name: io.sha256_file(p) for p in (study["pretrained"].parent / "heads").glob("*.safetensors")
+    }
     fresh = backend.load_pretrained(study["pretrained"])
     backend.load_state(fresh, io.load_model(out)[0])
     assert backend.evaluate(fresh, data[1], "test") == after["disk"]
@@ -202,7 +233,8 @@ def test_embed_gives_image_embeddings_of_the_split(study):
     assert emb.dtype == np.float32 and emb.shape == (len(data.indices["val"]), 32)
     with torch.no_grad():
         ref = direct_model(study["weights"]).encode_image(
-            (torch.from_numpy(data.split("val")[0]).float() / 255 - model.mean) / model.std)
+            (torch.from_numpy(data.split("val")[0]).float() / 255 - model.mean) / model.std
+        )
     np.testing.assert_allclose(emb, ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -213,8 +245,12 @@ def test_sources_decode_the_same_images_identically(study):
     classes = ["red", "green", "blue"]
     folder = write_image_folder(tmp / "same_folder", classes, 5, 3, 42)
     disk = write_hf_disk(tmp / "same_disk", classes, 5, 3, 42)
-    a = stages.prepare("a", {"source": "image_folder", "path": str(folder), "image_size": IMAGE_SIZE,
-                             "classnames": classes}, SPLIT, tmp / "same" / "a")
+    a = stages.prepare(
+        "a",
+        {"source": "image_folder", "path": str(folder), "image_size": IMAGE_SIZE, "classnames": classes},
+        SPLIT,
+        tmp / "same" / "a",
+    )
     spec = {"source": "hf_images", "hub_id": str(disk), "image_size": IMAGE_SIZE}
     stages.download("b", spec, tmp / "same" / "dl")
     b = stages.prepare("b", spec, SPLIT, tmp / "same" / "b", tmp / "same" / "dl")
@@ -260,8 +296,16 @@ def test_hub_source_errors_name_the_fix(study, tmp_path):
 
 def test_paper_datasets_have_class_names_and_templates():
     # the class counts of the datasets as published
-    counts = {"cars": 196, "dtd": 47, "eurosat": 10, "gtsrb": 43, "mnist": 10, "resisc45": 45, "sun397": 397,
-              "svhn": 10}
+    counts = {
+        "cars": 196,
+        "dtd": 47,
+        "eurosat": 10,
+        "gtsrb": 43,
+        "mnist": 10,
+        "resisc45": 45,
+        "sun397": 397,
+        "svhn": 10,
+    }
     assert {k: len(CLASSNAMES[k]) for k in counts} == counts
     for name in counts:
         names = CLASSNAMES[name]
@@ -295,8 +339,15 @@ def test_study_config_is_the_papers_design():
     mixtures = {subset_id(s) for t in targets for s in all_subsets(candidates_of(cfg, t))}
     assert len(mixtures) == 2**8 - 2 and sum(1 for m in mixtures if "+" in m) == 254 - 8
     ft = cfg["finetune"]
-    assert (ft["epochs"], ft["batch_size"], ft["lr"], ft["optimizer"], ft["weight_decay"], ft["schedule"], ft["grad_clip"]) == (
-        10, 128, 1e-5, "adamw", 0.1, "cosine", 1.0)
+    assert (
+        ft["epochs"],
+        ft["batch_size"],
+        ft["lr"],
+        ft["optimizer"],
+        ft["weight_decay"],
+        ft["schedule"],
+        ft["grad_clip"],
+    ) == (10, 128, 1e-5, "adamw", 0.1, "cosine", 1.0)
     assert ft["warmup_frac"] > 0 and cfg["mixture"]["enabled"] and cfg["resources"]["gpu"] == 1
 
 
@@ -341,9 +392,15 @@ def test_hub_source_label_kinds(tmp_path):
         ("ints", labels, {"classnames": ["warm", "cold"]}, ["warm", "cold"]),
     ):
         datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": images, "label": column})}).save_to_disk(
-            str(tmp_path / name))
-        spec = {"source": "hf_images", "hub_id": str(tmp_path / name), "image_size": IMAGE_SIZE,
-                "splits": {"train": "train"}, **extra}
+            str(tmp_path / name)
+        )
+        spec = {
+            "source": "hf_images",
+            "hub_id": str(tmp_path / name),
+            "image_size": IMAGE_SIZE,
+            "splits": {"train": "train"},
+            **extra,
+        }
         stages.download(name, spec, tmp_path / "dl" / name)
         info = stages.prepare(name, spec, SPLIT, tmp_path / "data" / name, tmp_path / "dl" / name)
         assert info["classes"] == expect
@@ -352,10 +409,17 @@ def test_hub_source_label_kinds(tmp_path):
         if name == "strings":
             assert [["blue", "red"][v] for v in d.y] == column
     with pytest.raises(ValueError, match="carries no class names"):
-        spec = {"source": "hf_images", "hub_id": str(tmp_path / "ints"), "image_size": IMAGE_SIZE, "splits": {"train": "train"}}
+        spec = {
+            "source": "hf_images",
+            "hub_id": str(tmp_path / "ints"),
+            "image_size": IMAGE_SIZE,
+            "splits": {"train": "train"},
+        }
         stages.prepare("ints", spec, SPLIT, tmp_path / "data" / "x", tmp_path / "dl" / "ints")
     with pytest.raises(ValueError, match="fall outside 0..0"):
-        stages.prepare("ints", {**spec, "classnames": ["only"]}, SPLIT, tmp_path / "data" / "y", tmp_path / "dl" / "ints")
+        stages.prepare(
+            "ints", {**spec, "classnames": ["only"]}, SPLIT, tmp_path / "data" / "y", tmp_path / "dl" / "ints"
+        )
 
 
 def test_hub_download_passes_id_revision_config_and_records_the_commit(study, tmp_path, monkeypatch):
@@ -376,8 +440,14 @@ def test_hub_download_passes_id_revision_config_and_records_the_commit(study, tm
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, repo, revision=None: Info())
-    spec = {"source": "hf_images", "hub_id": "some-org/colours", "revision": "v1.0", "config": "plain",
-            "splits": {"train": "training", "test": "test"}, "image_size": IMAGE_SIZE}
+    spec = {
+        "source": "hf_images",
+        "hub_id": "some-org/colours",
+        "revision": "v1.0",
+        "config": "plain",
+        "splits": {"train": "training", "test": "test"},
+        "image_size": IMAGE_SIZE,
+    }
     local = datasets.DatasetDict({"training": local["train"], "test": local["test"]})
     info = stages.download("colours", spec, tmp_path / "dl")
     assert calls == [("some-org/colours", "plain", "training", "v1.0"), ("some-org/colours", "plain", "test", "v1.0")]

@@ -24,14 +24,18 @@ def fake_wheel(path, classnames, templates, hubs):
     with zipfile.ZipFile(path, "w") as z:
         for ours, (module, cfg) in check.NAMES.items():
             lambdas = ",\n".join("    lambda c: f" + repr(t.replace("{}", "{c}")) for t in templates[ours])
-            z.writestr(f"fusion_bench/tasks/clip_classification/{module}.py",
-                       f"classnames = {classnames[ours]!r}\n\ntemplates = [\n{lambdas}\n]\n")
+            z.writestr(
+                f"fusion_bench/tasks/clip_classification/{module}.py",
+                f"classnames = {classnames[ours]!r}\n\ntemplates = [\n{lambdas}\n]\n",
+            )
             hub, config = hubs[ours]
             body = {"_target_": "datasets.load_dataset", "split": "train"}
             body.update({"_args_": [hub, config]} if config else {"path": hub})
             for split in ("train", "test"):
-                z.writestr(f"fusion_bench_config/dataset/image_classification/{split}/{cfg}.yaml",
-                           yaml.safe_dump({cfg: {**body, "split": split}}))
+                z.writestr(
+                    f"fusion_bench_config/dataset/image_classification/{split}/{cfg}.yaml",
+                    yaml.safe_dump({cfg: {**body, "split": split}}),
+                )
     return path
 
 
@@ -57,8 +61,11 @@ def test_checker_reads_a_wheel_and_finds_each_kind_of_difference(tmp_path):
 
 def test_shipped_metadata_matches_the_fusion_bench_wheel(tmp_path):
     # PyPI is the one network this project's machines and CI reach; without it there is nothing to check
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp_path),
-                        check.FUSION_BENCH], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp_path), check.FUSION_BENCH],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"could not download {check.FUSION_BENCH} from the package index: {r.stderr[-300:]}")
     (wheel,) = tmp_path.glob("fusion_bench-*.whl")
@@ -67,8 +74,22 @@ def test_shipped_metadata_matches_the_fusion_bench_wheel(tmp_path):
 
 @pytest.mark.slow
 def test_classnames_ship_in_the_built_wheel(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("mergemix-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -2,18 +2,24 @@
 architecture with local weights; an image folder, a saved `datasets` dataset and parquet files
 (the hub source's download rule runs on the local copies). Then the output contract."""
 
-
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_workflow import planned_jobs, run_study
 
-from clip_fixtures import IMAGE_SIZE, backend_spec, write_hf_disk, write_hf_parquet, write_image_folder, write_tiny_weights
+from clip_fixtures import (
+    IMAGE_SIZE,
+    backend_spec,
+    write_hf_disk,
+    write_hf_parquet,
+    write_image_folder,
+    write_tiny_weights,
+)
+from conftest import offline_env
 from mergemix import io
 from mergemix.similarity import METRICS
 from mergemix.subsets import all_subsets, subset_id
-from conftest import offline_env
-from test_workflow import planned_jobs, run_study
 
 pytest.importorskip("open_clip")
 pytestmark = pytest.mark.workflow
@@ -34,16 +40,36 @@ def _study(tmp):
         "backend": backend_spec(weights),
         "split": {"seed": 0, "val_from_train": 0.2, "val_cap": 50},
         "datasets": {
-            "blobs": {"source": "image_folder", "image_size": IMAGE_SIZE,
-                      "path": str(write_image_folder(tmp / "blobs", ["red", "green", "blue"], 10, 6, 0))},
-            "disk": {"source": "hf_images", "image_size": IMAGE_SIZE, "templates": "cars",
-                     "hub_id": str(write_hf_disk(tmp / "disk", ["red", "green", "blue", "yellow"], 10, 6, 10))},
-            "stripes": {"source": "hf_images", "image_size": IMAGE_SIZE, "templates": ["a {} striped thing."],
-                        "hub_id": str(write_hf_parquet(tmp / "pq", ["red", "green", "blue"], 10, 6, 20))},
+            "blobs": {
+                "source": "image_folder",
+                "image_size": IMAGE_SIZE,
+                "path": str(write_image_folder(tmp / "blobs", ["red", "green", "blue"], 10, 6, 0)),
+            },
+            "disk": {
+                "source": "hf_images",
+                "image_size": IMAGE_SIZE,
+                "templates": "cars",
+                "hub_id": str(write_hf_disk(tmp / "disk", ["red", "green", "blue", "yellow"], 10, 6, 10)),
+            },
+            "stripes": {
+                "source": "hf_images",
+                "image_size": IMAGE_SIZE,
+                "templates": ["a {} striped thing."],
+                "hub_id": str(write_hf_parquet(tmp / "pq", ["red", "green", "blue"], 10, 6, 20)),
+            },
         },
         "targets": "all",
-        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "optimizer": "adamw", "weight_decay": 0.1,
-                     "schedule": "cosine", "warmup_frac": 0.1, "grad_clip": 1.0, "seed": 0},
+        "finetune": {
+            "epochs": 1,
+            "lr": 1e-4,
+            "batch_size": 16,
+            "optimizer": "adamw",
+            "weight_decay": 0.1,
+            "schedule": "cosine",
+            "warmup_frac": 0.1,
+            "grad_clip": 1.0,
+            "seed": 0,
+        },
         "merge_eval": {"chunks": 2},
         "mixture": {"enabled": True, "max_candidates": 2},
         "analysis": {"figure_formats": ["png"]},
@@ -108,7 +134,9 @@ def test_heads_are_files_and_models_hold_only_the_image_encoder(study):
 def test_head_changes_rerun_only_what_uses_that_head(study, tmp_path):
     cfg, path, _, _ = study
     assert planned_jobs(path) == {}
-    changed = dict(cfg, datasets={**cfg["datasets"], "stripes": {**cfg["datasets"]["stripes"], "templates": ["a {} stripe."]}})
+    changed = dict(
+        cfg, datasets={**cfg["datasets"], "stripes": {**cfg["datasets"]["stripes"], "templates": ["a {} stripe."]}}
+    )
     p = tmp_path / "templates.yaml"
     p.write_text(yaml.safe_dump(changed))
     jobs = planned_jobs(p)

@@ -83,7 +83,9 @@ def test_snakemake_refuses_a_bad_config_at_start(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     r = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode != 0
     assert "candidates.rotate" in r.stdout + r.stderr
@@ -110,11 +112,26 @@ def test_snakemake_refuses_a_bad_config_at_start(tmp_path):
         ({"methods": ["uniform", "tie"]}, ["merge_eval.methods", "'tie'", "ties"]),
         ({"methods": ["ties", "ties"]}, ["merge_eval.methods", "twice"]),
         ({"methods": ["ties"], "strategy": "greedy"}, ["merge_eval.methods", "exhaustive"]),
-        ({"methods": ["ties"], "method_options": {"dare": {"p": 0.2}}}, ["merge_eval.method_options.dare", "not in merge_eval.methods"]),
-        ({"methods": ["ties"], "method_options": {"ties": {"density": 2}}}, ["merge_eval.method_options.ties.density", "(0, 1]"]),
-        ({"methods": ["ties"], "tune": {"space": {"dare": {"p": [0, 0.5]}}}}, ["merge_eval.tune.space.dare", "not in merge_eval.methods"]),
-        ({"methods": ["ties"], "tune": {"space": {"ties": {"density": [0, 0.5]}}}}, ["merge_eval.tune.space.ties.density", "0"]),
-        ({"methods": ["ties"], "tune": {"space": {"ties": {"density": [0.1, 0.5]}}, "budget": 0}}, ["merge_eval.tune.budget"]),
+        (
+            {"methods": ["ties"], "method_options": {"dare": {"p": 0.2}}},
+            ["merge_eval.method_options.dare", "not in merge_eval.methods"],
+        ),
+        (
+            {"methods": ["ties"], "method_options": {"ties": {"density": 2}}},
+            ["merge_eval.method_options.ties.density", "(0, 1]"],
+        ),
+        (
+            {"methods": ["ties"], "tune": {"space": {"dare": {"p": [0, 0.5]}}}},
+            ["merge_eval.tune.space.dare", "not in merge_eval.methods"],
+        ),
+        (
+            {"methods": ["ties"], "tune": {"space": {"ties": {"density": [0, 0.5]}}}},
+            ["merge_eval.tune.space.ties.density", "0"],
+        ),
+        (
+            {"methods": ["ties"], "tune": {"space": {"ties": {"density": [0.1, 0.5]}}, "budget": 0}},
+            ["merge_eval.tune.budget"],
+        ),
         ({"methods": ["ties"], "tune": {"spaces": {}}}, ["merge_eval.tune", "spaces"]),
         # weighted mixtures
         ({"strategy": "weights", "weights": {"sampler": "nelder"}}, ["merge_eval.weights.sampler", "cmaes, tpe"]),
@@ -148,20 +165,32 @@ def test_too_many_mixtures_point_at_the_sample(default_config):
 
 
 def test_methods_and_weights_are_accepted(default_config):
-    default_config["merge_eval"] = {**default_config["merge_eval"], "strategy": "weights", "weights": {"sampler": "tpe"},
-                                    "methods": ["uniform", "ties", "dare"], "method": "ties", "options": {"density": 0.5},
-                                    "method_options": {"dare": {"seed": 2}},
-                                    "tune": {"space": {"ties": {"density": [0.05, 1.0]}, "dare": {"p": [0.0, 0.9]}}}}
+    default_config["merge_eval"] = {
+        **default_config["merge_eval"],
+        "strategy": "weights",
+        "weights": {"sampler": "tpe"},
+        "methods": ["uniform", "ties", "dare"],
+        "method": "ties",
+        "options": {"density": 0.5},
+        "method_options": {"dare": {"seed": 2}},
+        "tune": {"space": {"ties": {"density": [0.05, 1.0]}, "dare": {"p": [0.0, 0.9]}}},
+    }
     cfg = validate_config(default_config)
     from mergemix.config import resolve_strategy
 
     assert resolve_strategy(cfg, 6) == "exhaustive"  # the binary start of weights is searched as with auto
 
 
-@pytest.mark.parametrize("spec,key_fix", [
-    ({"source": "jsonl_chat", "path": "nowhere/chats.jsonl"}, "datasets.mine.path: nowhere/chats.jsonl (no such file)"),
-    ({"source": "image_folder", "path": "nowhere/images"}, "datasets.mine.path: nowhere/images (no such file)"),
-])
+@pytest.mark.parametrize(
+    "spec,key_fix",
+    [
+        (
+            {"source": "jsonl_chat", "path": "nowhere/chats.jsonl"},
+            "datasets.mine.path: nowhere/chats.jsonl (no such file)",
+        ),
+        ({"source": "image_folder", "path": "nowhere/images"}, "datasets.mine.path: nowhere/images (no such file)"),
+    ],
+)
 def test_missing_local_inputs_are_refused_before_any_job(default_config, spec, key_fix, tmp_path):
     default_config["datasets"]["mine"] = spec
     assert key_fix in _error(default_config)
@@ -181,8 +210,12 @@ def test_missing_local_inputs_stop_the_dag_build(default_config, tmp_path):
     default_config["datasets"]["mine"] = {"source": "jsonl_chat", "path": str(tmp_path / "gone.jsonl")}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(default_config))
-    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and f"datasets.mine.path: {tmp_path / 'gone.jsonl'} (no such file)" in r.stdout + r.stderr
 
 
@@ -192,10 +225,18 @@ def test_checkpoint_settings_reach_every_fine_tune_job(default_config, tmp_path)
     default_config["checkpoint"] = {"every_minutes": 2.5, "every_steps": 50}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**default_config, "results_dir": str(tmp_path / "r")}))
-    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--configfile", str(path)],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--configfile", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    cmds = [line for line in r.stdout.splitlines() if " -m mergemix " in line and "finetune" in line.split(" -m mergemix ")[1][:24]]
+    cmds = [
+        line
+        for line in r.stdout.splitlines()
+        if " -m mergemix " in line and "finetune" in line.split(" -m mergemix ")[1][:24]
+    ]
     assert cmds and all("--checkpoint-every-seconds 150 --checkpoint-every-steps 50" in c for c in cmds)
 
 

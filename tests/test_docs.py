@@ -74,7 +74,9 @@ def fenced_blocks(path: Path) -> list[Block]:
                 options[key] = value or True
         body = []
         i += 1
-        while i < len(lines) and not (lines[i].strip().startswith(fence[0] * len(fence)) and not lines[i].strip().strip(fence[0])):
+        while i < len(lines) and not (
+            lines[i].strip().startswith(fence[0] * len(fence)) and not lines[i].strip().strip(fence[0])
+        ):
             body.append(lines[i])
             i += 1
         blocks.append(Block(path, start + 1, lang, "\n".join(body) + "\n", options))
@@ -121,8 +123,12 @@ def copy_repo(dst: Path) -> Path:
         if entry.is_symlink():
             os.symlink(os.readlink(entry), dst / entry.name)
         elif entry.is_dir():
-            shutil.copytree(entry, dst / entry.name, symlinks=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake"))
+            shutil.copytree(
+                entry,
+                dst / entry.name,
+                symlinks=True,
+                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake"),
+            )
         else:
             shutil.copy2(entry, dst / entry.name)
     if sys.prefix != sys.base_prefix:
@@ -194,8 +200,9 @@ def test_readme_is_short_and_its_commands_are_the_makefile_targets():
 # --- config/README.md -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_config_reference_is_up_to_date():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "config_docs.py"), "--check"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "config_docs.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -203,8 +210,12 @@ def test_config_reference_is_up_to_date():
 def test_config_reference_check_fails_on_a_stale_file(tmp_path):
     stale = tmp_path / "README.md"
     stale.write_text((ROOT / "config" / "README.md").read_text().replace("| `split.seed` |", "| `split.sead` |"))
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "config_docs.py"), "--check", "--output", str(stale)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "config_docs.py"), "--check", "--output", str(stale)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "stale" in proc.stderr
 
 
@@ -308,8 +319,11 @@ def test_design_file_tree_is_the_real_one():
     missing = sorted(p for p in listed if not (ROOT / p).exists())
     assert not missing, f"docs/design.md lists paths that do not exist: {missing}"
     pkg = ROOT / "src" / "mergemix"
-    modules = {f"src/mergemix/{p.name}" for p in pkg.iterdir()
-               if (p.suffix == ".py" and p.name not in ("__init__.py", "__main__.py"))
-               or (p.is_dir() and (p / "__init__.py").exists())}
+    modules = {
+        f"src/mergemix/{p.name}"
+        for p in pkg.iterdir()
+        if (p.suffix == ".py" and p.name not in ("__init__.py", "__main__.py"))
+        or (p.is_dir() and (p / "__init__.py").exists())
+    }
     unlisted = sorted(modules - listed)
     assert not unlisted, f"docs/design.md's layout lacks {unlisted}"

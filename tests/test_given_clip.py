@@ -78,8 +78,14 @@ def studies(tmp_path_factory):
         backend = get_backend(spec)
         model = backend.load_pretrained(pretrained)
         ref = {k: v.detach().clone() for k, v in backend.merge_params(model).items()}
-        out[key] = {"spec": spec, "pretrained": pretrained, "ref": ref, "ft": noisy(ref, seed=1),
-                    "full": io.load_model(pretrained)[0], "name": spec["params"]["model"]}
+        out[key] = {
+            "spec": spec,
+            "pretrained": pretrained,
+            "ref": ref,
+            "ft": noisy(ref, seed=1),
+            "full": io.load_model(pretrained)[0],
+            "name": spec["params"]["model"],
+        }
     out["tmp"] = tmp
     yield out
     mp.undo()
@@ -117,29 +123,50 @@ def assert_given(manifest, fmt, path, base=None):
 # --- transformers' CLIP from open_clip weights (the inverse of the conversion under test) ---------------------
 def open_clip_to_hf(visual, layers=LAYERS):
     """open_clip ``visual.*`` tensors as a transformers CLIP vision tower's (keys relative to vision_model)."""
-    v = {k[len("visual."):]: t for k, t in visual.items()}
+    v = {k[len("visual.") :]: t for k, t in visual.items()}
     hf = {
         "embeddings.class_embedding": v["class_embedding"],
         "embeddings.patch_embedding.weight": v["conv1.weight"],
         "embeddings.position_embedding.weight": v["positional_embedding"],
-        "pre_layrnorm.weight": v["ln_pre.weight"], "pre_layrnorm.bias": v["ln_pre.bias"],
-        "post_layernorm.weight": v["ln_post.weight"], "post_layernorm.bias": v["ln_post.bias"],
+        "pre_layrnorm.weight": v["ln_pre.weight"],
+        "pre_layrnorm.bias": v["ln_pre.bias"],
+        "post_layernorm.weight": v["ln_post.weight"],
+        "post_layernorm.bias": v["ln_post.bias"],
     }
     for i in range(layers):
         p, h = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
         for kind in ("weight", "bias"):
             q, k, val = v[p + f"attn.in_proj_{kind}"].chunk(3, dim=0)
-            hf.update({h + f"self_attn.q_proj.{kind}": q, h + f"self_attn.k_proj.{kind}": k,
-                       h + f"self_attn.v_proj.{kind}": val})
-            for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            hf.update(
+                {
+                    h + f"self_attn.q_proj.{kind}": q,
+                    h + f"self_attn.k_proj.{kind}": k,
+                    h + f"self_attn.v_proj.{kind}": val,
+                }
+            )
+            for ours, theirs in (
+                ("attn.out_proj", "self_attn.out_proj"),
+                ("ln_1", "layer_norm1"),
+                ("ln_2", "layer_norm2"),
+                ("mlp.c_fc", "mlp.fc1"),
+                ("mlp.c_proj", "mlp.fc2"),
+            ):
                 hf[h + f"{theirs}.{kind}"] = v[p + f"{ours}.{kind}"]
     return {k: t.clone().contiguous() for k, t in hf.items()}
 
 
 def hf_vision_config(key, **over):
-    kw = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=LAYERS, num_attention_heads=HEADS[key],
-              image_size=16, patch_size=8, hidden_act=HF_ACT[key], layer_norm_eps=1e-5, projection_dim=32)
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS[key],
+        image_size=16,
+        patch_size=8,
+        hidden_act=HF_ACT[key],
+        layer_norm_eps=1e-5,
+        projection_dim=32,
+    )
     kw.update(over)
     return transformers.CLIPVisionConfig(**kw)
 
@@ -159,8 +186,9 @@ def write_hf(folder, visual, key, kind="vision", name_or_path=None, bin_only=Fal
         model = transformers.CLIPVisionModelWithProjection(vcfg)
     else:
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-        model = transformers.CLIPModel(transformers.CLIPConfig(vision_config=vcfg.to_dict(), text_config=text,
-                                                               projection_dim=32))
+        model = transformers.CLIPModel(
+            transformers.CLIPConfig(vision_config=vcfg.to_dict(), text_config=text, projection_dim=32)
+        )
     missing, unexpected = tower(model).load_state_dict(open_clip_to_hf(visual), strict=False)
     assert not unexpected and set(missing) <= {"embeddings.position_ids"}
     if kind != "vision":
@@ -202,7 +230,7 @@ def test_open_clip_pt_weights_only(studies, tmp_path, layout):
     elif layout == "visual_only":
         obj = dict(s["ft"])
     else:
-        obj = {k[len("visual."):]: v for k, v in s["ft"].items()}
+        obj = {k[len("visual.") :]: v for k, v in s["ft"].items()}
     p = tmp_path / "finetuned.pt"
     torch.save(obj, p, _use_new_zipfile_serialization=layout != "legacy")
     state, manifest = imported(s, p, tmp_path, fmt="open_clip")
@@ -246,11 +274,18 @@ def test_clip_hf_folders(studies, tmp_path, kind):
     ft = dict(s["ft"])
     if kind == "vision":  # a CLIPVisionModel has no projection: fine-tuning it leaves the pre-trained one
         ft["visual.proj"] = s["ref"]["visual.proj"]
-    folder, _ = write_hf(tmp_path / "hf", ft, "qg", kind="clip" if kind == "clip_bin" else kind,
-                         name_or_path="someorg/clip-tiny-finetuned", bin_only=kind == "clip_bin")
+    folder, _ = write_hf(
+        tmp_path / "hf",
+        ft,
+        "qg",
+        kind="clip" if kind == "clip_bin" else kind,
+        name_or_path="someorg/clip-tiny-finetuned",
+        bin_only=kind == "clip_bin",
+    )
     if kind == "projection":  # an image processor normalising otherwise than the study: a warning, recorded
-        (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5],
-                                                                     "image_std": [0.5, 0.5, 0.5]}))
+        (folder / "preprocessor_config.json").write_text(
+            json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+        )
     assert given_clip.detect(folder) == "clip_hf"
     state, manifest = imported(s, folder, tmp_path)  # format: auto
     assert_state(state, ft)
@@ -279,7 +314,7 @@ def test_clip_hf_conversion_matches_open_clip_forward(studies, tmp_path, key):
 
     hf = transformers.CLIPVisionModel.from_pretrained(str(folder)).eval()
     assert hf.config.hidden_act == HF_ACT[key]
-    model.visual.load_state_dict({k[len("visual."):]: v for k, v in loaded.state.items()}, strict=True)
+    model.visual.load_state_dict({k[len("visual.") :]: v for k, v in loaded.state.items()}, strict=True)
     torch.manual_seed(0)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -306,22 +341,29 @@ def expect_refusal(study, path, tmp_path, *fragments, fmt=None):
 
 def test_clip_hf_other_patch_size_refused(studies, tmp_path):
     s = studies["qg"]
-    other = random_clip(studies["tmp"] / "p4", "mergemix-tiny-given-p4",
-                        {**QG_CONFIG, "vision_cfg": {**QG_CONFIG["vision_cfg"], "patch_size": 4}}, seed=0)
+    other = random_clip(
+        studies["tmp"] / "p4",
+        "mergemix-tiny-given-p4",
+        {**QG_CONFIG, "vision_cfg": {**QG_CONFIG["vision_cfg"], "patch_size": 4}},
+        seed=0,
+    )
     visual = {f"visual.{k}": v.detach() for k, v in other.visual.named_parameters()}
     folder, _ = write_hf(tmp_path / "hf", visual, "qg", patch_size=4)
     expect_refusal(s, folder, tmp_path, "config.json: patch_size 4 but the study's", QG_NAME, "has 8")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("hidden_size", 32, "hidden_size 32 but the study's {name} has 64"),
-    ("num_hidden_layers", 3, "num_hidden_layers 3 but the study's {name} has 2"),
-    ("num_attention_heads", 2, "num_attention_heads 2 but the study's {name} has 4"),
-    ("intermediate_size", 128, "intermediate_size 128 but the study's {name} has 256"),
-    ("image_size", 32, "image_size 32 but the study's {name} has 16"),
-    ("hidden_act", "gelu", "hidden_act gelu but the study's {name} has quick_gelu"),
-    ("layer_norm_eps", 1e-6, "layer_norm_eps 1e-06 but the study's {name} has 1e-05"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("hidden_size", 32, "hidden_size 32 but the study's {name} has 64"),
+        ("num_hidden_layers", 3, "num_hidden_layers 3 but the study's {name} has 2"),
+        ("num_attention_heads", 2, "num_attention_heads 2 but the study's {name} has 4"),
+        ("intermediate_size", 128, "intermediate_size 128 but the study's {name} has 256"),
+        ("image_size", 32, "image_size 32 but the study's {name} has 16"),
+        ("hidden_act", "gelu", "hidden_act gelu but the study's {name} has quick_gelu"),
+        ("layer_norm_eps", 1e-6, "layer_norm_eps 1e-06 but the study's {name} has 1e-05"),
+    ],
+)
 def test_clip_hf_config_mismatch_refused(studies, tmp_path, field, value, message):
     s = studies["qg"]
     folder, _ = write_hf(tmp_path / "hf", s["ft"], "qg", kind="clip")
@@ -351,8 +393,12 @@ def test_open_clip_other_width_refused(studies, tmp_path):
     p = tmp_path / "w32.safetensors"
     save_file({k: v.detach().contiguous() for k, v in other.state_dict().items()}, str(p))
     expect_refusal(s, p, tmp_path, f"image encoder width 32 but the study's {TINY_NAME} has 64")
-    deeper = random_clip(studies["tmp"] / "l3", "mergemix-tiny-given-l3",
-                         {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "layers": 3}}, seed=0)
+    deeper = random_clip(
+        studies["tmp"] / "l3",
+        "mergemix-tiny-given-l3",
+        {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "layers": 3}},
+        seed=0,
+    )
     p = tmp_path / "l3.safetensors"
     save_file({k: v.detach().contiguous() for k, v in deeper.state_dict().items()}, str(p))
     expect_refusal(s, p, tmp_path, f"image encoder layers 3 but the study's {TINY_NAME} has 2")
@@ -384,11 +430,13 @@ def test_folder_of_neither_format_refused(studies, tmp_path):
     save_file({"encoder.weight": torch.zeros(3, 3)}, str(folder / "weights.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model"}))
     assert given_clip.detect(folder) is None
-    expect_refusal(s, folder, tmp_path, str(folder), "not a model format the 'clip' backend reads",
-                   "mergemix, open_clip, clip_hf")
+    expect_refusal(
+        s, folder, tmp_path, str(folder), "not a model format the 'clip' backend reads", "mergemix, open_clip, clip_hf"
+    )
     # named explicitly, each format says what it misses
-    expect_refusal(s, folder, tmp_path, "model_type 'siglip_vision_model' is not a transformers CLIP model",
-                   fmt="clip_hf")
+    expect_refusal(
+        s, folder, tmp_path, "model_type 'siglip_vision_model' is not a transformers CLIP model", fmt="clip_hf"
+    )
     expect_refusal(s, folder, tmp_path, "no checkpoint file with visual.* keys", fmt="open_clip")
     expect_refusal(s, folder / "weights.safetensors", tmp_path, "no visual.* tensors", "['encoder']", fmt="open_clip")
 
@@ -413,6 +461,7 @@ def test_two_open_clip_files_in_a_folder(studies, tmp_path):
     save_file(dict(s["ft"]), str(folder / "a.safetensors"))
     save_file(dict(s["ref"]), str(folder / "b.safetensors"))
     assert given_clip.detect(folder) is None
-    expect_refusal(s, folder, tmp_path, "2 checkpoint files with visual.* keys (a.safetensors, b.safetensors)",
-                   fmt="open_clip")
+    expect_refusal(
+        s, folder, tmp_path, "2 checkpoint files with visual.* keys (a.safetensors, b.safetensors)", fmt="open_clip"
+    )
     shutil.rmtree(folder)

@@ -147,8 +147,13 @@ def test_ia3_adapter_is_imported_with_its_values(base_dir, pre, ia3_folder, tmp_
     assert manifest["hyperparameters"] == {"given": True} and manifest["data"] == [{"name": "copy", "sha256": None}]
     # a large move is refused by the distance check (max_distance), a raised limit accepts it
     with pytest.raises(GivenModelError, match=r"away from the study's pre-trained model.*max_distance"):
-        import_model(spec(base_dir), pre["ia3"], {"path": str(ia3_folder), "max_distance": 0.1}, "copy",
-                     tmp_path / "x" / "model.safetensors")
+        import_model(
+            spec(base_dir),
+            pre["ia3"],
+            {"path": str(ia3_folder), "max_distance": 0.1},
+            "copy",
+            tmp_path / "x" / "model.safetensors",
+        )
 
 
 def test_imported_ia3_evaluates_like_peft_itself(base_dir, pre, ia3_folder, tmp_path):
@@ -203,8 +208,13 @@ def test_lora_adapter_from_another_seed_is_exact_in_merge_space(base_dir, pre, l
 def test_lora_factors_mode_refuses_a_foreign_init(base_dir, pre, lora_folder, tmp_path):
     factors = {**LORA, "lora_merge": "factors"}
     with pytest.raises(GivenModelError, match=r"A factors are .* away.*use lora_merge: products"):
-        import_model(spec(base_dir, **factors), pre["lora"], {"path": str(lora_folder)}, "rev",
-                     tmp_path / "a" / "model.safetensors")
+        import_model(
+            spec(base_dir, **factors),
+            pre["lora"],
+            {"path": str(lora_folder)},
+            "rev",
+            tmp_path / "a" / "model.safetensors",
+        )
     # an adapter trained from the study's own pre-trained adapter (same A init) is accepted
     be = backend(base_dir, **factors)
     model = be.load_pretrained(pre["lora"])
@@ -241,8 +251,13 @@ def test_pickled_adapter_bin_only_with_weights_only(base_dir, pre, ia3_folder, t
     shutil.copy(ia3_folder / "adapter_config.json", bad)
     torch.save({**tensors, "meta": Pickled()}, bad / "adapter_model.bin")
     with pytest.raises(GivenModelError, match=r"weights_only=True.*adapter_model.safetensors"):
-        import_model(spec(base_dir), pre["ia3"], {"path": str(bad), "format": "peft"}, "copy",
-                     tmp_path / "bad" / "model.safetensors")
+        import_model(
+            spec(base_dir),
+            pre["ia3"],
+            {"path": str(bad), "format": "peft"},
+            "copy",
+            tmp_path / "bad" / "model.safetensors",
+        )
 
 
 class Pickled:
@@ -253,19 +268,34 @@ class Pickled:
 def test_adapter_refusals_name_both_values(base_dir, pre, ia3_folder, lora_folder, tmp_path):
     def refused(study, pre_path, folder, match):
         with pytest.raises(GivenModelError, match=match):
-            import_model(spec(base_dir, **study), pre_path, {"path": str(folder), "format": "peft"}, "d",
-                         tmp_path / "out" / "model.safetensors")
+            import_model(
+                spec(base_dir, **study),
+                pre_path,
+                {"path": str(folder), "format": "peft"},
+                "d",
+                tmp_path / "out" / "model.safetensors",
+            )
         assert not (tmp_path / "out").exists()
 
     refused(LORA, pre["lora"], ia3_folder, r"peft_type is 'IA3' in the given adapter but 'LORA'")
     refused({}, pre["ia3"], lora_folder, r"peft_type is 'LORA' in the given adapter but 'IA3'")
     other = edited_copy(ia3_folder, tmp_path / "other_base", base_model_name_or_path="someone/other-llama")
-    refused({}, pre["ia3"], other, r"base_model_name_or_path is 'someone/other-llama' but the study's base model is '"
-            + str(base_dir) + r"'.*compared as given")
+    refused(
+        {},
+        pre["ia3"],
+        other,
+        r"base_model_name_or_path is 'someone/other-llama' but the study's base model is '"
+        + str(base_dir)
+        + r"'.*compared as given",
+    )
     # other target modules (a real adapter on q_proj and down_proj)
     user_adapter(base_dir, tmp_path / "targets", target_modules=["q_proj", "down_proj"])
-    refused({}, pre["ia3"], tmp_path / "targets",
-            r"target_modules is \['down_proj', 'q_proj'\] in the given adapter but \['down_proj', 'k_proj', 'v_proj'\]")
+    refused(
+        {},
+        pre["ia3"],
+        tmp_path / "targets",
+        r"target_modules is \['down_proj', 'q_proj'\] in the given adapter but \['down_proj', 'k_proj', 'v_proj'\]",
+    )
     ff = edited_copy(ia3_folder, tmp_path / "ff", feedforward_modules=[])
     refused({}, pre["ia3"], ff, r"feedforward_modules is \[\] in the given adapter but \['down_proj'\]")
     # another LoRA rank (a real rank-4 adapter)
@@ -273,8 +303,13 @@ def test_adapter_refusals_name_both_values(base_dir, pre, ia3_folder, lora_folde
     refused(LORA, pre["lora"], tmp_path / "rank4", r"r is 4 in the given adapter but 2 in the study's backend")
     alpha = edited_copy(lora_folder, tmp_path / "alpha", lora_alpha=16)
     refused(LORA, pre["lora"], alpha, r"lora_alpha is 16 in the given adapter but 3 .*scaling = lora_alpha / r")
-    for field, value in (("use_rslora", True), ("use_dora", True), ("fan_in_fan_out", True), ("bias", "all"),
-                         ("modules_to_save", ["lm_head"])):
+    for field, value in (
+        ("use_rslora", True),
+        ("use_dora", True),
+        ("fan_in_fan_out", True),
+        ("bias", "all"),
+        ("modules_to_save", ["lm_head"]),
+    ):
         changed = edited_copy(lora_folder, tmp_path / field, **{field: value})
         refused(LORA, pre["lora"], changed, re.escape(f"{field} is {value!r} in the given adapter but"))
     # tensors the study's adapter lacks (a resized vocabulary saved with the adapter)
@@ -289,8 +324,12 @@ def test_adapter_refusals_name_both_values(base_dir, pre, ia3_folder, lora_folde
 
 
 def test_regex_target_modules_are_resolved_against_the_file(base_dir, pre, ia3_folder, tmp_path):
-    folder = edited_copy(ia3_folder, tmp_path / "regex", target_modules=r".*\.(k_proj|v_proj|down_proj)",
-                         feedforward_modules=r".*\.down_proj")
+    folder = edited_copy(
+        ia3_folder,
+        tmp_path / "regex",
+        target_modules=r".*\.(k_proj|v_proj|down_proj)",
+        feedforward_modules=r".*\.down_proj",
+    )
     out = tmp_path / "ft" / "model.safetensors"
     import_model(spec(base_dir), pre["ia3"], {"path": str(folder), "format": "peft"}, "copy", out)
     g = io.load_model(out)[1]["given"]
@@ -367,8 +406,13 @@ def test_full_weights_refusals(base_dir, pre, full_folder, tmp_path):
 
     def refused(study, pre_path, path, match):
         with pytest.raises(GivenModelError, match=match):
-            import_model(spec(base_dir, **study), pre_path, {"path": str(path), "format": "causal_lm_hf"}, "d",
-                         tmp_path / "out" / "model.safetensors")
+            import_model(
+                spec(base_dir, **study),
+                pre_path,
+                {"path": str(path), "format": "causal_lm_hf"},
+                "d",
+                tmp_path / "out" / "model.safetensors",
+            )
 
     wide = tmp_path / "wide"
     shutil.copytree(folder, wide)
@@ -421,5 +465,10 @@ def test_tied_embeddings_are_merged_once(base_dir, tmp_path):
     tensors["lm_head.weight"] += 1
     save_file(tensors, str(tmp_path / "user" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(GivenModelError, match="'lm_head.weight' and 'model.embed_tokens.weight' are tied"):
-        import_model(spec(tmp_path / "base", **FULL), pre, {"path": str(tmp_path / "user")}, "copy",
-                     tmp_path / "ft2" / "model.safetensors")
+        import_model(
+            spec(tmp_path / "base", **FULL),
+            pre,
+            {"path": str(tmp_path / "user")},
+            "copy",
+            tmp_path / "ft2" / "model.safetensors",
+        )

@@ -20,6 +20,9 @@ pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from test_given_clip import hf_vision_config, write_hf  # noqa: E402
+from test_given_lm import LORA, user_adapter  # noqa: E402
+
 import lm_tiny  # noqa: E402
 from clip_fixtures import IMAGE_SIZE, TINY_NAME, backend_spec, write_image_folder, write_tiny_weights  # noqa: E402
 from conftest import offline_env  # noqa: E402
@@ -31,8 +34,6 @@ from mergemix.given import GivenModelError, import_model  # noqa: E402
 from mergemix.given.select import select  # noqa: E402
 from mergemix.subsets import all_subsets, subset_id  # noqa: E402
 from mergemix.tables import read_result_table  # noqa: E402
-from test_given_clip import hf_vision_config, write_hf  # noqa: E402
-from test_given_lm import LORA, user_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "val_from_train": 0.3, "val_cap": 50}
@@ -92,8 +93,9 @@ def clip_study(tmp_path_factory):
     stages.fetch_pretrained(spec, pre)
     images = write_image_folder(tmp / "images", ["red", "green", "blue"], 14, 8, seed=3)
     target = tmp / "data" / "colours"
-    stages.prepare("colours", {"source": "image_folder", "path": str(images), "image_size": IMAGE_SIZE},
-                   CLIP_SPLIT, target)
+    stages.prepare(
+        "colours", {"source": "image_folder", "path": str(images), "image_size": IMAGE_SIZE}, CLIP_SPLIT, target
+    )
     backend = get_backend(spec)
     ref = {k: v.detach().clone() for k, v in backend.merge_params(backend.load_pretrained(pre)).items()}
     visuals, folders = {}, {}
@@ -101,8 +103,7 @@ def clip_study(tmp_path_factory):
         # a CLIPVisionModel has no projection: fine-tuning it leaves the pre-trained one
         visuals[name] = {**perturbed(ref, seed=i + 1, rel=0.15 + 0.1 * i), "visual.proj": ref["visual.proj"]}
         folders[name], _ = write_hf(tmp / "given" / name, visuals[name], "tiny")
-    return {"tmp": tmp, "spec": spec, "pre": pre, "target": target, "ref": ref, "visuals": visuals,
-            "folders": folders}
+    return {"tmp": tmp, "spec": spec, "pre": pre, "target": target, "ref": ref, "visuals": visuals, "folders": folders}
 
 
 def test_clip_select_from_transformers_folders(clip_study, tmp_path):
@@ -134,8 +135,16 @@ def test_clip_select_from_transformers_folders(clip_study, tmp_path):
 
     # the merge-eval stage on the imported models gives the same numbers, ranked the same
     # (as the workflow reads it: from the stage's CSV, 10 significant digits)
-    stages.merge_eval(s["spec"], {"method": "uniform", "options": {}}, s["pre"], {n: str(p) for n, p in paths.items()},
-                      s["target"], 0, 1, tmp_path / "direct.csv")
+    stages.merge_eval(
+        s["spec"],
+        {"method": "uniform", "options": {}},
+        s["pre"],
+        {n: str(p) for n, p in paths.items()},
+        s["target"],
+        0,
+        1,
+        tmp_path / "direct.csv",
+    )
     assert_same_numbers(rankings({"colours": read_result_table(tmp_path / "direct.csv", "merge_eval")}), table)
     # a one-model subset is that model itself: the backend's own evaluation of the imported weights
     backend = get_backend(s["spec"])
@@ -226,8 +235,22 @@ def test_lm_select_ia3_adapters_and_the_cli(base_dir, tmp_path):  # noqa: F811
     # the backend's pre-trained model is fetched into
     out = tmp_path / "cli" / "ranking.csv"
     fresh = tmp_path / "cli" / "pretrained"
-    cmd = [sys.executable, "-m", "mergemix", "select", "--backend", json.dumps(spec), "--pretrained", str(fresh),
-           "--models", *(f"{n}={f}" for n, f in folders.items()), "--target", str(target), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mergemix",
+        "select",
+        "--backend",
+        json.dumps(spec),
+        "--pretrained",
+        str(fresh),
+        "--models",
+        *(f"{n}={f}" for n, f in folders.items()),
+        "--target",
+        str(target),
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
@@ -243,8 +266,11 @@ def test_lm_select_never_overwrites_the_base_models_weights(base_dir, tmp_path):
     model: refused before anything is written, the base model's files left as they were."""
     before = folder_hashes(base_dir)
     for given in (base_dir / "model.safetensors", base_dir):
-        with pytest.raises(ValueError, match=r"model.safetensors is not a mergemix model \(no model.json beside it\) "
-                                             r"and is not overwritten"):
+        with pytest.raises(
+            ValueError,
+            match=r"model.safetensors is not a mergemix model \(no model.json beside it\) "
+            r"and is not overwritten",
+        ):
             select(lm_spec(base_dir), given, {"a": str(tmp_path / "a")}, tmp_path / "target", tmp_path / "r.csv")
     assert folder_hashes(base_dir) == before and not (tmp_path / "r.csv").exists()
 

@@ -7,12 +7,12 @@ import sys
 import pandas as pd
 import pytest
 import yaml
+from test_workflow import ROOT, planned_jobs, run_study, snakemake
 
 from conftest import tiny_config
 from mergemix import io, stages
 from mergemix.config import ConfigError, validate_config
 from mergemix.given import GivenModelError, import_model
-from test_workflow import ROOT, planned_jobs, run_study, snakemake
 
 pytestmark = pytest.mark.workflow
 TRAINING_RULES = {"finetune", "mixture_finetune", "final_finetune", "pretrain_finetune", "weighted_finetune"}
@@ -28,13 +28,20 @@ def given_study(tmp_path_factory):
     # written in mergemix's format somewhere outside the study
     pre_cfg = tmp / "pre.yaml"
     pre_cfg.write_text(yaml.safe_dump(cfg))
-    snakemake(pre_cfg, "--cores", "2", str(out / "models/pretrained/model.safetensors"))  # (a target after --configfile)
+    snakemake(
+        pre_cfg, "--cores", "2", str(out / "models/pretrained/model.safetensors")
+    )  # (a target after --configfile)
     own = {}
     for d in sorted(cfg["datasets"]):
         stages.prepare(d, cfg["datasets"][d], cfg["split"], tmp / "own_data" / d)
         own[d] = tmp / "own" / d / "model.safetensors"
-        stages.finetune(cfg["backend"], {**cfg["finetune"], "epochs": 2}, out / "models/pretrained/model.safetensors",
-                        [tmp / "own_data" / d], own[d])
+        stages.finetune(
+            cfg["backend"],
+            {**cfg["finetune"], "epochs": 2},
+            out / "models/pretrained/model.safetensors",
+            [tmp / "own_data" / d],
+            own[d],
+        )
     cfg["models"] = {d: {"path": str(p.parent)} for d, p in own.items()}
     path = tmp / "given.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -59,16 +66,32 @@ def test_selection_only_trains_nothing(given_study):
         assert m["given"]["files"]["model.safetensors"] == io.sha256_file(own[t])
         assert m["hyperparameters"] == {"given": True}
         # the imported tensors are the given ones
-        assert io.load_model(out / "models/finetuned" / t / "model.safetensors")[0].keys() == io.load_model(own[t])[0].keys()
+        assert (
+            io.load_model(out / "models/finetuned" / t / "model.safetensors")[0].keys()
+            == io.load_model(own[t])[0].keys()
+        )
 
 
 def test_mergemix_select_agrees_with_the_workflow(given_study, tmp_path):
     cfg, path, out, log, plan, own = given_study
     target = "noise"
     models = [f"{d}={own[d]}" for d in sorted(cfg["datasets"]) if d != target]
-    cmd = [sys.executable, "-m", "mergemix", "select", "--backend", __import__("json").dumps(cfg["backend"]),
-           "--pretrained", str(out / "models/pretrained/model.safetensors"), "--models", *models,
-           "--target", str(out / "data" / target), "--out", str(tmp_path / "ranking.csv")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mergemix",
+        "select",
+        "--backend",
+        __import__("json").dumps(cfg["backend"]),
+        "--pretrained",
+        str(out / "models/pretrained/model.safetensors"),
+        "--models",
+        *models,
+        "--target",
+        str(out / "data" / target),
+        "--out",
+        str(tmp_path / "ranking.csv"),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "chosen:" in r.stdout
@@ -83,12 +106,19 @@ def test_mergemix_select_agrees_with_the_workflow(given_study, tmp_path):
 def test_a_model_from_another_pretrained_is_refused(given_study, tmp_path):
     cfg, path, out, log, plan, own = given_study
     other_pre = tmp_path / "other/pre.safetensors"
-    stages.pretrain(cfg["backend"], {"epochs": 1, "lr": 0.01, "batch_size": 32, "seed": 5}, out / "data/rotate", other_pre)
+    stages.pretrain(
+        cfg["backend"], {"epochs": 1, "lr": 0.01, "batch_size": 32, "seed": 5}, out / "data/rotate", other_pre
+    )
     ft = tmp_path / "other/ft.safetensors"
     stages.finetune(cfg["backend"], cfg["finetune"], other_pre, [out / "data/rotate"], ft)
     with pytest.raises(GivenModelError) as e:
-        import_model(cfg["backend"], out / "models/pretrained/model.safetensors", {"path": str(ft)}, "rotate",
-                     tmp_path / "imp/model.safetensors")
+        import_model(
+            cfg["backend"],
+            out / "models/pretrained/model.safetensors",
+            {"path": str(ft)},
+            "rotate",
+            tmp_path / "imp/model.safetensors",
+        )
     pre_sha = io.read_json(io.manifest_path(out / "models/pretrained/model.safetensors"))["sha256"]
     assert io.read_json(io.manifest_path(other_pre))["sha256"] in str(e.value) and pre_sha in str(e.value)
     assert not (tmp_path / "imp/model.safetensors").exists()

@@ -175,15 +175,18 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 
 def test_detector_finds_a_cycle_through_relative_and_package_imports(tmp_path):
-    _write(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": "from . import b\n",
-        "pkg/b.py": "import os\nfrom pkg.sub import c\n",
-        "pkg/sub/__init__.py": "",
-        "pkg/sub/c.py": "from .. import a\n",  # a -> b -> c -> a
-        "pkg/d.py": "def f():\n    from pkg import a\n",  # inside a function: no edge
-        "pkg/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n",
-    })
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/a.py": "from . import b\n",
+            "pkg/b.py": "import os\nfrom pkg.sub import c\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/c.py": "from .. import a\n",  # a -> b -> c -> a
+            "pkg/d.py": "def f():\n    from pkg import a\n",  # inside a function: no edge
+            "pkg/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n",
+        },
+    )
     graph = import_graph(tmp_path, "pkg")
     assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.sub.c"} and graph["pkg.sub.c"] == {"pkg.a"}
     assert graph["pkg.d"] == set() and graph["pkg.e"] == set()
@@ -193,26 +196,32 @@ def test_detector_finds_a_cycle_through_relative_and_package_imports(tmp_path):
 
 
 def test_detector_finds_registry_style_cycles_and_self_imports(tmp_path):
-    _write(tmp_path, {
-        "reg/__init__.py": "from reg.base import REGISTRY\n",
-        # the old shape: the registry imports its plugins at module level, and they import it
-        "reg/base.py": "REGISTRY = {}\nfrom reg import impl\n",
-        "reg/impl.py": "from reg.base import REGISTRY\n",
-        "reg/selfish.py": "try:\n    import reg.selfish\nexcept ImportError:\n    pass\n",
-        "reg/fine.py": "class A:\n    from reg import impl\n",  # a class body runs at import: an edge, no cycle
-    })
+    _write(
+        tmp_path,
+        {
+            "reg/__init__.py": "from reg.base import REGISTRY\n",
+            # the old shape: the registry imports its plugins at module level, and they import it
+            "reg/base.py": "REGISTRY = {}\nfrom reg import impl\n",
+            "reg/impl.py": "from reg.base import REGISTRY\n",
+            "reg/selfish.py": "try:\n    import reg.selfish\nexcept ImportError:\n    pass\n",
+            "reg/fine.py": "class A:\n    from reg import impl\n",  # a class body runs at import: an edge, no cycle
+        },
+    )
     graph = import_graph(tmp_path, "reg")
     assert graph["reg.fine"] == {"reg.impl"}
     assert cycles(graph) == [["reg.base", "reg.impl", "reg.base"], ["reg.selfish", "reg.selfish"]]
 
 
 def test_detector_accepts_a_tree(tmp_path):
-    _write(tmp_path, {
-        "ok/__init__.py": "from ok.base import X\n",
-        "ok/base.py": "X = 1\ndef load():\n    from ok import impl\n",
-        "ok/impl.py": "from ok.base import X\nfrom . import util\n",
-        "ok/util.py": "import json\n",
-    })
+    _write(
+        tmp_path,
+        {
+            "ok/__init__.py": "from ok.base import X\n",
+            "ok/base.py": "X = 1\ndef load():\n    from ok import impl\n",
+            "ok/impl.py": "from ok.base import X\nfrom . import util\n",
+            "ok/util.py": "import json\n",
+        },
+    )
     graph = import_graph(tmp_path, "ok")
     assert graph["ok.impl"] == {"ok.base", "ok.util"}
     assert cycles(graph) == []
@@ -231,7 +240,11 @@ def test_registries_do_not_import_their_members_at_all():
     first lookup); no import statement of a registry module, even inside a function, names a member."""
     graph = import_graph(SRC, "mergemix")
     members = {
-        "mergemix.backends.base": {"mergemix.backends.smallcnn", "mergemix.backends.clip", "mergemix.backends.causal_lm"},
+        "mergemix.backends.base": {
+            "mergemix.backends.smallcnn",
+            "mergemix.backends.clip",
+            "mergemix.backends.causal_lm",
+        },
         "mergemix.data.registry": {"mergemix.data.digits", "mergemix.data.text", "mergemix.data.images"},
         "mergemix.merging": {"mergemix.merge_methods"},
     }

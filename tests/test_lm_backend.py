@@ -98,7 +98,9 @@ def test_fetch_and_load_offline_roundtrip(base_dir, pretrained):
     model = be.load_pretrained(out)
     live = be.merge_params(model)
     assert set(live) == set(state)
-    assert sum(p.numel() for p in model.parameters() if not p.requires_grad) > 10 * len(merging.flatten_state(state, list(state)))
+    assert sum(p.numel() for p in model.parameters() if not p.requires_grad) > 10 * len(
+        merging.flatten_state(state, list(state))
+    )
 
 
 def test_fetch_from_the_hub_pins_the_resolved_commit(base_dir, tmp_path, monkeypatch):
@@ -109,7 +111,9 @@ def test_fetch_from_the_hub_pins_the_resolved_commit(base_dir, tmp_path, monkeyp
     import huggingface_hub
 
     calls = {}
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo, revision=None: types.SimpleNamespace(sha="c0ffee"))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "model_info", lambda self, repo, revision=None: types.SimpleNamespace(sha="c0ffee")
+    )
 
     def fake_snapshot(repo_id, revision, local_dir, allow_patterns):
         calls.update(repo_id=repo_id, revision=revision)
@@ -168,8 +172,11 @@ def test_weighted_mixture_draws_the_sets_in_proportion(base_dir, pretrained, tmp
 
     be = backend(base_dir)
     model = be.load_pretrained(pretrained[0])
-    data = [prepared_chat(tmp_path, "copy", lm_tiny.copying(24)), prepared_chat(tmp_path, "rev", lm_tiny.reversal(24)),
-            prepared_chat(tmp_path, "add", lm_tiny.arithmetic(24))]
+    data = [
+        prepared_chat(tmp_path, "copy", lm_tiny.copying(24)),
+        prepared_chat(tmp_path, "rev", lm_tiny.reversal(24)),
+        prepared_chat(tmp_path, "add", lm_tiny.arithmetic(24)),
+    ]
     seen = []
     real_fit = training.fit
 
@@ -234,7 +241,9 @@ def test_merged_adapter_equals_peft_add_weighted_adapter(base_dir, pretrained, t
 def test_batched_left_padded_generation_matches_one_at_a_time(base_dir, pretrained):
     be = backend(base_dir, eval_batch_size=3)
     model = be.load_pretrained(pretrained[0])
-    prompts = [[{"role": "user", "content": q}] for q, _ in lm_tiny.reversal(5)] + [[{"role": "user", "content": "1+2="}]]
+    prompts = [[{"role": "user", "content": q}] for q, _ in lm_tiny.reversal(5)] + [
+        [{"role": "user", "content": "1+2="}]
+    ]
     batched = be.generate(model, prompts, 6)
     single = [be.generate(model, [p], 6)[0] for p in prompts]
     assert batched == single
@@ -289,7 +298,10 @@ def test_hf_chat_from_a_saved_dataset_with_filters_and_first_n(tmp_path):
 
     saved = lm_tiny.save_hf_dataset(tmp_path / "saved", lm_tiny.arithmetic(30), lm_tiny.copying(30))
     spec = {
-        "source": "hf_chat", "path": str(saved), "filters": {"lang": "ja"}, "first_n": 20,
+        "source": "hf_chat",
+        "path": str(saved),
+        "filters": {"lang": "ja"},
+        "first_n": 20,
         "messages": [{"role": "user", "field": "question"}, {"role": "assistant", "field": "answer"}],
         "system": "answer with a number",
     }
@@ -304,19 +316,31 @@ def test_hf_chat_from_a_saved_dataset_with_filters_and_first_n(tmp_path):
     with pytest.raises(FileNotFoundError, match="download_data"):
         stages.prepare("arith", spec, SPLIT, tmp_path / "data2", local_dir=tmp_path / "nothing")
     with pytest.raises(ValueError, match=r"filter column\(s\) \['language'\]"):
-        stages.prepare("arith", {**spec, "filters": {"language": "ja"}}, SPLIT, tmp_path / "data4", local_dir=tmp_path / "dl")
+        stages.prepare(
+            "arith", {**spec, "filters": {"language": "ja"}}, SPLIT, tmp_path / "data4", local_dir=tmp_path / "dl"
+        )
     bad = {**spec, "messages": [{"role": "user", "field": "instruction"}, {"role": "assistant", "field": "answer"}]}
     with pytest.raises(ValueError, match="'instruction' is not a column"):
         stages.prepare("arith", bad, SPLIT, tmp_path / "data3", local_dir=tmp_path / "dl")
 
 
 def test_jsonl_chat_with_a_sharegpt_conversation_mapping(tmp_path):
-    rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], "source": s}
-            for (q, a), s in zip(lm_tiny.copying(12), ["translations", "slimorca"] * 6)]
+    rows = [
+        {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], "source": s}
+        for (q, a), s in zip(lm_tiny.copying(12), ["translations", "slimorca"] * 6)
+    ]
     path = lm_tiny.write_jsonl(tmp_path / "orca.jsonl", rows)
-    spec = {"source": "jsonl_chat", "path": str(path), "filters": {"source": "slimorca"},
-            "conversation": {"field": "conversations", "role_key": "from", "content_key": "value",
-                             "roles": {"human": "user", "gpt": "assistant"}}}
+    spec = {
+        "source": "jsonl_chat",
+        "path": str(path),
+        "filters": {"source": "slimorca"},
+        "conversation": {
+            "field": "conversations",
+            "role_key": "from",
+            "content_key": "value",
+            "roles": {"human": "user", "gpt": "assistant"},
+        },
+    }
     prepare_dataset("orca", spec, SPLIT, tmp_path / "d")
     d = load_prepared(tmp_path / "d")
     assert len(d.x) == 6 and [m["role"] for m in d.x[0]["messages"]] == ["user", "assistant"]
@@ -332,13 +356,28 @@ def test_benchmarks_source_splits_and_llm_jp_eval_conversion(tmp_path):
     for split, n in (("dev", 3), ("test", 5)):
         src = tmp_path / "llmjp" / split / "jnli.json"
         src.parent.mkdir(parents=True)
-        src.write_text(json.dumps({
-            "instruction": "前提と仮説の関係を答えてください。", "output_length": 3, "metrics": ["exact_match"],
-            "few_shots": [], "samples": [{"input": f"前提：{i}\n仮説：{i}", "output": "entailment"} for i in range(n)],
-        }, ensure_ascii=False), encoding="utf-8")
+        src.write_text(
+            json.dumps(
+                {
+                    "instruction": "前提と仮説の関係を答えてください。",
+                    "output_length": 3,
+                    "metrics": ["exact_match"],
+                    "few_shots": [],
+                    "samples": [{"input": f"前提：{i}\n仮説：{i}", "output": "entailment"} for i in range(n)],
+                },
+                ensure_ascii=False,
+            ),
+            encoding="utf-8",
+        )
     assert _main([str(tmp_path / "llmjp"), str(tmp_path / "bench"), "jnli"]) == 0
-    entry = {"name": "jnli", "dev": str(tmp_path / "bench/dev/jnli.jsonl"), "test": str(tmp_path / "bench/test/jnli.jsonl"),
-             "metric": "exact_match", "max_new_tokens": 3, "system": "前提と仮説の関係を答えてください。"}
+    entry = {
+        "name": "jnli",
+        "dev": str(tmp_path / "bench/dev/jnli.jsonl"),
+        "test": str(tmp_path / "bench/test/jnli.jsonl"),
+        "metric": "exact_match",
+        "max_new_tokens": 3,
+        "system": "前提と仮説の関係を答えてください。",
+    }
     spec = {"source": "benchmarks", "benchmarks": [entry], "max_per_benchmark": 4}
     prepare_dataset("nli", spec, SPLIT, tmp_path / "d")
     d = load_prepared(tmp_path / "d")
@@ -364,8 +403,13 @@ def test_lm_eval_target_scores_the_live_model(base_dir, pretrained, tmp_path):
         'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
-    spec = {"source": "lm_eval", "tasks": [{"name": "copy_mc", "metric": "acc"}], "val_limit": 5, "test_limit": 7,
-            "include_path": str(tmp_path / "tasks")}
+    spec = {
+        "source": "lm_eval",
+        "tasks": [{"name": "copy_mc", "metric": "acc"}],
+        "val_limit": 5,
+        "test_limit": 7,
+        "include_path": str(tmp_path / "tasks"),
+    }
     prepare_dataset("mc", spec, SPLIT, tmp_path / "d")
     target = load_prepared(tmp_path / "d")
     be = backend(base_dir)
@@ -383,7 +427,9 @@ def test_lm_eval_target_scores_the_live_model(base_dir, pretrained, tmp_path):
         return sum(logits[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
 
     def by_hand(docs):
-        return np.mean([max(range(2), key=lambda c: logprob(d["question"], " " + d["choices"][c])) == d["label"] for d in docs])
+        return np.mean(
+            [max(range(2), key=lambda c: logprob(d["question"], " " + d["choices"][c])) == d["label"] for d in docs]
+        )
 
     val, test = be.evaluate(model, target, "val"), be.evaluate(model, target, "test")
     assert val == pytest.approx(by_hand(rows[:5])) and test == pytest.approx(by_hand(rows[5:12]))
@@ -391,8 +437,20 @@ def test_lm_eval_target_scores_the_live_model(base_dir, pretrained, tmp_path):
     # similarity baselines: the validation documents, embedded as question + correct choice
     emb = be.embed(model, target, "val")
     # the same text as a benchmark target embeds identically
-    lm_tiny.write_jsonl(tmp_path / "mc.jsonl", [{"prompt": r["question"], "references": [r["choices"][0]]} for r in rows[:5]])
-    spec = {"source": "benchmarks", "benchmarks": [{"name": "mc", "dev": str(tmp_path / "mc.jsonl"),
-            "test": str(tmp_path / "mc.jsonl"), "metric": "exact_match", "max_new_tokens": 2}]}
+    lm_tiny.write_jsonl(
+        tmp_path / "mc.jsonl", [{"prompt": r["question"], "references": [r["choices"][0]]} for r in rows[:5]]
+    )
+    spec = {
+        "source": "benchmarks",
+        "benchmarks": [
+            {
+                "name": "mc",
+                "dev": str(tmp_path / "mc.jsonl"),
+                "test": str(tmp_path / "mc.jsonl"),
+                "metric": "exact_match",
+                "max_new_tokens": 2,
+            }
+        ],
+    }
     prepare_dataset("mcb", spec, SPLIT, tmp_path / "b")
     assert emb.shape == (5, 64) and np.allclose(emb, be.embed(model, load_prepared(tmp_path / "b"), "val"), atol=1e-6)

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import yaml
+from test_workflow import planned_jobs
 
 from conftest import ROOT, offline_env
 from mergemix.config import budget_evaluations, candidates_of, load_yaml, resolve_strategy, targets_of, validate_config
-from test_workflow import planned_jobs
 
 pytestmark = pytest.mark.workflow
 
@@ -38,15 +38,19 @@ def test_wide_config_validates_with_at_least_twelve_candidates(wide):
         assert resolve_strategy(wide, n) == "optuna"
         assert budget_evaluations(wide["merge_eval"]["budget"], n) == 410 < 2**n - 1
     # every candidate is a distinct slice of the hub: no dataset listed twice under two names
-    slices = {(s["path"], yaml.safe_dump(s.get("filters")), s.get("first_n")) for n, s in wide["datasets"].items()
-              if s["source"] == "hf_chat"}
+    slices = {
+        (s["path"], yaml.safe_dump(s.get("filters")), s.get("first_n"))
+        for n, s in wide["datasets"].items()
+        if s["source"] == "hf_chat"
+    }
     assert len(slices) == len(candidates_of(wide, targets[0]))
     assert wide["mixture"]["enabled"] and wide["mixture"]["sample"] == {"size": 60, "seed": 0}
 
 
 def test_check_config_prints_the_budgeted_search():
-    r = subprocess.run([sys.executable, "-m", "mergemix", "check-config", str(WIDE)], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mergemix", "check-config", str(WIDE)], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 9

@@ -5,7 +5,6 @@ dataset through the download rule, with a filter and first_n; reversal and copyi
 chats); the target is a group of two JSONL benchmarks. Every job runs with the hubs offline.
 """
 
-
 import pandas as pd
 import pytest
 import yaml
@@ -13,12 +12,13 @@ import yaml
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from test_workflow import planned_jobs, run_study  # noqa: E402
+
 import lm_tiny  # noqa: E402
 from conftest import offline_env  # noqa: E402
 from mergemix import io  # noqa: E402
 from mergemix.similarity import METRICS  # noqa: E402
 from mergemix.subsets import all_subsets, subset_id  # noqa: E402
-from test_workflow import planned_jobs, run_study  # noqa: E402
 
 pytestmark = pytest.mark.workflow
 CANDIDATES = ["arith", "copy", "reverse"]
@@ -41,8 +41,13 @@ def lm_config(tmp):
         "backend": {"name": "causal_lm", "params": {"model": str(base), "max_length": 64, "embed_max_length": 64}},
         "split": {"seed": 0, "val_from_train": 0.25, "val_cap": 100},
         "datasets": {
-            "arith": {"source": "hf_chat", "path": str(saved), "filters": {"lang": "ja"}, "first_n": 12,
-                      "messages": [{"role": "user", "field": "question"}, {"role": "assistant", "field": "answer"}]},
+            "arith": {
+                "source": "hf_chat",
+                "path": str(saved),
+                "filters": {"lang": "ja"},
+                "first_n": 12,
+                "messages": [{"role": "user", "field": "question"}, {"role": "assistant", "field": "answer"}],
+            },
             "copy": {"source": "jsonl_chat", "path": str(copy)},
             "reverse": {"source": "jsonl_chat", "path": str(rev)},
             "skill": {"source": "benchmarks", "benchmarks": lm_tiny.write_benchmarks(tmp / "bench", 3, 4)},

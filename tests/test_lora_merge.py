@@ -26,8 +26,11 @@ def _offline(offline):
 
 
 def backend(base_dir, **params):
-    return get_backend({"name": "causal_lm", "params": {"model": str(base_dir), "eval_batch_size": 4, **params}},
-                       threads=1, device="cpu")
+    return get_backend(
+        {"name": "causal_lm", "params": {"model": str(base_dir), "eval_batch_size": 4, **params}},
+        threads=1,
+        device="cpu",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,15 @@ def lora(base_dir, tmp_path_factory):
 def random_states(be, model, n, seed=0):
     """Saved-space adapters far from the initial one (A and B random, as after fine-tuning)."""
     gen = torch.Generator().manual_seed(seed)
-    return [{k: (1 + 0.7 * torch.randn(p.shape, generator=gen)) if "ia3_l" in k else 0.8 * torch.randn(p.shape, generator=gen)
-             for k, p in be.merge_params(model).items()} for _ in range(n)]
+    return [
+        {
+            k: (1 + 0.7 * torch.randn(p.shape, generator=gen))
+            if "ia3_l" in k
+            else 0.8 * torch.randn(p.shape, generator=gen)
+            for k, p in be.merge_params(model).items()
+        }
+        for _ in range(n)
+    ]
 
 
 def reference_logits(base_dir, states, scaling, ids=IDS):
@@ -195,7 +205,9 @@ def test_evaluate_many_of_merged_dense_states_equals_sequential(lora, target):
         be.load_merge_state(model, st)
         sequential.append(be.evaluate(model, target, "val"))
     assert Backend.evaluate_many(be, model, target, "val", states) == sequential  # the generic default
-    assert StackedAdapters.unsupported(model, be.merge_space_params(model)) is None  # the batched path, not the fallback
+    assert (
+        StackedAdapters.unsupported(model, be.merge_space_params(model)) is None
+    )  # the batched path, not the fallback
     batched = be.evaluate_many(model, target, "val", states)
     assert batched == pytest.approx(sequential, abs=1e-9)
     assert sequential[0] > 0.9 and len(set(round(s, 6) for s in sequential)) > 2
@@ -224,8 +236,15 @@ def test_merge_only_params_do_not_make_a_model_foreign():
     from mergemix.backends.causal_lm import CausalLMBackend
 
     ignore = CausalLMBackend.merge_only_params
-    now = {"name": "causal_lm", "params": {"adapter": "lora", "lora_r": 8, "lora_merge": "products", "eval_batch_size": 8}}
+    now = {
+        "name": "causal_lm",
+        "params": {"adapter": "lora", "lora_r": 8, "lora_merge": "products", "eval_batch_size": 8},
+    }
     old = {"name": "causal_lm", "params": {"adapter": "lora", "lora_r": 8, "eval_batch_size": 32}}
     assert provenance._backend_diff(old, now, ignore) is None
     assert provenance._backend_diff(old, now) == ("backend.params.eval_batch_size", 32, 8)
-    assert provenance._backend_diff({**old, "params": {**old["params"], "lora_r": 4}}, now, ignore) == ("backend.params.lora_r", 4, 8)
+    assert provenance._backend_diff({**old, "params": {**old["params"], "lora_r": 4}}, now, ignore) == (
+        "backend.params.lora_r",
+        4,
+        8,
+    )

@@ -192,8 +192,9 @@ def test_dare_ties_is_the_ties_election_of_the_dropped_deltas():
     dropped = _ops.drop_random(thetas - theta0, 0.5, 2)
     out = mm.apply("dare_ties", thetas, theta0, density=0.5, seed=2, **{"lambda": 1.5})
     assert torch.allclose(out, ties_reference(theta0 + dropped, theta0, 1.0, 1.5), atol=1e-5)
-    assert torch.allclose(mm.apply("dare_ties", thetas, theta0, density=1),
-                          mm.apply("ties", thetas, theta0, density=1), atol=1e-6)
+    assert torch.allclose(
+        mm.apply("dare_ties", thetas, theta0, density=1), mm.apply("ties", thetas, theta0, density=1), atol=1e-6
+    )
 
 
 # --- adapters: what the methods mean for IA3 vectors and LoRA factors ------------------------------
@@ -222,7 +223,7 @@ def test_lora_factor_merging_is_not_product_merging():
     Bs = torch.randn(k, n_out, r, generator=g)
     flat = torch.cat([As.reshape(k, -1), Bs.reshape(k, -1)], dim=1)
     merged = mm.apply("uniform", flat)
-    a_m, b_m = merged[: r * n_in].view(r, n_in), merged[r * n_in:].view(n_out, r)
+    a_m, b_m = merged[: r * n_in].view(r, n_in), merged[r * n_in :].view(n_out, r)
     exact = (Bs @ As).mean(0)
     assert not torch.allclose(b_m @ a_m, exact, atol=1e-3)
     w = torch.full((k,), 1 / k)
@@ -235,13 +236,24 @@ def test_lora_factor_merging_is_not_product_merging():
 @pytest.mark.parametrize(
     "method,key,value,allowed",
     [
-        ("ties", "density", 0, "(0, 1]"), ("ties", "density", 1.5, "(0, 1]"), ("ties", "density", "0.2", "(0, 1]"),
-        ("ties", "lambda", -1, "> 0"), ("ties", "lambda", True, "> 0"), ("ties", "scope", "layer", "global or tensor"),
-        ("ties", "normalize", "yes", "true or false"), ("dare", "p", 1.0, "[0, 1)"), ("dare", "p", -0.1, "[0, 1)"),
-        ("dare", "seed", -1, "an integer"), ("dare", "seed", 1.5, "an integer"), ("dare", "seed", 2**32, "an integer"),
-        ("dare", "rescale", "l2", "inverse, l1, none"), ("dare_ties", "density", float("nan"), "(0, 1]"),
-        ("weighted", "weights", [1, -1], "numbers >= 0"), ("weighted", "weights", [0, 0], "not all 0"),
-        ("weighted", "weights", "1,2", "a list"), ("task_arithmetic", "scale", 0, "> 0"),
+        ("ties", "density", 0, "(0, 1]"),
+        ("ties", "density", 1.5, "(0, 1]"),
+        ("ties", "density", "0.2", "(0, 1]"),
+        ("ties", "lambda", -1, "> 0"),
+        ("ties", "lambda", True, "> 0"),
+        ("ties", "scope", "layer", "global or tensor"),
+        ("ties", "normalize", "yes", "true or false"),
+        ("dare", "p", 1.0, "[0, 1)"),
+        ("dare", "p", -0.1, "[0, 1)"),
+        ("dare", "seed", -1, "an integer"),
+        ("dare", "seed", 1.5, "an integer"),
+        ("dare", "seed", 2**32, "an integer"),
+        ("dare", "rescale", "l2", "inverse, l1, none"),
+        ("dare_ties", "density", float("nan"), "(0, 1]"),
+        ("weighted", "weights", [1, -1], "numbers >= 0"),
+        ("weighted", "weights", [0, 0], "not all 0"),
+        ("weighted", "weights", "1,2", "a list"),
+        ("task_arithmetic", "scale", 0, "> 0"),
     ],
 )
 def test_bad_option_values_are_refused_naming_the_key_the_value_and_the_range(method, key, value, allowed):
@@ -263,9 +275,12 @@ def test_unknown_keys_list_the_allowed_ones_and_good_options_pass():
     assert mm.check_options("nope", {})[0].startswith("merge_eval.options: unknown merge method 'nope'")
     assert "not a mapping" in mm.check_options("ties", [0.2])[0]
     good = {
-        "uniform": {}, "weighted": {"weights": (1, 0, 2.5)}, "task_arithmetic": {"lambda": 2, "normalize": True},
+        "uniform": {},
+        "weighted": {"weights": (1, 0, 2.5)},
+        "task_arithmetic": {"lambda": 2, "normalize": True},
         "ties": {"density": 1, "lambda": 0.7, "scope": "tensor", "weights": [1, 1, 1]},
-        "dare": {"p": 0, "seed": 3, "rescale": "l1"}, "dare_ties": {"density": 0.1, "normalize": False},
+        "dare": {"p": 0, "seed": 3, "rescale": "l1"},
+        "dare_ties": {"density": 0.1, "normalize": False},
     }
     assert sorted(good) == mm.method_names()
     for method, options in good.items():
@@ -280,7 +295,11 @@ def test_unknown_keys_list_the_allowed_ones_and_good_options_pass():
 
 def test_options_resolve_to_the_functions_keywords_with_defaults():
     assert mm.resolve_options("ties", {}) == {
-        "density": 0.2, "lambda_": 1.0, "weights": None, "normalize": True, "scope": "global"
+        "density": 0.2,
+        "lambda_": 1.0,
+        "weights": None,
+        "normalize": True,
+        "scope": "global",
     }
     assert mm.resolve_options("dare", {"p": 0.9})["density"] == 0.1
     assert mm.resolve_options("task_arithmetic", {"scale": 0.5})["lambda_"] == 0.5
@@ -289,13 +308,23 @@ def test_options_resolve_to_the_functions_keywords_with_defaults():
 
 def test_linear_coefficients_reproduce_the_linear_methods():
     thetas, theta0 = rand(k=3, n=100, seed=17)
-    cases = [("uniform", {}), ("weighted", {}), ("task_arithmetic", {}), ("task_arithmetic", {"scale": 0.3}),
-             ("task_arithmetic", {"lambda": 0.5, "normalize": True})]
+    cases = [
+        ("uniform", {}),
+        ("weighted", {}),
+        ("task_arithmetic", {}),
+        ("task_arithmetic", {"scale": 0.3}),
+        ("task_arithmetic", {"lambda": 0.5, "normalize": True}),
+    ]
     for method, options in cases:
         a, b = mm.linear_coefficients(method, 3, **options)
         assert torch.allclose(a * thetas.sum(0) + b * theta0, mm.apply(method, thetas, theta0, **options), atol=1e-5)
-    for method, options in [("weighted", {"weights": [1, 2, 3]}), ("task_arithmetic", {"weights": [1, 1, 1]}),
-                            ("ties", {}), ("dare", {"density": 1}), ("dare_ties", {})]:
+    for method, options in [
+        ("weighted", {"weights": [1, 2, 3]}),
+        ("task_arithmetic", {"weights": [1, 1, 1]}),
+        ("ties", {}),
+        ("dare", {"density": 1}),
+        ("dare_ties", {}),
+    ]:
         assert mm.linear_coefficients(method, 3, **options) is None, method
     with pytest.raises(ValueError, match="options.lambda"):
         mm.linear_coefficients("task_arithmetic", 3, **{"lambda": -1})
@@ -337,8 +366,13 @@ def mergekit_merge(name, thetas, theta0, *, density=1.0, weights=None, normalize
     ids = [e.id for e in group.non_base]
     w = [1.0] * len(ids) if weights is None else list(weights)
     return mk_registry.get(name).merge_group(
-        group, density={i: density for i in ids}, weight=dict(zip(ids, w)), normalize=normalize,
-        rescale=rescale, int8_mask=False, **{"lambda": lam},
+        group,
+        density={i: density for i in ids},
+        weight=dict(zip(ids, w)),
+        normalize=normalize,
+        rescale=rescale,
+        int8_mask=False,
+        **{"lambda": lam},
     )
 
 
@@ -383,9 +417,9 @@ def test_ties_scope_tensor_equals_mergekit_tensor_by_tensor(mergekit):
     thetas, theta0 = rand(k=3, n=4 * 6 + 6 + 50, seed=15)
     segments = [24, 6, 50]
     bounds = _ops.spans(thetas.shape[1], segments)
-    ref = torch.cat([
-        mergekit_merge("ties", thetas[:, a:b], theta0[a:b], density=0.25, normalize=True) for a, b in bounds
-    ])
+    ref = torch.cat(
+        [mergekit_merge("ties", thetas[:, a:b], theta0[a:b], density=0.25, normalize=True) for a, b in bounds]
+    )
     out = mm.apply("ties", thetas, theta0, density=0.25, scope="tensor", segments=segments)
     assert torch.allclose(out, ref, atol=1e-5)
 
@@ -405,8 +439,18 @@ def test_dare_equals_mergekit_with_matched_seeds(mergekit, monkeypatch, name, ou
 
     monkeypatch.setattr(mergekit, "sparsify", seeded)
     with torch.random.fork_rng(devices=[]):
-        ref = mergekit_merge(name, thetas, theta0, density=density, weights=weights, normalize=False, lam=0.9,
-                             rescale=rescale)
-    out = mm.apply(ours, thetas, theta0, density=density, seed=seed, weights=weights, normalize=False,
-                   rescale="l1" if rescale else "none", **{"lambda": 0.9})
+        ref = mergekit_merge(
+            name, thetas, theta0, density=density, weights=weights, normalize=False, lam=0.9, rescale=rescale
+        )
+    out = mm.apply(
+        ours,
+        thetas,
+        theta0,
+        density=density,
+        seed=seed,
+        weights=weights,
+        normalize=False,
+        rescale="l1" if rescale else "none",
+        **{"lambda": 0.9},
+    )
     assert torch.allclose(out, ref, atol=1e-5)

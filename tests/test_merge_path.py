@@ -32,6 +32,7 @@ def one_thread():
 
 # --- pure: Gray code and the running sum ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("n,chunks", [(1, 1), (4, 1), (5, 3), (7, 4), (3, 9)])
 def test_gray_chunks_visit_every_subset_once_one_candidate_per_step(n, chunks):
     parts = [subsets.gray_chunk(n, k, chunks) for k in range(chunks)]
@@ -134,6 +135,7 @@ def test_live_params_write_into_the_model_without_new_storage():
 
 # --- the engine on a tiny convnet ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("merge_path")
@@ -164,9 +166,17 @@ def test_incremental_engine_scores_equal_the_from_scratch_path(trained):
             assert torch.allclose(p, q, atol=1e-6)
     # task arithmetic rides the same running sum
     opts = {"scale": 0.4}
-    ta = MergeEvaluator(get_backend(BACKEND), trained / "pre/model.safetensors", _models(trained), "task_arithmetic", opts)
-    ref = MergeEvaluator(get_backend(BACKEND), trained / "pre/model.safetensors", _models(trained), "task_arithmetic", opts,
-                         incremental=False)
+    ta = MergeEvaluator(
+        get_backend(BACKEND), trained / "pre/model.safetensors", _models(trained), "task_arithmetic", opts
+    )
+    ref = MergeEvaluator(
+        get_backend(BACKEND),
+        trained / "pre/model.safetensors",
+        _models(trained),
+        "task_arithmetic",
+        opts,
+        incremental=False,
+    )
     for _, mask in pairs:
         ta.load_subset(mask)
         ref.load_subset(mask)
@@ -177,8 +187,9 @@ def test_exhaustive_chunks_in_gray_order_cover_every_subset_and_gather(trained, 
     parts = []
     for k in range(3):
         parts.append(tmp_path / f"c{k}.csv")
-        stages.merge_eval(BACKEND, MERGE, trained / "pre/model.safetensors", _models(trained), trained / "data/shift",
-                          k, 3, parts[-1])
+        stages.merge_eval(
+            BACKEND, MERGE, trained / "pre/model.safetensors", _models(trained), trained / "data/shift", k, 3, parts[-1]
+        )
     rows = pd.concat([pd.read_csv(p) for p in parts])
     assert sorted(rows["order"]) == list(range(15))
     for _, r in rows.iterrows():  # order is the position in the Gray-code enumeration
@@ -264,10 +275,18 @@ def test_bf16_on_the_tiny_clip_agrees_with_fp32(tmp_path, monkeypatch):
     backend = backend_spec(weights)
     pre = tmp_path / "models/pretrained/model.safetensors"
     stages.fetch_pretrained(backend, pre)
-    for name, style, n, seed in [("blobs", "square", 15, 0), ("stripes", "stripes", 15, 10), ("target", "square", 70, 20)]:
+    for name, style, n, seed in [
+        ("blobs", "square", 15, 0),
+        ("stripes", "stripes", 15, 10),
+        ("target", "square", 70, 20),
+    ]:
         folder = write_image_folder(tmp_path / "img" / name, colours, n, n, seed, style)
-        stages.prepare(name, {"source": "image_folder", "path": str(folder), "image_size": IMAGE_SIZE},
-                       {"seed": 0, "val": 0.2, "test": 0.3}, tmp_path / "data" / name)
+        stages.prepare(
+            name,
+            {"source": "image_folder", "path": str(folder), "image_size": IMAGE_SIZE},
+            {"seed": 0, "val": 0.2, "test": 0.3},
+            tmp_path / "data" / name,
+        )
         stages.head(backend, pre, tmp_path / "data" / name, pre.parent / "heads" / f"{name}.safetensors")
     hp = {"epochs": 2, "lr": 1e-3, "batch_size": 16, "optimizer": "adamw", "schedule": "cosine", "seed": 0}
     models = {}
@@ -291,11 +310,14 @@ def test_bf16_on_the_tiny_clip_agrees_with_fp32(tmp_path, monkeypatch):
 
 # --- merge_eval.test: selected ----------------------------------------------------------------------
 
+
 def test_selected_scores_test_only_for_the_best_and_the_named_subsets(trained, tmp_path):
     args = (BACKEND, MERGE, trained / "pre/model.safetensors", _models(trained), trained / "data/shift")
     full = [stages.merge_eval(*args, k, 2, tmp_path / f"a{k}.csv") for k in range(2)]
     named = [subsets.subset_id(CANDS), "mirror+noise"]
-    sel = [stages.merge_eval(*args, k, 2, tmp_path / f"s{k}.csv", test="selected", test_subsets=named) for k in range(2)]
+    sel = [
+        stages.merge_eval(*args, k, 2, tmp_path / f"s{k}.csv", test="selected", test_subsets=named) for k in range(2)
+    ]
     for a, s in zip(full, sel):
         assert (a["val_acc"] == s["val_acc"]).all() and (a["subset"] == s["subset"]).all()
         has = s[s["test_acc"].notna()]
@@ -325,11 +347,47 @@ def test_merge_eval_cli_passes_the_evaluation_settings(trained, tmp_path):
     from mergemix.cli import main
 
     models = [f"{n}={p}" for n, p in _models(trained).items()]
-    base = ["merge-eval", "--backend", json.dumps(BACKEND), "--merge", json.dumps(MERGE), "--pretrained",
-            str(trained / "pre/model.safetensors"), "--models", *models, "--target", str(trained / "data/shift")]
-    assert main([*base, "--eval", json.dumps({"eval_batch_size": 5, "precision": "bf16"}), "--test", "selected",
-                 "--test-subsets", "mirror+noise", "--out", str(tmp_path / "sel.csv")]) == 0
-    assert main([*base, "--eval", json.dumps({"eval_batch_size": None, "precision": "fp32"}), "--out", str(tmp_path / "all.csv")]) == 0
+    base = [
+        "merge-eval",
+        "--backend",
+        json.dumps(BACKEND),
+        "--merge",
+        json.dumps(MERGE),
+        "--pretrained",
+        str(trained / "pre/model.safetensors"),
+        "--models",
+        *models,
+        "--target",
+        str(trained / "data/shift"),
+    ]
+    assert (
+        main(
+            [
+                *base,
+                "--eval",
+                json.dumps({"eval_batch_size": 5, "precision": "bf16"}),
+                "--test",
+                "selected",
+                "--test-subsets",
+                "mirror+noise",
+                "--out",
+                str(tmp_path / "sel.csv"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                *base,
+                "--eval",
+                json.dumps({"eval_batch_size": None, "precision": "fp32"}),
+                "--out",
+                str(tmp_path / "all.csv"),
+            ]
+        )
+        == 0
+    )
     sel, full = pd.read_csv(tmp_path / "sel.csv"), pd.read_csv(tmp_path / "all.csv")
     assert full["test_acc"].notna().all() and len(sel) == len(full) == 15
     assert set(sel.loc[sel["test_acc"].notna(), "subset"]) <= {"mirror+noise", stages.select_best(sel)["subset"]}
@@ -354,12 +412,22 @@ def test_analysis_refuses_a_studied_mixture_without_merged_test_accuracy():
     from mergemix.analysis import check_merged_tests, merged_for_correlation
     from mergemix.tables import TableError
 
-    merged = pd.DataFrame({"subset": ["a", "b", "a+b"], "size": [1, 1, 2], "val_acc": [0.5, 0.6, 0.7],
-                           "test_acc": [0.4, math.nan, 0.8], "order": [0, 2, 1], "val_examples": [10, 10, 10]})
+    merged = pd.DataFrame(
+        {
+            "subset": ["a", "b", "a+b"],
+            "size": [1, 1, 2],
+            "val_acc": [0.5, 0.6, 0.7],
+            "test_acc": [0.4, math.nan, 0.8],
+            "order": [0, 2, 1],
+            "val_examples": [10, 10, 10],
+        }
+    )
     mix = pd.DataFrame({"subset": ["a", "b", "a+b"], "size": [1, 1, 2], "val_acc": [0.5] * 3, "test_acc": [0.5] * 3})
     merged_c = merged_for_correlation(merged, None)
     assert list(merged_c["subset"]) == ["a", "a+b"]
-    with pytest.raises(TableError, match=r"me\.csv: no merged test accuracy for 1 fine-tuned mixture.*\(b\).*merge_eval\.test: all"):
+    with pytest.raises(
+        TableError, match=r"me\.csv: no merged test accuracy for 1 fine-tuned mixture.*\(b\).*merge_eval\.test: all"
+    ):
         check_merged_tests(merged, merged_c, mix, "me.csv")
     check_merged_tests(merged, merged_c, mix[mix["subset"] != "b"], "me.csv")  # not studied: fine
     # a budgeted search's sample, evaluated apart, supplies what the search left without a test score
@@ -385,18 +453,37 @@ def test_the_engine_on_the_tiny_language_model_with_adapters(tmp_path, adapter):
         stages.fetch_pretrained(spec, pre)
         split = {"seed": 0, "val": 0.2, "test": 0.3, "val_from_train": 0.25, "val_cap": 100}
         models = {}
-        for name, pairs in (("copy", lm_tiny.copying(16)), ("add", lm_tiny.arithmetic(16)), ("rev", lm_tiny.reversal(16))):
+        for name, pairs in (
+            ("copy", lm_tiny.copying(16)),
+            ("add", lm_tiny.arithmetic(16)),
+            ("rev", lm_tiny.reversal(16)),
+        ):
             path = lm_tiny.write_jsonl(tmp_path / f"{name}.jsonl", [lm_tiny.chat(q, a) for q, a in pairs])
             stages.prepare(name, {"source": "jsonl_chat", "path": str(path)}, split, tmp_path / "data" / name)
             models[name] = str(tmp_path / f"ft/{name}/model.safetensors")
-            stages.finetune(spec, {"epochs": 1, "lr": 0.01, "batch_size": 4, "optimizer": "adamw", "seed": 0}, pre,
-                            [tmp_path / "data" / name], models[name])
-        stages.prepare("skill", {"source": "benchmarks", "benchmarks": lm_tiny.write_benchmarks(tmp_path / "bench")},
-                       split, tmp_path / "data/skill")
+            stages.finetune(
+                spec,
+                {"epochs": 1, "lr": 0.01, "batch_size": 4, "optimizer": "adamw", "seed": 0},
+                pre,
+                [tmp_path / "data" / name],
+                models[name],
+            )
+        stages.prepare(
+            "skill",
+            {"source": "benchmarks", "benchmarks": lm_tiny.write_benchmarks(tmp_path / "bench")},
+            split,
+            tmp_path / "data/skill",
+        )
         target = load_prepared(tmp_path / "data/skill")
         pairs = subsets.gray_chunk(3, 0, 1)
         runs = []
-        for incremental, bs, per_forward in ((True, None, 1), (False, None, 1), (True, 3, 1), (True, None, 8), (False, 3, 4)):
+        for incremental, bs, per_forward in (
+            (True, None, 1),
+            (False, None, 1),
+            (True, 3, 1),
+            (True, None, 8),
+            (False, 3, 4),
+        ):
             b = get_backend(spec, device="cpu")
             b.configure_eval(bs)
             b.merges_per_forward = per_forward

@@ -13,8 +13,16 @@ from mergemix.method_study import compare_methods
 def table(accs: dict, val: dict | None = None) -> pd.DataFrame:
     rows = []
     for sid, test in accs.items():
-        rows.append({"subset": sid, "size": sid.count("+") + 1, "val_acc": (val or accs)[sid], "test_acc": test,
-                     "order": len(rows), "val_examples": 100})
+        rows.append(
+            {
+                "subset": sid,
+                "size": sid.count("+") + 1,
+                "val_acc": (val or accs)[sid],
+                "test_acc": test,
+                "order": len(rows),
+                "val_examples": 100,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -28,13 +36,20 @@ def test_each_method_gets_its_correlation_and_the_fine_tuned_accuracy_of_its_cho
     table(mixture).drop(columns=["order", "val_examples"]).to_csv(tmp_path / "mix.csv", index=False)
     table(good).to_csv(tmp_path / "good.csv", index=False)
     table(bad).to_csv(tmp_path / "bad.csv", index=False)
-    df = compare_methods({"uniform": {"t": tmp_path / "good.csv"}, "ties": {"t": tmp_path / "bad.csv"}},
-                         {"t": tmp_path / "mix.csv"}, tmp_path / "pre.csv", tmp_path / "methods.csv",
-                         figure=tmp_path / "methods", figure_formats=["png"])
+    df = compare_methods(
+        {"uniform": {"t": tmp_path / "good.csv"}, "ties": {"t": tmp_path / "bad.csv"}},
+        {"t": tmp_path / "mix.csv"},
+        tmp_path / "pre.csv",
+        tmp_path / "methods.csv",
+        figure=tmp_path / "methods",
+        figure_formats=["png"],
+    )
     assert (tmp_path / "methods.png").stat().st_size > 1000
     rows = df.set_index(["method", "target"])
     multi = [s for s in subsets if "+" in s]
-    want = metrics.pearson(metrics.logit_delta([good[s] for s in multi], 0.45), metrics.logit_delta([mixture[s] for s in multi], 0.45))
+    want = metrics.pearson(
+        metrics.logit_delta([good[s] for s in multi], 0.45), metrics.logit_delta([mixture[s] for s in multi], 0.45)
+    )
     assert rows.loc[("uniform", "t"), "pearson_logit"] == pytest.approx(want)
     assert rows.loc[("uniform", "t"), "n_points"] == 4  # singles excluded
     assert rows.loc[("uniform", "t"), "pearson_logit"] > 0.9 and rows.loc[("ties", "t"), "pearson_logit"] < -0.9

@@ -20,7 +20,8 @@ def score(options):
 def test_start_first_then_tpe_improves():
     seen = []
     result = OptionTuner(DIMS, 20, seed=2, start={"density": 0.2, "lambda": 1.0, "weights": None}).run(
-        lambda o: seen.append(o) or score(o))
+        lambda o: seen.append(o) or score(o)
+    )
     assert seen[0] == {"density": 0.2, "lambda": 1.0}  # the untuned setting is scored first
     assert result.start.options == seen[0] and len(result.records) == len(seen) == 20
     assert result.best.value > result.start.value + 0.05
@@ -30,7 +31,9 @@ def test_start_first_then_tpe_improves():
 
 def test_start_outside_the_space_is_left_to_the_sampler():
     seen = []
-    result = OptionTuner(DIMS, 3, seed=0, start={"density": 0.01, "lambda": 1.0}).run(lambda o: seen.append(o) or score(o))
+    result = OptionTuner(DIMS, 3, seed=0, start={"density": 0.01, "lambda": 1.0}).run(
+        lambda o: seen.append(o) or score(o)
+    )
     assert seen[0]["lambda"] == 1.0 and seen[0]["density"] != 0.01
     assert result.start is not None and result.start.options == seen[0]
 
@@ -54,32 +57,42 @@ def test_resumes_after_a_kill_without_scoring_again(tmp_path):
         OptionTuner(DIMS, 12, seed=1, start={"density": 0.2, "lambda": 1.0}, journal=journal).run(dies_at_6)
     again = []
     result = OptionTuner(DIMS, 12, seed=1, start={"density": 0.2, "lambda": 1.0}, journal=journal).run(
-        lambda o: again.append(o) or score(o))
+        lambda o: again.append(o) or score(o)
+    )
     assert len(again) == 12 - 5 and [r.options for r in result.records][:5] == calls
-    full = OptionTuner(DIMS, 12, seed=1, start={"density": 0.2, "lambda": 1.0}, journal=tmp_path / "full.log").run(score)
+    full = OptionTuner(DIMS, 12, seed=1, start={"density": 0.2, "lambda": 1.0}, journal=tmp_path / "full.log").run(
+        score
+    )
     assert [r.options for r in full.records] == [r.options for r in result.records]  # TPE replays an uninterrupted run
 
 
 def test_integer_and_choice_dimensions():
-    dims, problems = parse_space({"seed": [0, 5], "scope": {"choices": ["global", "tensor"]}}, tunable_kinds("dare"), "s")
+    dims, problems = parse_space(
+        {"seed": [0, 5], "scope": {"choices": ["global", "tensor"]}}, tunable_kinds("dare"), "s"
+    )
     assert not problems
     result = OptionTuner(dims, 8, seed=0).run(lambda o: (float(o["seed"]) + (o["scope"] == "tensor"), {}))
-    assert all(isinstance(r.options["seed"], int) and r.options["scope"] in ("global", "tensor") for r in result.records)
+    assert all(
+        isinstance(r.options["seed"], int) and r.options["scope"] in ("global", "tensor") for r in result.records
+    )
 
 
-@pytest.mark.parametrize("method,space,fixed,needle", [
-    ("ties", {"density": [0.0, 0.5]}, {}, "merge_eval.tune.space.ties.density: 0.0 is not allowed"),
-    ("ties", {"density": [0.6, 0.2]}, {}, "range [0.6, 0.2] is empty"),
-    ("ties", {"weights": [0, 1]}, {}, "merge_eval.tune.space.ties.weights: not a tunable option"),
-    ("ties", {"k": [0.1, 0.2]}, {}, "merge_eval.tune.space.ties.k: not a tunable option; tunable: density, lambda"),
-    ("ties", {"scope": ["global", "tensor"]}, {}, "give {choices: [...]}"),
-    ("ties", {"density": [0.1, 0.9]}, {"density": 0.3}, "also fixed in merge_eval.method_options.ties"),
-    ("dare", {"p": [0.1, 0.9]}, {"density": 0.3}, "p and density are two spellings"),
-    ("dare", {"seed": [0.5, 3]}, {}, "seed is an integer option"),
-    ("uniform", {"density": [0.1, 0.9]}, {}, "tunable: none"),
-    ("nope", {"density": [0.1, 0.9]}, {}, "unknown merge method 'nope'"),
-    ("ties", {}, {}, "give a mapping of options to ranges"),
-])
+@pytest.mark.parametrize(
+    "method,space,fixed,needle",
+    [
+        ("ties", {"density": [0.0, 0.5]}, {}, "merge_eval.tune.space.ties.density: 0.0 is not allowed"),
+        ("ties", {"density": [0.6, 0.2]}, {}, "range [0.6, 0.2] is empty"),
+        ("ties", {"weights": [0, 1]}, {}, "merge_eval.tune.space.ties.weights: not a tunable option"),
+        ("ties", {"k": [0.1, 0.2]}, {}, "merge_eval.tune.space.ties.k: not a tunable option; tunable: density, lambda"),
+        ("ties", {"scope": ["global", "tensor"]}, {}, "give {choices: [...]}"),
+        ("ties", {"density": [0.1, 0.9]}, {"density": 0.3}, "also fixed in merge_eval.method_options.ties"),
+        ("dare", {"p": [0.1, 0.9]}, {"density": 0.3}, "p and density are two spellings"),
+        ("dare", {"seed": [0.5, 3]}, {}, "seed is an integer option"),
+        ("uniform", {"density": [0.1, 0.9]}, {}, "tunable: none"),
+        ("nope", {"density": [0.1, 0.9]}, {}, "unknown merge method 'nope'"),
+        ("ties", {}, {}, "give a mapping of options to ranges"),
+    ],
+)
 def test_space_problems_name_the_key_and_the_fix(method, space, fixed, needle):
     problems = check_tune_space(method, space, fixed)
     assert any(needle in p for p in problems), problems
@@ -96,16 +109,31 @@ def digits(tmp_path_factory):
     return tmp, train_digits(tmp, ["rotate", "noise", "thin", "squeeze"])
 
 
-@pytest.mark.parametrize("method,space,fixed", [
-    ("ties", {"density": [0.05, 1.0]}, {"lambda": 1.2}),
-    ("task_arithmetic", {"lambda": [0.2, 1.6]}, {}),  # linear: tuned through the running sum
-])
+@pytest.mark.parametrize(
+    "method,space,fixed",
+    [
+        ("ties", {"density": [0.05, 1.0]}, {"lambda": 1.2}),
+        ("task_arithmetic", {"lambda": [0.2, 1.6]}, {}),  # linear: tuned through the running sum
+    ],
+)
 def test_tuned_options_on_real_models_match_the_merge_eval_that_uses_them(digits, method, space, fixed):
     tmp, models = digits
     search = {"strategy": "exhaustive", "budget": 1023, "seed": 0, "options": {}}
     out = tmp / method
-    summary = tune_method(DIGITS_BACKEND, method, fixed, space, {"budget": 5, "seed": 0}, search, tmp / "pre/model.safetensors",
-                          models, tmp / "data/shift", out / "tune.json", out / "tune.csv", journal=out / "journal.log")
+    summary = tune_method(
+        DIGITS_BACKEND,
+        method,
+        fixed,
+        space,
+        {"budget": 5, "seed": 0},
+        search,
+        tmp / "pre/model.safetensors",
+        models,
+        tmp / "data/shift",
+        out / "tune.json",
+        out / "tune.csv",
+        journal=out / "journal.log",
+    )
     trials = pd.read_csv(out / "tune.csv")
     assert len(trials) == 5 and summary["trials"] == 5
     assert (trials["evaluations"] == 15).all()  # each setting: the exhaustive search over 2^4 - 1 subsets
@@ -115,13 +143,29 @@ def test_tuned_options_on_real_models_match_the_merge_eval_that_uses_them(digits
     options = tuned_options(out / "tune.json")
     assert options == {**fixed, **summary["best"]["options"]}
     # the method's merge-eval with the tuned options finds exactly the tuned best subset and val accuracy
-    df = stages.merge_eval(DIGITS_BACKEND, {"method": method, "options": options}, tmp / "pre/model.safetensors", models,
-                           tmp / "data/shift", 0, 1, out / "merge_eval.csv")
+    df = stages.merge_eval(
+        DIGITS_BACKEND,
+        {"method": method, "options": options},
+        tmp / "pre/model.safetensors",
+        models,
+        tmp / "data/shift",
+        0,
+        1,
+        out / "merge_eval.csv",
+    )
     best = stages.select_best(df)
     assert best["val_acc"] == pytest.approx(summary["best"]["val_acc"]) and best["subset"] == summary["best"]["subset"]
     # and with the untuned options, the start trial's
-    start = stages.merge_eval(DIGITS_BACKEND, {"method": method, "options": fixed}, tmp / "pre/model.safetensors", models,
-                              tmp / "data/shift", 0, 1, out / "start.csv")
+    start = stages.merge_eval(
+        DIGITS_BACKEND,
+        {"method": method, "options": fixed},
+        tmp / "pre/model.safetensors",
+        models,
+        tmp / "data/shift",
+        0,
+        1,
+        out / "start.csv",
+    )
     assert stages.select_best(start)["val_acc"] == pytest.approx(summary["start"]["val_acc"])
 
 

@@ -4,10 +4,10 @@ import json
 
 import pandas as pd
 import pytest
+from test_workflow import run_study
 
 from conftest import tiny_config
 from mergemix import io
-from test_workflow import run_study
 
 pytestmark = pytest.mark.workflow
 
@@ -16,10 +16,14 @@ pytestmark = pytest.mark.workflow
 def methods_study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
     cfg = tiny_config(tmp / "results", study="methods", n=4, chunks=1)
-    cfg["merge_eval"] = {"chunks": 1, "strategy": "weights", "methods": ["uniform", "ties", "dare"],
-                         "weights": {"sampler": "tpe", "budget": 6, "check_samples": 3},
-                         "method_options": {"dare": {"seed": 3}},
-                         "tune": {"space": {"ties": {"density": [0.05, 1.0]}}, "budget": 3}}
+    cfg["merge_eval"] = {
+        "chunks": 1,
+        "strategy": "weights",
+        "methods": ["uniform", "ties", "dare"],
+        "weights": {"sampler": "tpe", "budget": 6, "check_samples": 3},
+        "method_options": {"dare": {"seed": 3}},
+        "tune": {"space": {"ties": {"density": [0.05, 1.0]}}, "budget": 3},
+    }
     return run_study(cfg, tmp)
 
 
@@ -37,7 +41,9 @@ def test_methods_weights_and_the_check(methods_study):
         w = io.read_json(out / "weights" / f"{t}.json")
         assert w["start"]["subset"] == sel.loc[t, "selected"] and w["evaluations"] == 6
         assert w["best"]["val_acc"] >= w["start"]["val_acc"]
-        assert sel.loc[t, "m2m_weighted"] == pytest.approx(io.read_json(out / "final" / f"{t}.weighted.json")["test_acc"])
+        assert sel.loc[t, "m2m_weighted"] == pytest.approx(
+            io.read_json(out / "final" / f"{t}.weighted.json")["test_acc"]
+        )
         assert len(pd.read_csv(out / "weights" / "check" / f"{t}.csv")) == 3
     assert (m.xs("ties", level="method")["m2m_merged"] != m.xs("uniform", level="method")["m2m_merged"]).any()
     check = pd.read_csv(out / "weights_check.csv")

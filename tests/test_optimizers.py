@@ -16,19 +16,43 @@ def params(*values):
     return [torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for v in values]
 
 
-@pytest.mark.parametrize("hp,cls,expected", [
-    ({"lr": 0.01}, torch.optim.AdamW,  # the default: AdamW without weight decay (torch's own default is 0.01)
-     {"lr": 0.01, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False}),
-    ({"optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.1}, torch.optim.AdamW,
-     {"lr": 3e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False}),
-    ({"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.01}, torch.optim.Adam,
-     {"lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False,
-      "decoupled_weight_decay": False}),
-    ({"optimizer": "sgd", "lr": 0.1}, torch.optim.SGD,
-     {"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False, "weight_decay": 0.0}),
-    ({"optimizer": "sgd", "lr": 0.1, "momentum": 0.5, "weight_decay": 1e-4}, torch.optim.SGD,
-     {"lr": 0.1, "momentum": 0.5, "dampening": 0, "nesterov": False, "weight_decay": 1e-4}),
-])
+@pytest.mark.parametrize(
+    "hp,cls,expected",
+    [
+        (
+            {"lr": 0.01},
+            torch.optim.AdamW,  # the default: AdamW without weight decay (torch's own default is 0.01)
+            {"lr": 0.01, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False},
+        ),
+        (
+            {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.1},
+            torch.optim.AdamW,
+            {"lr": 3e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
+        ),
+        (
+            {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.01},
+            torch.optim.Adam,
+            {
+                "lr": 1e-3,
+                "weight_decay": 0.01,
+                "betas": (0.9, 0.999),
+                "eps": 1e-8,
+                "amsgrad": False,
+                "decoupled_weight_decay": False,
+            },
+        ),
+        (
+            {"optimizer": "sgd", "lr": 0.1},
+            torch.optim.SGD,
+            {"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False, "weight_decay": 0.0},
+        ),
+        (
+            {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5, "weight_decay": 1e-4},
+            torch.optim.SGD,
+            {"lr": 0.1, "momentum": 0.5, "dampening": 0, "nesterov": False, "weight_decay": 1e-4},
+        ),
+    ],
+)
 def test_configured_optimizer_is_torch_optim_with_the_hyperparameters(hp, cls, expected):
     ps = params([1.0, 2.0], [3.0])
     opt = make_optimizer(ps, hp)
@@ -73,7 +97,7 @@ def adam_by_hand(wd, decoupled):
             g = g + wd * p
         m = B1 * m + (1 - B1) * g
         v = B2 * v + (1 - B2) * g * g
-        m_hat, v_hat = m / (1 - B1 ** t), v / (1 - B2 ** t)
+        m_hat, v_hat = m / (1 - B1**t), v / (1 - B2**t)
         p = p - lr * m_hat / (v_hat.sqrt() + EPS)
     return p
 
@@ -130,15 +154,21 @@ def test_steps_equal_torch_optim_itself_and_tensors_without_gradient_are_left(na
         assert steps == [6, 6, 6, 6, 3, 3]  # each tensor counts its own updates
 
 
-@pytest.mark.parametrize("hp,total,expected", [
-    ({}, 10, {0: 1.0, 5: 1.0, 9: 1.0}),  # constant
-    ({"schedule": "constant", "warmup_frac": 0.2}, 10, {0: 0.5, 1: 1.0, 2: 1.0, 9: 1.0}),
-    ({"schedule": "cosine"}, 10, {0: 1.0, 5: 0.5, 9: 0.5 * (1 + math.cos(math.pi * 0.9))}),
-    ({"schedule": "cosine", "warmup_frac": 0.2}, 10,
-     {0: 0.5, 1: 1.0, 2: 1.0, 6: 0.5, 9: 0.5 * (1 + math.cos(math.pi * 7 / 8))}),
-    ({"schedule": "linear"}, 4, {0: 1.0, 1: 0.75, 2: 0.5, 3: 0.25}),
-    ({"schedule": "linear", "warmup_frac": 0.25}, 8, {0: 0.5, 1: 1.0, 2: 1.0, 5: 0.5, 7: 1 / 6}),
-])
+@pytest.mark.parametrize(
+    "hp,total,expected",
+    [
+        ({}, 10, {0: 1.0, 5: 1.0, 9: 1.0}),  # constant
+        ({"schedule": "constant", "warmup_frac": 0.2}, 10, {0: 0.5, 1: 1.0, 2: 1.0, 9: 1.0}),
+        ({"schedule": "cosine"}, 10, {0: 1.0, 5: 0.5, 9: 0.5 * (1 + math.cos(math.pi * 0.9))}),
+        (
+            {"schedule": "cosine", "warmup_frac": 0.2},
+            10,
+            {0: 0.5, 1: 1.0, 2: 1.0, 6: 0.5, 9: 0.5 * (1 + math.cos(math.pi * 7 / 8))},
+        ),
+        ({"schedule": "linear"}, 4, {0: 1.0, 1: 0.75, 2: 0.5, 3: 0.25}),
+        ({"schedule": "linear", "warmup_frac": 0.25}, 8, {0: 0.5, 1: 1.0, 2: 1.0, 5: 0.5, 7: 1 / 6}),
+    ],
+)
 def test_schedule_factor_at_given_steps(hp, total, expected):
     assert {s: lr_factor(s, total, hp) for s in expected} == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
@@ -187,9 +217,13 @@ def test_checkpoint_holds_the_optimizer_state_as_tensors_and_json(tmp_path, monk
     assert meta["format"] == training.CHECKPOINT_FORMAT == 2
     saved = meta["optimizer"]
     assert saved["class"] == "Adam"
-    assert saved["state"] == {"0": {"step": {"number": 3.0, "dtype": "float32"},
-                                    "exp_avg": {"tensor": "opt.state.0.exp_avg"},
-                                    "exp_avg_sq": {"tensor": "opt.state.0.exp_avg_sq"}}}
+    assert saved["state"] == {
+        "0": {
+            "step": {"number": 3.0, "dtype": "float32"},
+            "exp_avg": {"tensor": "opt.state.0.exp_avg"},
+            "exp_avg_sq": {"tensor": "opt.state.0.exp_avg_sq"},
+        }
+    }
     group = saved["param_groups"][0]
     assert group["params"] == [0] and group["lr"] == pytest.approx(0.1) and group["weight_decay"] == 0.01
     assert group["betas"] == [0.9, 0.999]
@@ -244,8 +278,12 @@ def test_a_checkpoint_of_the_hand_written_optimizers_is_not_resumed(tmp_path, mo
     t = load_file(str(f))
     old = {k: v for k, v in t.items() if not k.startswith("opt.")}
     old.update({"opt.m.0": t["opt.state.0.exp_avg"], "opt.v.0": t["opt.state.0.exp_avg_sq"]})
-    meta = {**{k: v for k, v in meta.items() if k != "optimizer"}, "format": 1, "optimizer": "adamw",
-            "optimizer_steps": [7]}
+    meta = {
+        **{k: v for k, v in meta.items() if k != "optimizer"},
+        "format": 1,
+        "optimizer": "adamw",
+        "optimizer_steps": [7],
+    }
     save_file(old, str(f), metadata={training._META_KEY: json.dumps(meta)})
     with caplog.at_level(logging.INFO, logger="mergemix"):
         got, _ = tiny_fit(hp, monkeypatch, checkpoint={**ck, "keep": False})

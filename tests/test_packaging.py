@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 
-
 import pytest
 
 import mergemix
@@ -41,8 +40,22 @@ def test_rules_are_thin_calls_of_the_cli():
 def test_the_schema_ships_in_the_wheel_and_check_config_works_from_it(tmp_path):
     import zipfile
 
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                        str(ROOT)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     wheel = next(tmp_path.glob("mergemix-*.whl"))
     site = tmp_path / "site"
@@ -50,9 +63,19 @@ def test_the_schema_ships_in_the_wheel_and_check_config_works_from_it(tmp_path):
     assert (site / "mergemix" / "schemas" / "config.schema.yaml").is_file()
     # the unpacked wheel alone (no source tree on the path) validates a study config
     env = {**__import__("os").environ, "PYTHONPATH": str(site)}
-    r = subprocess.run([sys.executable, "-m", "mergemix", "check-config", str(ROOT / "config" / "config.yaml")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mergemix", "check-config", str(ROOT / "config" / "config.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-c", "import mergemix.config as c; print(c.DEFAULT_SCHEMA)"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import mergemix.config as c; print(c.DEFAULT_SCHEMA)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.stdout.strip().startswith(str(site))

@@ -36,7 +36,9 @@ def study(tmp_path_factory):
     stages.prepare("clean", {"source": "digits", "domain": "clean"}, SPLIT, d / "data" / "clean")
     for n in NAMES:
         stages.prepare(n, {"source": "digits", "domain": n}, SPLIT, d / "data" / n)
-    stages.pretrain(BACKEND, {"epochs": 2, "lr": 0.01, "batch_size": 32}, d / "data" / "clean", d / "pre" / "model.safetensors")
+    stages.pretrain(
+        BACKEND, {"epochs": 2, "lr": 0.01, "batch_size": 32}, d / "data" / "clean", d / "pre" / "model.safetensors"
+    )
     return d
 
 
@@ -52,11 +54,34 @@ def test_finetune_pack_writes_what_one_process_per_job_writes(study, tmp_path):
     pre = study / "pre" / "model.safetensors"
     single, packed = tmp_path / "single", tmp_path / "packed"
     for sid in PACK:  # one fresh process per fine-tune, as the unpacked rules run them
-        cli("finetune", "--backend", js(BACKEND), "--hparams", js(HP), "--pretrained", pre,
-            "--data", *[study / "data" / n for n in sid.split("+")], "--out", single / sid / "model.safetensors")
-    cli("finetune-pack", "--backend", js(BACKEND), "--hparams", js(HP), "--pretrained", pre,
-        "--data", *[f"{n}={study / 'data' / n}" for n in NAMES], "--subsets", *PACK,
-        "--out", *[packed / sid / "model.safetensors" for sid in PACK])
+        cli(
+            "finetune",
+            "--backend",
+            js(BACKEND),
+            "--hparams",
+            js(HP),
+            "--pretrained",
+            pre,
+            "--data",
+            *[study / "data" / n for n in sid.split("+")],
+            "--out",
+            single / sid / "model.safetensors",
+        )
+    cli(
+        "finetune-pack",
+        "--backend",
+        js(BACKEND),
+        "--hparams",
+        js(HP),
+        "--pretrained",
+        pre,
+        "--data",
+        *[f"{n}={study / 'data' / n}" for n in NAMES],
+        "--subsets",
+        *PACK,
+        "--out",
+        *[packed / sid / "model.safetensors" for sid in PACK],
+    )
     for sid in PACK:
         a, b = single / sid / "model.safetensors", packed / sid / "model.safetensors"
         assert io.sha256_file(a) == io.sha256_file(b), sid
@@ -72,14 +97,25 @@ def test_finetune_pack_in_process_matches_finetune_in_process(study, tmp_path):
     jobs = [([data[n] for n in sid.split("+")], tmp_path / "p" / sid / "model.safetensors") for sid in reversed(PACK)]
     stages.finetune_pack(BACKEND, HP, pre, jobs)
     for sid in PACK:
-        one = stages.finetune(BACKEND, HP, pre, [data[n] for n in sid.split("+")], tmp_path / "s" / sid / "model.safetensors")
+        one = stages.finetune(
+            BACKEND, HP, pre, [data[n] for n in sid.split("+")], tmp_path / "s" / sid / "model.safetensors"
+        )
         assert one["sha256"] == io.sha256_file(tmp_path / "p" / sid / "model.safetensors"), sid
 
 
 def test_embed_pack_matches_embed(study, tmp_path):
     pre = study / "pre" / "model.safetensors"
-    cli("embed-pack", "--backend", js(BACKEND), "--pretrained", pre, "--data", *[study / "data" / n for n in NAMES],
-        "--out", *[tmp_path / f"p_{n}.safetensors" for n in NAMES])
+    cli(
+        "embed-pack",
+        "--backend",
+        js(BACKEND),
+        "--pretrained",
+        pre,
+        "--data",
+        *[study / "data" / n for n in NAMES],
+        "--out",
+        *[tmp_path / f"p_{n}.safetensors" for n in NAMES],
+    )
     for n in NAMES:
         stages.embed(BACKEND, pre, study / "data" / n, "val", tmp_path / f"s_{n}.safetensors")
         assert io.sha256_file(tmp_path / f"p_{n}.safetensors") == io.sha256_file(tmp_path / f"s_{n}.safetensors"), n
@@ -89,10 +125,14 @@ def test_pack_arguments_are_checked(study, tmp_path):
     pre = study / "pre" / "model.safetensors"
     base = ["finetune-pack", "--backend", js(BACKEND), "--hparams", js(HP), "--pretrained", str(pre)]
     cases = [
-        (["--data", f"thin={study / 'data' / 'thin'}", "--subsets", "thin", "rotate", "--out", str(tmp_path / "a")],
-         "2 fine-tunes but --out 1"),
-        (["--data", f"thin={study / 'data' / 'thin'}", "--subsets", "thin+rotate", "--out", str(tmp_path / "a")],
-         "no --data NAME=FOLDER for rotate"),
+        (
+            ["--data", f"thin={study / 'data' / 'thin'}", "--subsets", "thin", "rotate", "--out", str(tmp_path / "a")],
+            "2 fine-tunes but --out 1",
+        ),
+        (
+            ["--data", f"thin={study / 'data' / 'thin'}", "--subsets", "thin+rotate", "--out", str(tmp_path / "a")],
+            "no --data NAME=FOLDER for rotate",
+        ),
     ]
     for extra, msg in cases:
         r = subprocess.run([sys.executable, "-m", "mergemix", *base, *extra], capture_output=True, text=True, cwd=ROOT)
@@ -116,10 +156,16 @@ def test_pack_sizes_default_per_backend_and_config_overrides(default_config):
 def _same_models_both_ways(backend, hp, pretrained, dirs, tmp_path):
     """finetune_pack in one process vs finetune with a new backend per job: same model bytes."""
     jobs = [("a+b", ["a", "b"]), ("a", ["a"]), ("b+a", ["b", "a"])]
-    stages.finetune_pack(backend, hp, pretrained, [([dirs[n] for n in names], tmp_path / "p" / sid / "model.safetensors")
-                                                   for sid, names in jobs])
+    stages.finetune_pack(
+        backend,
+        hp,
+        pretrained,
+        [([dirs[n] for n in names], tmp_path / "p" / sid / "model.safetensors") for sid, names in jobs],
+    )
     for sid, names in jobs:
-        one = stages.finetune(backend, hp, pretrained, [dirs[n] for n in names], tmp_path / "s" / sid / "model.safetensors")
+        one = stages.finetune(
+            backend, hp, pretrained, [dirs[n] for n in names], tmp_path / "s" / sid / "model.safetensors"
+        )
         assert one["sha256"] == io.sha256_file(tmp_path / "p" / sid / "model.safetensors"), sid
 
 
@@ -135,12 +181,23 @@ def test_tiny_clip_pack_matches_one_job_each(tmp_path, monkeypatch):
     stages.fetch_pretrained(backend, pretrained)
     dirs = {}
     for name, classes, seed in (("a", ["red", "green", "blue"], 0), ("b", ["blue", "yellow"], 5)):
-        spec = {"source": "image_folder", "path": str(write_image_folder(tmp_path / f"img_{name}", classes, 8, 2, seed)),
-                "image_size": IMAGE_SIZE}
+        spec = {
+            "source": "image_folder",
+            "path": str(write_image_folder(tmp_path / f"img_{name}", classes, 8, 2, seed)),
+            "image_size": IMAGE_SIZE,
+        }
         stages.prepare(name, spec, split, tmp_path / "data" / name)
         dirs[name] = tmp_path / "data" / name
         stages.head(backend, pretrained, dirs[name], pretrained.parent / "heads" / f"{name}.safetensors")
-    hp = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "optimizer": "adamw", "weight_decay": 0.1, "grad_clip": 1.0, "seed": 0}
+    hp = {
+        "epochs": 1,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "optimizer": "adamw",
+        "weight_decay": 0.1,
+        "grad_clip": 1.0,
+        "seed": 0,
+    }
     _same_models_both_ways(backend, hp, pretrained, dirs, tmp_path)
 
 

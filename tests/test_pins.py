@@ -65,27 +65,33 @@ def test_pins_from_recorded_downloads_or_says_which_is_missing(tmp_path, capsys)
     names = sorted(cfg["datasets"])
     commits = {n: fake_commit(n, "main") for n in names}
     for n in names[:-1]:  # the record the download stage writes
-        io.write_json(tmp_path / "results" / cfg["study"] / "downloads" / n / "download.json",
-                      {"name": n, "spec": cfg["datasets"][n], "info": {"resolved_revision": commits[n]}})
+        io.write_json(
+            tmp_path / "results" / cfg["study"] / "downloads" / n / "download.json",
+            {"name": n, "spec": cfg["datasets"][n], "info": {"resolved_revision": commits[n]}},
+        )
     before = path.read_text()
     assert cli.main(["pin-revisions", str(path), "--from-downloads", "--write"]) == 2
     err = capsys.readouterr().err
     assert f"dataset {names[-1]!r} has no recorded commit" in err and "run its download first" in err
     assert path.read_text() == before
 
-    io.write_json(tmp_path / "results" / cfg["study"] / "downloads" / names[-1] / "download.json",
-                  {"name": names[-1], "spec": {}, "info": {"resolved_revision": commits[names[-1]]}})
+    io.write_json(
+        tmp_path / "results" / cfg["study"] / "downloads" / names[-1] / "download.json",
+        {"name": names[-1], "spec": {}, "info": {"resolved_revision": commits[names[-1]]}},
+    )
     assert cli.main(["pin-revisions", str(path), "--from-downloads", "--write"]) == 0
     only_revisions_changed(yaml.safe_load(before), load_yaml(path), commits)
 
 
 def test_refuses_unsafe_edits_and_bad_commits(tmp_path):
-    text = ("datasets:\n"
-            "  a:\n"
-            "    source: hf_chat\n"
-            "    path: org/a   # revision: main would be a comment\n"
-            "    revision: main\n"
-            "    revision: v2\n")
+    text = (
+        "datasets:\n"
+        "  a:\n"
+        "    source: hf_chat\n"
+        "    path: org/a   # revision: main would be a comment\n"
+        "    revision: main\n"
+        "    revision: v2\n"
+    )
     raw = yaml.safe_load(text)
     with pytest.raises(ValueError, match="2 'revision:' keys"):
         pins.pin_text(text, raw, {"a": {"commit": "0" * 40}})
@@ -106,6 +112,7 @@ def test_refuses_unsafe_edits_and_bad_commits(tmp_path):
 # Given models (``models:``): pinned like the datasets, but resolved as *models* on the hub, recorded by
 # download_model under given/<name>, and edited inside ``models:``, where the names usually repeat the
 # datasets' ones.
+
 
 def fake_model_commit(repo, revision):
     return hashlib.sha1(f"model:{repo}@{revision}".encode()).hexdigest()
@@ -143,8 +150,12 @@ def test_pins_a_dataset_and_the_model_of_the_same_name_each_in_its_section(tmp_p
     models = MODELS_TEXT % (pinned, tmp_path)
     text = models + "\n" + DATASETS_TEXT if models_first else DATASETS_TEXT + "\n" + models
     raw = yaml.safe_load(text)
-    assert pins.hub_models(raw) == {"cars": ("org/cars-model", "main"), "dtd": ("org/dtd-model", "main"),
-                                    "eurosat": ("org/eurosat-model", pinned), "sun397": ("org/sun397-model", None)}
+    assert pins.hub_models(raw) == {
+        "cars": ("org/cars-model", "main"),
+        "dtd": ("org/dtd-model", "main"),
+        "eurosat": ("org/eurosat-model", pinned),
+        "sun397": ("org/sun397-model", None),
+    }
 
     def model_resolver(repo, revision):
         assert "-model" in repo and repo != "org/eurosat-model", repo  # the pinned one is not asked again
@@ -155,10 +166,21 @@ def test_pins_a_dataset_and_the_model_of_the_same_name_each_in_its_section(tmp_p
         return fake_commit(repo, revision)
 
     found = pins.resolve_pins(raw, None, dataset_resolver, model_resolver)
-    assert list(found) == ["datasets.cars", "datasets.dtd", "models.cars", "models.dtd", "models.eurosat",
-                           "models.sun397"]  # the local model (mnist) needs no pin
-    assert found["models.cars"] == {"section": "models", "name": "cars", "repo": "org/cars-model",
-                                    "revision": "main", "commit": fake_model_commit("org/cars-model", "main")}
+    assert list(found) == [
+        "datasets.cars",
+        "datasets.dtd",
+        "models.cars",
+        "models.dtd",
+        "models.eurosat",
+        "models.sun397",
+    ]  # the local model (mnist) needs no pin
+    assert found["models.cars"] == {
+        "section": "models",
+        "name": "cars",
+        "repo": "org/cars-model",
+        "revision": "main",
+        "commit": fake_model_commit("org/cars-model", "main"),
+    }
     assert found["datasets.cars"]["commit"] == fake_commit("org/cars-data", "main")
     assert found["models.eurosat"]["commit"] == pinned
 
@@ -166,12 +188,17 @@ def test_pins_a_dataset_and_the_model_of_the_same_name_each_in_its_section(tmp_p
     after = yaml.safe_load(new)
     assert after["datasets"]["cars"]["revision"] == fake_commit("org/cars-data", "main")
     assert after["datasets"]["dtd"]["revision"] == fake_commit("org/dtd-data", "main")
-    assert after["models"]["cars"] == {"hub": "org/cars-model", "revision": fake_model_commit("org/cars-model", "main"),
-                                       "format": "clip_hf"}
+    assert after["models"]["cars"] == {
+        "hub": "org/cars-model",
+        "revision": fake_model_commit("org/cars-model", "main"),
+        "format": "clip_hf",
+    }
     assert after["models"]["dtd"]["revision"] == fake_model_commit("org/dtd-model", "main")
     assert after["models"]["eurosat"]["revision"] == pinned
-    assert after["models"]["sun397"] == {"hub": "org/sun397-model",  # no revision: one is added after the repo
-                                         "revision": fake_model_commit("org/sun397-model", None)}
+    assert after["models"]["sun397"] == {
+        "hub": "org/sun397-model",  # no revision: one is added after the repo
+        "revision": fake_model_commit("org/sun397-model", None),
+    }
     assert after["models"]["mnist"] == {"path": str(tmp_path), "format": "clip_hf"}
     assert f"revision: {fake_model_commit('org/cars-model', 'main')}   # the branch, for now" in new
     assert "models:   # given fine-tuned models" in new
@@ -203,8 +230,10 @@ def test_pins_the_given_study_config_datasets_and_models(tmp_path, monkeypatch, 
     assert cli.main(["pin-revisions", str(path)]) == 0  # dry run
     out = capsys.readouterr().out
     assert path.read_text() == before_text and "add --write" in out
-    assert (f"models.cars: tanganke/clip-vit-base-patch32_stanford-cars main -> "
-            f"{fake_model_commit('tanganke/clip-vit-base-patch32_stanford-cars', 'main')}") in out
+    assert (
+        f"models.cars: tanganke/clip-vit-base-patch32_stanford-cars main -> "
+        f"{fake_model_commit('tanganke/clip-vit-base-patch32_stanford-cars', 'main')}"
+    ) in out
     assert f"datasets.cars: tanganke/stanford_cars main -> {fake_commit('tanganke/stanford_cars', 'main')}" in out
 
     assert cli.main(["pin-revisions", str(path), "--write"]) == 0
@@ -270,12 +299,20 @@ def test_pins_models_from_recorded_downloads(tmp_path, capsys):
     data_commits = {n: fake_commit(n, "main") for n in cfg["datasets"]}
     model_commits = {n: fake_model_commit(cfg["models"][n]["hub"], "main") for n in names}
     for n, c in data_commits.items():  # the records the download stages write
-        io.write_json(results / "downloads" / n / "download.json", {"name": n, "spec": {}, "info": {"resolved_revision": c}})
+        io.write_json(
+            results / "downloads" / n / "download.json", {"name": n, "spec": {}, "info": {"resolved_revision": c}}
+        )
 
     def record(n, hub=None):
-        io.write_json(results / "given" / n / "download.json",
-                      {"hub": hub or cfg["models"][n]["hub"], "revision": "main",
-                       "resolved_revision": model_commits[n], "subfolder": None})
+        io.write_json(
+            results / "given" / n / "download.json",
+            {
+                "hub": hub or cfg["models"][n]["hub"],
+                "revision": "main",
+                "resolved_revision": model_commits[n],
+                "subfolder": None,
+            },
+        )
 
     for n in names[:-1]:
         record(n)

@@ -182,8 +182,11 @@ def test_run_time_registration_cannot_take_a_builtin_name():
     class Impostor(SmallCNNBackend):
         pass  # name "smallcnn", inherited
 
-    with pytest.raises(plugins.PluginError, match=r"backend 'smallcnn' of .*Impostor clashes with mergemix's built-in "
-                                                  r"backend 'smallcnn' \(mergemix.backends.smallcnn:SmallCNNBackend\)"):
+    with pytest.raises(
+        plugins.PluginError,
+        match=r"backend 'smallcnn' of .*Impostor clashes with mergemix's built-in "
+        r"backend 'smallcnn' \(mergemix.backends.smallcnn:SmallCNNBackend\)",
+    ):
         backends_base.register_backend(Impostor)
     assert backends_base.backend_class("smallcnn") is SmallCNNBackend
     with pytest.raises(plugins.PluginError, match="built-in merge method 'ties'"):
@@ -213,7 +216,9 @@ def test_plugin_names_resolve_in_process(plugin_root, on_path):
 
     spec = {"source": "plus_one", "domain": "rotate"}
     assert data_registry.check_spec("rot", spec) == []
-    assert data_registry.check_spec("rot", {**spec, "bogus": 1})[0].startswith("datasets.rot.bogus: not a parameter of source 'plus_one'")
+    assert data_registry.check_spec("rot", {**spec, "bogus": 1})[0].startswith(
+        "datasets.rot.bogus: not a parameter of source 'plus_one'"
+    )
     assert not data_registry.needs_download(spec)
     raw = data_registry.get_source("plus_one")(spec, 0, None)
     ref = data_registry.get_source("digits")({"source": "digits", "domain": "rotate"}, 0, None)
@@ -267,27 +272,39 @@ def test_a_study_runs_on_the_plugin_through_snakemake(plugin_root, tmp_path, on_
     on_path(plugin_root)
     me = pd.read_csv(out / "merge_eval/rotate.csv").set_index("subset")
     models = {c: str(out / "models/finetuned" / c / "model.safetensors") for c in ("mirror", "noise")}
-    ev = MergeEvaluator(backends_base.get_backend(cfg["backend"], device="cpu"), out / "models/pretrained/model.safetensors",
-                        models, "median")
-    assert ev.evaluate(load_prepared(out / "data/rotate"), "val", 0b11) == pytest.approx(me.loc["mirror+noise", "val_acc"])
+    ev = MergeEvaluator(
+        backends_base.get_backend(cfg["backend"], device="cpu"),
+        out / "models/pretrained/model.safetensors",
+        models,
+        "median",
+    )
+    assert ev.evaluate(load_prepared(out / "data/rotate"), "val", 0b11) == pytest.approx(
+        me.loc["mirror+noise", "val_acc"]
+    )
 
 
 def test_a_plugin_cannot_replace_a_builtin(tmp_path, on_path):
     root = write_distribution(
-        tmp_path / "site", "mm-clash",
-        {"mm_clash/__init__.py": "", "mm_clash/backend.py": """
+        tmp_path / "site",
+        "mm-clash",
+        {
+            "mm_clash/__init__.py": "",
+            "mm_clash/backend.py": """
             from mergemix.backends.smallcnn import SmallCNNBackend
 
 
             class Fake(SmallCNNBackend):
                 pass
-        """},
+        """,
+        },
         "[mergemix.backends]\nsmallcnn = mm_clash.backend:Fake\n",
     )
     on_path(root)
-    message = (r"backend 'smallcnn' of plugin mm-clash 0.1 \(entry point smallcnn = 'mm_clash.backend:Fake' in group "
-               r"'mergemix.backends'\) clashes with mergemix's built-in backend 'smallcnn' "
-               r"\(mergemix.backends.smallcnn:SmallCNNBackend\)")
+    message = (
+        r"backend 'smallcnn' of plugin mm-clash 0.1 \(entry point smallcnn = 'mm_clash.backend:Fake' in group "
+        r"'mergemix.backends'\) clashes with mergemix's built-in backend 'smallcnn' "
+        r"\(mergemix.backends.smallcnn:SmallCNNBackend\)"
+    )
     with pytest.raises(plugins.PluginError, match=message):
         backends_base.backend_class("smallcnn")
     with pytest.raises(plugins.PluginError, match=message):
@@ -298,28 +315,41 @@ def test_a_plugin_cannot_replace_a_builtin(tmp_path, on_path):
     # and so is a study config, with the same message
     cfg = tmp_path / "s.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tmp_path / "results", n=3)))
-    r = subprocess.run([sys.executable, "-m", "mergemix", "check-config", str(cfg)], capture_output=True, text=True,
-                       cwd=ROOT, env=env_with(root))
+    r = subprocess.run(
+        [sys.executable, "-m", "mergemix", "check-config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env_with(root),
+    )
     assert r.returncode != 0 and "clashes with mergemix's built-in backend 'smallcnn'" in r.stderr, r.stderr
 
 
 def test_two_plugins_with_one_name_are_refused_naming_both(tmp_path, plugin_root, on_path):
     other = write_distribution(
-        tmp_path / "other", "mm-other", {"mm_other/__init__.py": "def median(thetas, theta0=None):\n    return thetas[0]\n"},
-        "[mergemix.merge_methods]\nmedian = mm_other:median\n", version="2.0",
+        tmp_path / "other",
+        "mm-other",
+        {"mm_other/__init__.py": "def median(thetas, theta0=None):\n    return thetas[0]\n"},
+        "[mergemix.merge_methods]\nmedian = mm_other:median\n",
+        version="2.0",
     )
     on_path(plugin_root)
     on_path(other)
-    with pytest.raises(plugins.PluginError, match=r"merge method 'median' is declared by two plugins: plugin mm-.* and "
-                                                  r"plugin mm-.*; uninstall one or rename its entry point") as e:
+    with pytest.raises(
+        plugins.PluginError,
+        match=r"merge method 'median' is declared by two plugins: plugin mm-.* and "
+        r"plugin mm-.*; uninstall one or rename its entry point",
+    ) as e:
         merging.get_merge_method("median")
     assert "mm-plugin 0.1" in str(e.value) and "mm-other 2.0" in str(e.value)
 
 
 def test_an_entry_point_must_give_what_its_group_registers(tmp_path, on_path):
     root = write_distribution(
-        tmp_path / "site", "mm-other",
-        {"mm_other/__init__.py": """
+        tmp_path / "site",
+        "mm-other",
+        {
+            "mm_other/__init__.py": """
             from mergemix.backends.smallcnn import SmallCNNBackend
 
 
@@ -328,18 +358,24 @@ def test_an_entry_point_must_give_what_its_group_registers(tmp_path, on_path):
 
 
             NOT_A_FUNCTION = 3
-        """},
+        """
+        },
         "[mergemix.backends]\nbad_cnn = mm_other:Unnamed\nmissing = mm_other:Nowhere\n"
         "[mergemix.merge_methods]\nthree = mm_other:NOT_A_FUNCTION\n"
         "[mergemix.datasets]\nsilent = mm_other\n",
     )
     on_path(root)
-    with pytest.raises(plugins.PluginError, match=r"backend 'bad_cnn': class mm_other.Unnamed has name 'something_else'; "
-                                                  r"set its class attribute name = 'bad_cnn'"):
+    with pytest.raises(
+        plugins.PluginError,
+        match=r"backend 'bad_cnn': class mm_other.Unnamed has name 'something_else'; "
+        r"set its class attribute name = 'bad_cnn'",
+    ):
         backends_base.backend_class("bad_cnn")
     with pytest.raises(ImportError, match=r"backend 'missing': cannot import plugin mm-other 0.1 .*Nowhere"):
         backends_base.backend_class("missing")
     with pytest.raises(plugins.PluginError, match="merge method 'three': 3 is not a function"):
         merging.get_merge_method("three")
-    with pytest.raises(plugins.PluginError, match="dataset source 'silent': .* gave module mm_other, which registered no"):
+    with pytest.raises(
+        plugins.PluginError, match="dataset source 'silent': .* gave module mm_other, which registered no"
+    ):
         data_registry.get_source("silent")

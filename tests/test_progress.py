@@ -11,12 +11,22 @@ def test_merge_eval_logs_progress_with_eta_and_best(tmp_path, caplog, monkeypatc
     models = train_digits(tmp_path, ["rotate", "noise", "thin"], pretrain_epochs=2)
     monkeypatch.setattr(merge_eval, "PROGRESS_SECONDS", 0.0)  # a line per step instead of every 30 s
     with caplog.at_level(logging.INFO, logger="mergemix"):
-        df = stages.merge_eval(DIGITS_BACKEND, {"method": "uniform"}, tmp_path / "pre/model.safetensors", models,
-                               tmp_path / "data/shift", 0, 1, tmp_path / "me.csv")
+        df = stages.merge_eval(
+            DIGITS_BACKEND,
+            {"method": "uniform"},
+            tmp_path / "pre/model.safetensors",
+            models,
+            tmp_path / "data/shift",
+            0,
+            1,
+            tmp_path / "me.csv",
+        )
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("merge-eval:")]
     assert len(lines) == 7
-    last = re.match(r"merge-eval: (\d+)/(\d+) merged models \(([\d.]+)/s, ETA (\d+)s\), best val_acc so far ([\d.]+) \((\S+)\)",
-                    lines[-1])
+    last = re.match(
+        r"merge-eval: (\d+)/(\d+) merged models \(([\d.]+)/s, ETA (\d+)s\), best val_acc so far ([\d.]+) \((\S+)\)",
+        lines[-1],
+    )
     assert last and last.group(1) == last.group(2) == "7" and last.group(4) == "0"
     best = stages.select_best(df)
     assert float(last.group(5)) == round(df["val_acc"].max(), 4)

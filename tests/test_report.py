@@ -5,8 +5,8 @@ chromium, when installed) rendering the report and the tables with no broken lin
 import base64
 import html as htmllib
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import urllib.parse
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, tiny_config
 from test_workflow import run_study, snakemake
 
+from conftest import ROOT, tiny_config
 from mergemix import report_tables
 from mergemix.report_tables import METRIC_LABELS
 from mergemix.similarity import METRICS
@@ -114,13 +114,24 @@ def test_report_front_page_tables_and_captions(report):
     # the workflow description: what the study is and ran, how to read it, with the selection table inline
     desc = parse(script_var(html, "workflow_desc"))
     text = " ".join("".join(desc.text).split())
-    for phrase in ["Merge to Mix: study tinyreport", "What this study ran", "How to read the report", "Validation and test",
-                   "backend smallcnn", "Targets (4): " + ", ".join(targets), "Results at a glance"]:
+    for phrase in [
+        "Merge to Mix: study tinyreport",
+        "What this study ran",
+        "How to read the report",
+        "Validation and test",
+        "backend smallcnn",
+        "Targets (4): " + ", ".join(targets),
+        "Results at a glance",
+    ]:
         assert phrase in text, phrase
     assert "system-message" not in script_var(html, "workflow_desc")  # no rst error rendered into the page
     for t in targets:  # Table 1 layout, 3 decimals, the columns in words
         row = row_of(desc.rows, t)
-        assert row[1:4] == [fmt(sel.loc[t, "pretrained"]), fmt(sel.loc[t, "m2m_merged"]), fmt(sel.loc[t, "m2m_finetuned"])]
+        assert row[1:4] == [
+            fmt(sel.loc[t, "pretrained"]),
+            fmt(sel.loc[t, "m2m_merged"]),
+            fmt(sel.loc[t, "m2m_finetuned"]),
+        ]
     assert row_of(desc.rows, "Average")[2] == fmt(sel.loc["average", "m2m_merged"])
     header = row_of(desc.rows, "Target task")
     assert "Merge to Mix (merged model)" in header and "Oracle" in header
@@ -132,7 +143,9 @@ def test_report_front_page_tables_and_captions(report):
     # the tables as HTML results of the report (shown inline), next to the CSVs
     results = script_var(html, "results")
     by_name = {Path(k).name: v for k, v in results.items()}
-    assert {*REPORT_TABLES, "selection.csv", "similarity_selection.csv", "correlation.csv", "overview.png"} <= set(by_name)
+    assert {*REPORT_TABLES, "selection.csv", "similarity_selection.csv", "correlation.csv", "overview.png"} <= set(
+        by_name
+    )
     for name in REPORT_TABLES:
         assert by_name[name]["mime_type"] == "text/html"
     page = parse(data_uri_bytes(by_name["selection.html"]["data_uri"]).decode())
@@ -145,7 +158,9 @@ def test_report_front_page_tables_and_captions(report):
     for t in [*targets, "average"]:
         row = row_of(page.rows, "Average" if t == "average" else t)
         assert [c.split()[0] for c in row[1:]] == [fmt(simsel.loc[t, m]) for m in METRICS]
-    assert fmt(simsel.loc["average", metric]) == fmt(sel.loc["average", "similarity"])  # its column in the selection table
+    assert fmt(simsel.loc["average", metric]) == fmt(
+        sel.loc["average", "similarity"]
+    )  # its column in the selection table
     page = parse(data_uri_bytes(by_name["correlation.html"]["data_uri"]).decode())
     corr = pd.read_csv(out / "correlation.csv").set_index("target")
     for t in targets:
@@ -168,10 +183,15 @@ def chromium() -> str | None:
     found = next((shutil.which(n) for n in names if shutil.which(n)), None)
     if found is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (["apt-get", "install", "-y", "-qq", "chromium"], ["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "chromium"]):
-            if subprocess.run(cmd, capture_output=True, env=env, timeout=900, check=False).returncode == 0 and \
-                    cmd[1] == "install":
+        for cmd in (
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+        ):
+            if (
+                subprocess.run(cmd, capture_output=True, env=env, timeout=900, check=False).returncode == 0
+                and cmd[1] == "install"
+            ):
                 break
         found = next((shutil.which(n) for n in names if shutil.which(n)), None)
     return found
@@ -197,8 +217,17 @@ window.addEventListener("load", () => setTimeout(() => {
 
 
 def dump_dom(browser: str, page: Path, profile: Path) -> str:
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-           "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
@@ -208,8 +237,10 @@ def dump_dom(browser: str, page: Path, profile: Path) -> str:
 def test_report_renders_in_a_headless_browser(report, tmp_path):
     browser = chromium()
     if browser is None:
-        pytest.skip("no headless Chromium on PATH (Debian: apt-get install chromium); the report's HTML is checked "
-                    "without a browser by test_report_front_page_tables_and_captions")
+        pytest.skip(
+            "no headless Chromium on PATH (Debian: apt-get install chromium); the report's HTML is checked "
+            "without a browser by test_report_front_page_tables_and_captions"
+        )
     cfg, _, path = report
     targets = sorted(cfg["datasets"])
     html = path.read_text(encoding="utf-8")
@@ -265,15 +296,39 @@ def selection_only_tables():
     """Tables as a selection-only study writes them (mixture.enabled and final.enabled false)."""
     targets = ["a", "b"]
     nan = float("nan")
-    sel = pd.DataFrame({
-        "target": [*targets, "average"], "pretrained": [0.5, 0.6, 0.55], "m2m_merged": [0.7, 0.8, 0.75],
-        "m2m_finetuned": nan, "m2m_weighted": nan, "all_datasets": nan, "similarity": nan, "similarity_metric": "",
-        "random": nan, "oracle": nan, "selected": ["b+c", "a", ""], "similarity_subset": "", "oracle_subset": "",
-        "search": "exhaustive", "evaluations": [3, 3, 3], "exhaustive_evaluations": [3, 3, 3], "val_examples": [30, 30, 30],
-        "exhaustive_val_examples": [30, 30, 30], "mixtures": nan, "oracle_scope": "",
-    })
-    corr = pd.DataFrame({"target": [*targets, "average"], "n_points": nan, "pearson_acc": nan, "pearson_logit": nan,
-                         **{f"{m}_pearson_{k}": nan for m in METRICS for k in ("acc", "logit")}})
+    sel = pd.DataFrame(
+        {
+            "target": [*targets, "average"],
+            "pretrained": [0.5, 0.6, 0.55],
+            "m2m_merged": [0.7, 0.8, 0.75],
+            "m2m_finetuned": nan,
+            "m2m_weighted": nan,
+            "all_datasets": nan,
+            "similarity": nan,
+            "similarity_metric": "",
+            "random": nan,
+            "oracle": nan,
+            "selected": ["b+c", "a", ""],
+            "similarity_subset": "",
+            "oracle_subset": "",
+            "search": "exhaustive",
+            "evaluations": [3, 3, 3],
+            "exhaustive_evaluations": [3, 3, 3],
+            "val_examples": [30, 30, 30],
+            "exhaustive_val_examples": [30, 30, 30],
+            "mixtures": nan,
+            "oracle_scope": "",
+        }
+    )
+    corr = pd.DataFrame(
+        {
+            "target": [*targets, "average"],
+            "n_points": nan,
+            "pearson_acc": nan,
+            "pearson_logit": nan,
+            **{f"{m}_pearson_{k}": nan for m in METRICS for k in ("acc", "logit")},
+        }
+    )
     simsel = pd.DataFrame({"target": [*targets, "average"], **{m: nan for m in METRICS}})
     choices = {"a": {m: "b" for m in METRICS}, "b": {m: "a+c" for m in METRICS}}
     return sel, corr, simsel, choices
@@ -320,16 +375,23 @@ def test_captions_render_for_every_kind_of_study(kind, default_config, tmp_path)
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "front_page.html").write_text('<div class="mm-front">front</div>')
     files = [NS(target=n, path=tmp_path / "report" / n) for n in REPORT_TABLES] + [
-        NS(target=n, path=tmp_path / n) for n in ("selection.csv", "rankings.csv")]
+        NS(target=n, path=tmp_path / n) for n in ("selection.csv", "rankings.csv")
+    ]
     categories = [NS(name="Tables"), NS(name="Figures")]
-    links = "\n".join([".. _Tables: javascript:x", ".. _Figures: javascript:x", *(f".. _{f.target}: javascript:y" for f in files)])
+    links = "\n".join(
+        [".. _Tables: javascript:x", ".. _Figures: javascript:x", *(f".. _{f.target}: javascript:y" for f in files)]
+    )
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
     texts = {}
     for rst in sorted((ROOT / "workflow" / "report").glob("*.rst")):
-        text = env.from_string(rst.read_text() + "\n\n" + links).render(snakemake=NS(config=cfg), categories=categories, files=files)
+        text = env.from_string(rst.read_text() + "\n\n" + links).render(
+            snakemake=NS(config=cfg), categories=categories, files=files
+        )
         with warnings.catch_warnings():  # docutils 0.22 deprecates writer_name, which Snakemake still uses
             warnings.simplefilter("ignore", PendingDeprecationWarning)
-            body = publish_parts(text, writer_name="html", settings_overrides={"report_level": 2, "halt_level": 2})["html_body"]
+            body = publish_parts(text, writer_name="html", settings_overrides={"report_level": 2, "halt_level": 2})[
+                "html_body"
+            ]
         assert "system-message" not in body, (rst.name, body)
         texts[rst.name] = " ".join(re.sub(r"<[^>]+>", "", body).split())
     assert "Merge to Mix: study digits" in texts["workflow.rst"] and "front" in texts["workflow.rst"]

@@ -17,7 +17,14 @@ from mergemix import io, stages
 from mergemix.backends import training
 
 SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 200, "max_val": 60, "max_test": 60}
-HP = {"epochs": 4, "lr": 0.005, "batch_size": 32, "schedule": "cosine", "warmup_frac": 0.1, "seed": 0}  # 7 steps an epoch
+HP = {
+    "epochs": 4,
+    "lr": 0.005,
+    "batch_size": 32,
+    "schedule": "cosine",
+    "warmup_frac": 0.1,
+    "seed": 0,
+}  # 7 steps an epoch
 WEIGHTED = {**HP, "epochs": 3, "mixture_weights": {"mirror": 0.7, "rotate": 0.3}}
 
 
@@ -32,7 +39,12 @@ def study(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
     for n in ("clean", "mirror", "rotate"):
         stages.prepare(n, {"source": "digits", "domain": n}, SPLIT, d / "data" / n)
-    stages.pretrain(DIGITS_BACKEND, {"epochs": 2, "lr": 0.01, "batch_size": 32}, d / "data" / "clean", d / "pre" / "model.safetensors")
+    stages.pretrain(
+        DIGITS_BACKEND,
+        {"epochs": 2, "lr": 0.01, "batch_size": 32},
+        d / "data" / "clean",
+        d / "pre" / "model.safetensors",
+    )
     return d
 
 
@@ -91,10 +103,26 @@ def test_killed_finetune_resumes_to_the_same_bytes(study, tmp_path):
 
     out = tmp_path / "killed" / "model.safetensors"
     ckpt = stages.checkpoint_path(out) / training.CHECKPOINT_FILE
-    args = ["finetune", "--backend", js(DIGITS_BACKEND), "--hparams", js(HP), "--pretrained", str(pre),
-            "--data", *map(str, data), "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args, "--checkpoint-every-steps", "3"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        "finetune",
+        "--backend",
+        js(DIGITS_BACKEND),
+        "--hparams",
+        js(HP),
+        "--pretrained",
+        str(pre),
+        "--data",
+        *map(str, data),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, *args, "--checkpoint-every-steps", "3"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while proc.poll() is None and not ckpt.exists() and time.time() < deadline:
@@ -141,7 +169,9 @@ def test_resume_at_every_step_and_with_the_weighted_sampler(study, tmp_path, mon
             (folder / f".{training.CHECKPOINT_FILE}.abc123.tmp").write_bytes(b"half a checkpoint")
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="mergemix"):  # both rules off: resumed, nothing more saved
-                resumed = stages.finetune(DIGITS_BACKEND, hp, pre, data, out, checkpoint_every_steps=0, checkpoint_every_seconds=0)
+                resumed = stages.finetune(
+                    DIGITS_BACKEND, hp, pre, data, out, checkpoint_every_steps=0, checkpoint_every_seconds=0
+                )
             assert f": resuming from checkpoint {folder / training.CHECKPOINT_FILE} at step {stop}/" in caplog.text
             assert io.sha256_file(out) == whole[kind]["sha256"], (kind, stop)
             assert comparable(resumed) == comparable(whole[kind]), (kind, stop)  # train_loss too
@@ -214,8 +244,14 @@ def test_progress_lines_and_checkpoint_settings(study, tmp_path, monkeypatch, ca
         stages._checkpoint_every(2.5)
 
 
-@pytest.mark.parametrize("optimizer", [{"optimizer": "adam"}, {"optimizer": "adamw", "weight_decay": 0.1},
-                                       {"optimizer": "sgd", "momentum": 0.8, "weight_decay": 0.01}])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"optimizer": "adam"},
+        {"optimizer": "adamw", "weight_decay": 0.1},
+        {"optimizer": "sgd", "momentum": 0.8, "weight_decay": 0.01},
+    ],
+)
 def test_fit_restores_every_random_state(tmp_path, optimizer):
     """A loss drawing from torch's, numpy's and Python's global generators (as dropout or a data
     augmentation would): the resumed run still ends on the uninterrupted run's weights, with each

@@ -13,13 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_workflow import planned_jobs, rule_family, snakemake
 
 import lm_tiny
 from conftest import ROOT, tiny_config
 from mergemix.config import ConfigError, validate_config
 from mergemix.data.prepared import prepare_dataset
 from mergemix.data.registry import SOURCES, _load_builtin
-from test_workflow import planned_jobs, rule_family, snakemake
 
 pytestmark = pytest.mark.workflow  # most of these run Snakemake on a study
 RULES = ROOT / "workflow" / "rules"
@@ -27,7 +27,15 @@ RULES = ROOT / "workflow" / "rules"
 WEIRD = "res dir;touch PWNED"
 TARGET = "mirror"  # the only target of the study below: every rule runs, at half a full study's jobs
 # shell fields that are not paths or free text: numbers, or wildcards restricted to digits
-UNQUOTED_OK = {"MERGEMIX", "CHECKPOINT_ARGS", "threads", "params.chunks", "params.workers", "wildcards.chunk", "wildcards.worker"}
+UNQUOTED_OK = {
+    "MERGEMIX",
+    "CHECKPOINT_ARGS",
+    "threads",
+    "params.chunks",
+    "params.workers",
+    "wildcards.chunk",
+    "wildcards.worker",
+}
 
 
 def job_stats(log: str) -> dict:
@@ -43,8 +51,12 @@ def job_stats(log: str) -> dict:
 
 
 def final_tables(out: Path) -> dict:
-    paths = [out / "selection.csv", out / "correlation.csv", *sorted((out / "merge_eval").glob("*.csv")),
-             *sorted((out / "mixture").glob("*.csv"))]
+    paths = [
+        out / "selection.csv",
+        out / "correlation.csv",
+        *sorted((out / "merge_eval").glob("*.csv")),
+        *sorted((out / "mixture").glob("*.csv")),
+    ]
     return {p.relative_to(out).as_posix(): pd.read_csv(p) for p in paths}
 
 
@@ -80,21 +92,43 @@ def test_deleting_any_result_rebuilds_it_and_exactly_what_depends_on_it(weird_st
     tmp, path, out, _, _ = weird_study
     untouched = final_tables(out)
     # what a file's deletion reruns (the study has one target, mirror; candidates noise and rotate)
-    model_users = {"merge_eval": 1, "gather_merge_eval": 1, "final_finetune": 1, "mixture_eval": 1, "analyze": 1, "all": 1}
+    model_users = {
+        "merge_eval": 1,
+        "gather_merge_eval": 1,
+        "final_finetune": 1,
+        "mixture_eval": 1,
+        "analyze": 1,
+        "all": 1,
+    }
     data_users = {"prepare_data": 1, "finetune": 1, "embed": 1, "mixture_finetune": 1, "similarity": 1, **model_users}
     cases = [  # cheap to expensive
-        ("merge_eval chunk", ["merge_eval/chunks/mirror/0.csv"],
-         {"merge_eval": 1, "gather_merge_eval": 1, "final_finetune": 1, "analyze": 1, "all": 1}),
+        (
+            "merge_eval chunk",
+            ["merge_eval/chunks/mirror/0.csv"],
+            {"merge_eval": 1, "gather_merge_eval": 1, "final_finetune": 1, "analyze": 1, "all": 1},
+        ),
         ("embeddings", ["embeddings/noise.safetensors"], {"embed": 1, "similarity": 1, "analyze": 1, "all": 1}),
-        ("mixture model", ["models/mixture/noise+rotate/model.safetensors"],
-         {"mixture_finetune": 1, "mixture_eval": 1, "analyze": 1, "all": 1}),
+        (
+            "mixture model",
+            ["models/mixture/noise+rotate/model.safetensors"],
+            {"mixture_finetune": 1, "mixture_eval": 1, "analyze": 1, "all": 1},
+        ),
         ("fine-tuned model's manifest", ["models/finetuned/noise/model.json"], {"finetune": 1, **model_users}),
         ("fine-tuned model", ["models/finetuned/rotate/model.safetensors"], {"finetune": 1, **model_users}),
         ("splits.json", ["data/noise/splits.json"], data_users),
         ("prepared data file", ["data/rotate/arrays.safetensors"], data_users),
         # smallcnn packs fine-tunes and embeddings (config `pack`): the 2 fine-tunes are one job, the 3 embeddings another
-        ("pre-trained model and its manifest", ["models/pretrained/model.safetensors", "models/pretrained/model.json"],
-         {"pretrain": 1, "finetune": 1, "eval_pretrained": 1, "embed": 1, **{k: v for k, v in data_users.items() if k not in ("prepare_data", "finetune", "embed")}}),
+        (
+            "pre-trained model and its manifest",
+            ["models/pretrained/model.safetensors", "models/pretrained/model.json"],
+            {
+                "pretrain": 1,
+                "finetune": 1,
+                "eval_pretrained": 1,
+                "embed": 1,
+                **{k: v for k, v in data_users.items() if k not in ("prepare_data", "finetune", "embed")},
+            },
+        ),
     ]
     for what, files, expected in cases:
         t0 = time.monotonic()
@@ -139,17 +173,29 @@ def test_names_that_reach_a_shell_are_restricted(tmp_path):
             validate_config(cfg)
     p = tmp_path / "braces.yaml"
     p.write_text(yaml.safe_dump(dict(base, results_dir=str(tmp_path / "res{x}"))))
-    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(p)],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(p)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "results_dir" in r.stdout + r.stderr and "braces" in r.stdout + r.stderr
 
 
 def test_record_sources_are_the_ones_that_write_samples_jsonl(tmp_path):
     """common.smk's RECORD_SOURCES (which file prepare_data declares) matches what the sources write."""
-    declared = set(re.findall(r'"(\w+)"', re.search(r"RECORD_SOURCES = frozenset\(\{(.*?)\}\)", (RULES / "common.smk").read_text()).group(1)))
+    declared = set(
+        re.findall(
+            r'"(\w+)"',
+            re.search(r"RECORD_SOURCES = frozenset\(\{(.*?)\}\)", (RULES / "common.smk").read_text()).group(1),
+        )
+    )
     _load_builtin()
     assert declared == {n for n, fn in SOURCES.items() if fn.__module__ == "mergemix.data.text"}
-    assert {fn.__module__ for n, fn in SOURCES.items() if n not in declared} <= {"mergemix.data.digits", "mergemix.data.images"}
+    assert {fn.__module__ for n, fn in SOURCES.items() if n not in declared} <= {
+        "mergemix.data.digits",
+        "mergemix.data.images",
+    }
     split = {"seed": 0, "val": 0.2, "test": 0.3}
     prepare_dataset("d", {"source": "digits", "domain": "rotate"}, split, tmp_path / "d")
     chats = lm_tiny.write_jsonl(tmp_path / "c.jsonl", [lm_tiny.chat(f"q{i}", f"a{i}") for i in range(10)])
@@ -167,5 +213,9 @@ def test_a_study_with_array_and_record_datasets_declares_each_data_file(tmp_path
     log = snakemake(p, "-n")  # a dry run prints each job's input and output files
     jobs = job_stats(log)
     assert jobs["prepare_data"] == 4 and jobs["prepare_data_records"] == 1  # _pretrain and 3 digits; the chats
-    assert re.search(r"rule prepare_data_records:\n\s+output: \S+/data/chat/splits.json, \S+/data/chat/samples.jsonl", log)
-    assert re.search(r"rule prepare_data:\n\s+output: \S+/data/rotate/splits.json, \S+/data/rotate/arrays.safetensors", log)
+    assert re.search(
+        r"rule prepare_data_records:\n\s+output: \S+/data/chat/splits.json, \S+/data/chat/samples.jsonl", log
+    )
+    assert re.search(
+        r"rule prepare_data:\n\s+output: \S+/data/rotate/splits.json, \S+/data/rotate/arrays.safetensors", log
+    )

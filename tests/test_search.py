@@ -98,9 +98,7 @@ def test_objective_caches_orders_and_charges():
     assert obj(3) == 0.3 and obj(3) == 0.3 and obj(3, 100) == 0.3 and obj(3, 500) == 0.3
     assert obj(3, 10) == 0.3 and obj(5, order=7) == 0.5 and obj(6) == 0.6
     assert counting.calls == [(3, None), (3, 10), (5, None), (6, None)]
-    assert [(r.order, r.mask, r.examples) for r in obj.records] == [
-        (0, 3, 100), (1, 3, 10), (7, 5, 100), (8, 6, 100)
-    ]
+    assert [(r.order, r.mask, r.examples) for r in obj.records] == [(0, 3, 100), (1, 3, 10), (7, 5, 100), (8, 6, 100)]
     assert obj.records[0].info == {"call": 1} and seen == [(0, 1), (1, 2), (7, 3), (8, 4)]
     assert (obj.evaluations, obj.examples_used) == (4, 310)
     assert obj.cached(3, 10) == 0.3 and obj.cached(3, 11) is None and obj.cached(9) is None
@@ -345,6 +343,7 @@ def test_optuna_resumes_from_journal(tmp_path):
 
 def test_optuna_workers_share_budget(tmp_path):
     import optuna
+
     from mergemix.search.optuna_tpe import journal_records
 
     score, _ = quadratic(6, seed=8)

@@ -33,7 +33,15 @@ def _search(d, out, strategy, budget, options=None, seed=0, **kw):
     spec = {"strategy": strategy, "budget": budget, "seed": seed, "options": options or {}}
     out.mkdir(parents=True, exist_ok=True)
     summary = stages.search(
-        BACKEND, MERGE, spec, d / "pre/model.safetensors", _models(d), d / "data/shift", out / "w0.csv", out / "w0.json", **kw
+        BACKEND,
+        MERGE,
+        spec,
+        d / "pre/model.safetensors",
+        _models(d),
+        d / "data/shift",
+        out / "w0.csv",
+        out / "w0.json",
+        **kw,
     )
     return summary, pd.read_csv(out / "w0.csv")
 
@@ -63,7 +71,9 @@ def test_greedy_search_gather_and_selection(trained, tmp_path):
     assert rows["order"].tolist() == list(range(len(rows)))
     assert not rows["subset"].duplicated().any()  # never the same subset twice
     assert rows["size"].min() == 1 and rows["test_acc"].between(0, 1).all()
-    out = stages.gather([tmp_path / "g/w0.csv"], CANDS, tmp_path / "me.csv", [tmp_path / "g/w0.json"], tmp_path / "me.json")
+    out = stages.gather(
+        [tmp_path / "g/w0.csv"], CANDS, tmp_path / "me.csv", [tmp_path / "g/w0.json"], tmp_path / "me.json"
+    )
     cost = io.read_json(tmp_path / "me.json")
     assert cost["strategy"] == "greedy" and cost["evaluations"] == len(rows)
     assert cost["exhaustive_evaluations"] == 31 and cost["exhaustive_val_examples"] == 31 * cost["n_val"]
@@ -83,7 +93,9 @@ def test_halving_scores_slices_and_selects_among_full_evaluations(trained, tmp_p
     assert len(partial) and len(full)
     assert partial["test_acc"].isna().all() and full["test_acc"].notna().all()
     assert not rows.duplicated(["subset", "val_examples"]).any()
-    out = stages.gather([tmp_path / "h/w0.csv"], CANDS, tmp_path / "me.csv", [tmp_path / "h/w0.json"], tmp_path / "me.json")
+    out = stages.gather(
+        [tmp_path / "h/w0.csv"], CANDS, tmp_path / "me.csv", [tmp_path / "h/w0.json"], tmp_path / "me.json"
+    )
     assert not out["subset"].duplicated().any()  # one row per subset: its largest slice
     best = stages.select_best(out)
     assert best["val_examples"] == n_val and best["val_acc"] == full["val_acc"].max()

@@ -4,11 +4,11 @@ the plan of a 13-dataset study (12 candidates per target) that must stay bounded
 import pandas as pd
 import pytest
 import yaml
+from test_workflow import planned_jobs, run_study
 
 from conftest import tiny_config
 from mergemix import io
 from mergemix.subsets import parse_subset
-from test_workflow import planned_jobs, run_study
 
 pytestmark = pytest.mark.workflow
 
@@ -53,7 +53,9 @@ def test_greedy_study_outputs(greedy_study):
 def test_wide_study_plans_a_bounded_number_of_jobs(tmp_path):
     doms = ["rotate", "noise", "shift", "contrast", "mirror", "squeeze", "thin"]
     cfg = tiny_config(tmp_path / "results", study="wide", n=1)
-    cfg["datasets"] = {f"{d}{i}": {"source": "digits", "domain": d, "strength": 0.6 + 0.3 * i} for d in doms for i in range(2)}
+    cfg["datasets"] = {
+        f"{d}{i}": {"source": "digits", "domain": d, "strength": 0.6 + 0.3 * i} for d in doms for i in range(2)
+    }
     del cfg["datasets"]["thin1"]  # 13 datasets: 12 candidates per target, 4,095 subsets each
     cfg["merge_eval"] = {"strategy": "optuna", "budget": 0.1, "workers": 2}
     cfg["mixture"] = {"enabled": True, "sample": {"size": 40, "seed": 0}}

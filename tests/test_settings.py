@@ -15,8 +15,10 @@ def schema_keys(*path):
     return set(node["properties"])
 
 
-@pytest.mark.parametrize("cls,path", [(Split, ("split",)), (MergeEval, ("merge_eval",)), (Tune, ("merge_eval", "tune")),
-                                      (Checkpoint, ("checkpoint",))])
+@pytest.mark.parametrize(
+    "cls,path",
+    [(Split, ("split",)), (MergeEval, ("merge_eval",)), (Tune, ("merge_eval", "tune")), (Checkpoint, ("checkpoint",))],
+)
 def test_each_section_has_exactly_the_schema_keys(cls, path):
     assert {f.name for f in dataclasses.fields(cls)} == schema_keys(*path)
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(cls))  # defaults only in the schema

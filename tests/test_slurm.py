@@ -20,7 +20,16 @@ from conftest import ROOT, tiny_config
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
-GPU_RULES = {"pretrain", "finetune", "mixture_finetune", "final_finetune", "merge_eval", "mixture_eval", "eval_pretrained", "embed"}
+GPU_RULES = {
+    "pretrain",
+    "finetune",
+    "mixture_finetune",
+    "final_finetune",
+    "merge_eval",
+    "mixture_eval",
+    "eval_pretrained",
+    "embed",
+}
 # group_short: the profile's job group of gather_merge_eval and similarity jobs (one sbatch for several)
 CPU_RULES = {"prepare_data", "gather_merge_eval", "similarity", "analyze", "group_short"}
 
@@ -39,7 +48,9 @@ def cluster():
     try:
         import snakemake_executor_plugin_slurm  # noqa: F401
     except ImportError:
-        pytest.skip("real-Slurm test skipped: snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')")
+        pytest.skip(
+            "real-Slurm test skipped: snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')"
+        )
     up = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, f"could not start Slurm:\n{up.stdout}\n{up.stderr}"
     print(up.stdout.strip())
@@ -60,19 +71,38 @@ def _config(tmp, results, broken=False):
 
 def _slurm(configfile, logdir, profile="workflow/profiles/slurm"):
     cmd = [
-        "timeout", "-k", "10", "900", sys.executable, "-m", "snakemake",
-        "--profile", profile, "--configfile", str(configfile),
+        "timeout",
+        "-k",
+        "10",
+        "900",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        profile,
+        "--configfile",
+        str(configfile),
         # this CI cluster has no slurmdbd: poll squeue (MinJobAge=600 in its slurm.conf), no accounts
-        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-        "--slurm-no-account", "--slurm-logdir", str(logdir),
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--slurm-no-account",
+        "--slurm-logdir",
+        str(logdir),
         # this node has 2 CPUs: a job group (group-components) runs at most 2 jobs side by side
-        "--cores", "2",
+        "--cores",
+        "2",
     ]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     out = r.stdout + r.stderr
     if r.returncode in (124, 137):
-        subprocess.run([sys.executable, "-m", "snakemake", "--configfile", str(configfile), "--unlock"],
-                       cwd=ROOT, env=_env(), capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "snakemake", "--configfile", str(configfile), "--unlock"],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+        )
         pytest.fail(f"snakemake on Slurm hung and was killed:\n{out[-4000:]}")
     return r.returncode, out
 
@@ -94,8 +124,13 @@ def _slurm_job(jobid: str) -> str:
 
 def test_slurm_profile_runs_resumes_and_matches_a_local_run(cluster, tmp_path):
     local_cfg = _config(tmp_path, tmp_path / "local")
-    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(local_cfg)],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(local_cfg)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "executor: local (jobs run on this machine" in r.stdout + r.stderr  # never mistaken for Slurm
     local = tmp_path / "local" / "slurm"
@@ -107,7 +142,11 @@ def test_slurm_profile_runs_resumes_and_matches_a_local_run(cluster, tmp_path):
     out = tmp_path / "cluster" / "slurm"
     done_before = {
         p: p.stat().st_mtime_ns
-        for p in [out / "models/pretrained/model.safetensors", out / "data/noise/splits.json", out / "data/rotate/splits.json"]
+        for p in [
+            out / "models/pretrained/model.safetensors",
+            out / "data/noise/splits.json",
+            out / "data/rotate/splits.json",
+        ]
     }
     assert not (out / "models/finetuned/mirror").exists()
 

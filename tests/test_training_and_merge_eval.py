@@ -19,9 +19,13 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     for name, domain in [("clean", "clean"), ("rotate", "rotate"), ("mirror", "mirror"), ("thin", "thin")]:
         stages.prepare(name, {"source": "digits", "domain": domain}, SPLIT, d / "data" / name)
-    stages.pretrain(BACKEND, {"epochs": 10, "lr": 0.01, "batch_size": 32}, d / "data/clean", d / "pre/model.safetensors")
+    stages.pretrain(
+        BACKEND, {"epochs": 10, "lr": 0.01, "batch_size": 32}, d / "data/clean", d / "pre/model.safetensors"
+    )
     for name in ["rotate", "mirror", "thin"]:
-        stages.finetune(BACKEND, HP, d / "pre/model.safetensors", [d / "data" / name], d / f"ft/{name}/model.safetensors")
+        stages.finetune(
+            BACKEND, HP, d / "pre/model.safetensors", [d / "data" / name], d / f"ft/{name}/model.safetensors"
+        )
     return d
 
 
@@ -37,7 +41,9 @@ def test_finetuning_beats_the_pretrained_model_on_its_own_domain(trained):
 
 
 def test_finetuning_is_reproducible(trained, tmp_path):
-    stages.finetune(BACKEND, HP, trained / "pre/model.safetensors", [trained / "data/thin"], tmp_path / "again.safetensors")
+    stages.finetune(
+        BACKEND, HP, trained / "pre/model.safetensors", [trained / "data/thin"], tmp_path / "again.safetensors"
+    )
     a = io.load_model(trained / "ft/thin/model.safetensors")[0]
     b = io.load_model(tmp_path / "again.safetensors")[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -65,8 +71,16 @@ def test_merged_states_are_the_average_and_singletons_are_the_finetuned_models(t
 def test_gather_rejects_incomplete_or_duplicated_chunks(trained, tmp_path):
     paths = {n: str(trained / f"ft/{n}/model.safetensors") for n in ["mirror", "thin"]}
     for k in range(2):
-        stages.merge_eval(BACKEND, {"method": "uniform"}, trained / "pre/model.safetensors", paths,
-                          trained / "data/rotate", k, 2, tmp_path / f"c{k}.csv")
+        stages.merge_eval(
+            BACKEND,
+            {"method": "uniform"},
+            trained / "pre/model.safetensors",
+            paths,
+            trained / "data/rotate",
+            k,
+            2,
+            tmp_path / f"c{k}.csv",
+        )
     out = stages.gather([tmp_path / "c0.csv", tmp_path / "c1.csv"], ["mirror", "thin"], tmp_path / "all.csv")
     assert list(out["subset"]) == ["mirror", "thin", "mirror+thin"]
     with pytest.raises(ValueError, match="missing"):

@@ -29,8 +29,9 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mask, expected):
     io.write_csv(tmp_path / "a.csv", pd.DataFrame({"x": [1]}))
     io.write_text(tmp_path / "a.txt", "hi")
     io.save_model(tmp_path / "m" / "model.safetensors", {"w": torch.zeros(2)}, {"kind": "test"})
-    from mergemix.figures import _save
     import matplotlib
+
+    from mergemix.figures import _save
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,7 +17,7 @@ def drawn(hp, groups=GROUPS):
 
     def step_loss(idx):
         seen.extend(np.searchsorted(bounds, idx.numpy(), side="right") - 1)
-        return (w ** 2).sum()
+        return (w**2).sum()
 
     out = fit([w], int(bounds[-1]), step_loss, hp, groups=groups)
     return np.array(seen), out
@@ -50,5 +50,9 @@ def test_probabilities_and_bad_weights():
         with pytest.raises(ValueError, match=msg):
             mixture_probabilities(GROUPS, bad)
     with pytest.raises(ValueError, match="groups"):
-        fit([torch.zeros(1, requires_grad=True)], 10, lambda i: torch.zeros(()), {"epochs": 1, "lr": 0.1, "batch_size": 5,
-                                                                                  "mixture_weights": {"a": 1}})
+        fit(
+            [torch.zeros(1, requires_grad=True)],
+            10,
+            lambda i: torch.zeros(()),
+            {"epochs": 1, "lr": 0.1, "batch_size": 5, "mixture_weights": {"a": 1}},
+        )

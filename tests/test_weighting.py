@@ -19,7 +19,9 @@ CANDS = ["noise", "rotate", "thin"]
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("weights")
     models = train_digits(d, CANDS, pretrain_epochs=6)
-    stages.merge_eval(BACKEND, {"method": "uniform"}, d / "pre/model.safetensors", models, d / "data/shift", 0, 1, d / "me.csv")
+    stages.merge_eval(
+        BACKEND, {"method": "uniform"}, d / "pre/model.safetensors", models, d / "data/shift", 0, 1, d / "me.csv"
+    )
     return d, models
 
 
@@ -38,14 +40,23 @@ def test_weighted_vector_one_hot_is_the_model_and_uniform_is_the_subset_average(
 def test_weights_search_starts_at_the_best_subset_and_resumes(trained, tmp_path):
     d, models = trained
     best = stages.select_best(pd.read_csv(d / "me.csv"))
-    args = (BACKEND, {"sampler": "tpe", "budget": 8, "seed": 0}, d / "pre/model.safetensors", models, d / "data/shift", d / "me.csv")
+    args = (
+        BACKEND,
+        {"sampler": "tpe", "budget": 8, "seed": 0},
+        d / "pre/model.safetensors",
+        models,
+        d / "data/shift",
+        d / "me.csv",
+    )
     s = weights_search(*args, tmp_path / "w.json", tmp_path / "w.csv", journal=tmp_path / "new/j.log")
     assert s["start"]["subset"] == best["subset"] and s["start"]["val_acc"] == pytest.approx(float(best["val_acc"]))
     assert s["best"]["val_acc"] >= s["start"]["val_acc"] and s["evaluations"] == 8
     assert sum(s["best"]["weights"].values()) == pytest.approx(1.0)
     rows = pd.read_csv(tmp_path / "w.csv")
     assert len(rows) == 8 and set(rows.columns) >= {f"w_{c}" for c in CANDS}
-    again = weights_search(*args, tmp_path / "w2.json", tmp_path / "w2.csv", journal=tmp_path / "new/j.log")  # done: nothing new
+    again = weights_search(
+        *args, tmp_path / "w2.json", tmp_path / "w2.csv", journal=tmp_path / "new/j.log"
+    )  # done: nothing new
     assert again["best"] == s["best"] and again["evaluations"] == 8
     fresh = weights_search(*args, tmp_path / "w3.json", tmp_path / "w3.csv", journal=tmp_path / "j3.log")
     assert fresh["best"] == s["best"]  # deterministic for its seed
@@ -53,11 +64,21 @@ def test_weights_search_starts_at_the_best_subset_and_resumes(trained, tmp_path)
 
 def test_weighted_finetune_uses_the_chosen_proportions(trained, tmp_path):
     d, models = trained
-    io.write_json(tmp_path / "w.json", {"best": {"weights": {"noise": 0.7, "rotate": 0.0, "thin": 0.3}, "val_acc": 0.5,
-                                                           "test_acc": 0.5}})
+    io.write_json(
+        tmp_path / "w.json",
+        {"best": {"weights": {"noise": 0.7, "rotate": 0.0, "thin": 0.3}, "val_acc": 0.5, "test_acc": 0.5}},
+    )
     dirs = {c: str(d / "data" / c) for c in CANDS}
-    r = weighted_finetune(BACKEND, HP, d / "pre/model.safetensors", tmp_path / "w.json", dirs, d / "data/shift",
-                          tmp_path / "m/model.safetensors", tmp_path / "r.json")
+    r = weighted_finetune(
+        BACKEND,
+        HP,
+        d / "pre/model.safetensors",
+        tmp_path / "w.json",
+        dirs,
+        d / "data/shift",
+        tmp_path / "m/model.safetensors",
+        tmp_path / "r.json",
+    )
     manifest = io.read_json(tmp_path / "m/model.json")
     assert manifest["hyperparameters"]["mixture_weights"] == {"noise": 0.7, "thin": 0.3}
     assert [x["name"] for x in manifest["data"]] == ["noise", "thin"]  # weight 0: left out
@@ -69,9 +90,13 @@ def test_weights_check_scores_each_sampled_vector_merged_and_fine_tuned(trained,
 
     d, models = trained
     dirs = {c: str(d / "data" / c) for c in CANDS}
-    df = weights_check(BACKEND, HP, d / "pre/model.safetensors", models, dirs, d / "data/shift", 3, 5, tmp_path / "c.csv")
+    df = weights_check(
+        BACKEND, HP, d / "pre/model.safetensors", models, dirs, d / "data/shift", 3, 5, tmp_path / "c.csv"
+    )
     assert len(df) == 3 and (df[[f"w_{c}" for c in CANDS]].sum(axis=1) - 1).abs().max() < 1e-9
-    again = weights_check(BACKEND, HP, d / "pre/model.safetensors", models, dirs, d / "data/shift", 3, 5, tmp_path / "c2.csv")
+    again = weights_check(
+        BACKEND, HP, d / "pre/model.safetensors", models, dirs, d / "data/shift", 3, 5, tmp_path / "c2.csv"
+    )
     pd.testing.assert_frame_equal(df, again)  # seeded draws and fine-tunes
     ev = MergeEvaluator(get_backend(BACKEND), d / "pre/model.safetensors", models)
     w = df.loc[1, [f"w_{c}" for c in CANDS]].to_numpy(dtype=float)

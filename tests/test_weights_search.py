@@ -27,7 +27,10 @@ def test_start_is_the_binary_subset_and_weights_only_add(sampler):
 
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe"])
 def test_deterministic_for_its_seed(sampler):
-    runs = [[r.weights for r in WeightSearch(5, 1, sampler=sampler, budget=12, seed=s).run(score).records] for s in (7, 7, 8)]
+    runs = [
+        [r.weights for r in WeightSearch(5, 1, sampler=sampler, budget=12, seed=s).run(score).records]
+        for s in (7, 7, 8)
+    ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -46,7 +49,9 @@ def test_resumes_after_a_kill_without_scoring_again(tmp_path, sampler):
     with pytest.raises(KeyboardInterrupt):
         WeightSearch(5, 3, sampler=sampler, budget=15, seed=1, journal=journal).run(dies_at_7)
     again = []
-    result = WeightSearch(5, 3, sampler=sampler, budget=15, seed=1, journal=journal).run(lambda w: again.append(w) or score(w))
+    result = WeightSearch(5, 3, sampler=sampler, budget=15, seed=1, journal=journal).run(
+        lambda w: again.append(w) or score(w)
+    )
     assert len(again) == 15 - 6  # only the rest of the budget is spent
     assert len(result.records) == 15
     assert [r.weights for r in result.records][:6] == calls  # the finished ones are kept, in order

@@ -99,8 +99,18 @@ def test_output_contract(study):
     assert corr["pearson_acc"].iloc[-1] == pytest.approx(corr["pearson_acc"].iloc[:-1].mean(), abs=1e-8)
 
     sel = pd.read_csv(out / "selection.csv")
-    for col in ["target", "pretrained", "m2m_merged", "m2m_finetuned", "all_datasets", "similarity",
-                "similarity_metric", "random", "oracle", "selected"]:
+    for col in [
+        "target",
+        "pretrained",
+        "m2m_merged",
+        "m2m_finetuned",
+        "all_datasets",
+        "similarity",
+        "similarity_metric",
+        "random",
+        "oracle",
+        "selected",
+    ]:
         assert col in sel.columns
     assert list(sel["target"]) == names + ["average"]
     pre = pd.read_csv(out / "pretrained.csv").set_index("target")

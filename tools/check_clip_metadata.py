@@ -31,9 +31,14 @@ FUSION_BENCH = "fusion-bench==0.2.33"
 
 #: our dataset name -> fusion-bench's module name and config name
 NAMES = {
-    "cars": ("stanford_cars", "stanford-cars"), "dtd": ("dtd", "dtd"), "eurosat": ("eurosat", "eurosat"),
-    "gtsrb": ("gtsrb", "gtsrb"), "mnist": ("mnist", "mnist"), "resisc45": ("resisc45", "resisc45"),
-    "sun397": ("sun397", "sun397"), "svhn": ("svhn", "svhn"),
+    "cars": ("stanford_cars", "stanford-cars"),
+    "dtd": ("dtd", "dtd"),
+    "eurosat": ("eurosat", "eurosat"),
+    "gtsrb": ("gtsrb", "gtsrb"),
+    "mnist": ("mnist", "mnist"),
+    "resisc45": ("resisc45", "resisc45"),
+    "sun397": ("sun397", "sun397"),
+    "svhn": ("svhn", "svhn"),
 }
 #: fusion-bench loads MNIST and SVHN by their old short ids; the hub serves them under these now
 HUB_ALIASES = {"mnist": "ylecun/mnist", "svhn": "ufldl-stanford/svhn"}
@@ -76,16 +81,20 @@ def read_wheel(wheel: Path) -> dict:
     with zipfile.ZipFile(wheel) as z:
         for ours, (module, cfg) in NAMES.items():
             meta = parse_task_module(z.read(f"fusion_bench/tasks/clip_classification/{module}.py").decode())
-            hubs = {split: parse_dataset_config(
-                z.read(f"fusion_bench_config/dataset/image_classification/{split}/{cfg}.yaml").decode())
-                for split in ("train", "test")}
+            hubs = {
+                split: parse_dataset_config(
+                    z.read(f"fusion_bench_config/dataset/image_classification/{split}/{cfg}.yaml").decode()
+                )
+                for split in ("train", "test")
+            }
             out[ours] = {**meta, "hub": hubs}
     return out
 
 
 def download_wheel(dest: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), FUSION_BENCH],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), FUSION_BENCH], check=True
+    )
     (wheel,) = dest.glob("fusion_bench-*.whl")
     return wheel
 
@@ -97,8 +106,9 @@ def compare(reference: dict, classnames: dict, templates: dict, datasets: dict) 
         ours = classnames.get(name)
         if ours != ref["classnames"]:
             if ours is None or len(ours) != len(ref["classnames"]):
-                problems.append(f"{name}: {0 if ours is None else len(ours)} class names, reference has "
-                                f"{len(ref['classnames'])}")
+                problems.append(
+                    f"{name}: {0 if ours is None else len(ours)} class names, reference has {len(ref['classnames'])}"
+                )
             else:
                 i = next(i for i, (a, b) in enumerate(zip(ours, ref["classnames"])) if a != b)
                 problems.append(f"{name}: class {i} is {ours[i]!r}, reference has {ref['classnames'][i]!r}")
@@ -108,8 +118,10 @@ def compare(reference: dict, classnames: dict, templates: dict, datasets: dict) 
         for split, (hub, config) in ref["hub"].items():
             hub = HUB_ALIASES.get(hub, hub)
             if (spec.get("hub_id"), spec.get("config")) != (hub, config):
-                problems.append(f"{name}: config reads {spec.get('hub_id')} (config {spec.get('config')}), the "
-                                f"reference loads {hub} (config {config}) for {split}")
+                problems.append(
+                    f"{name}: config reads {spec.get('hub_id')} (config {spec.get('config')}), the "
+                    f"reference loads {hub} (config {config}) for {split}"
+                )
     return problems
 
 
@@ -127,13 +139,14 @@ def main(argv=None) -> int:
     datasets = yaml.safe_load(args.config.read_text())["datasets"]
     for name, ref in reference.items():
         hubs = sorted({HUB_ALIASES.get(h, h) + (f" ({c})" if c else "") for h, c in ref["hub"].values()})
-        print(f"{name:9s} {len(ref['classnames']):4d} classes  {len(ref['templates']):2d} templates  "
-              f"{', '.join(hubs)}")
+        print(f"{name:9s} {len(ref['classnames']):4d} classes  {len(ref['templates']):2d} templates  {', '.join(hubs)}")
     problems = compare(reference, CLASSNAMES, TEMPLATES, datasets)
     for p in problems:
         print("MISMATCH", p)
-    print(f"{len(reference)} datasets checked against {wheel.name}: "
-          + ("all class names, templates and hub ids match" if not problems else f"{len(problems)} mismatches"))
+    print(
+        f"{len(reference)} datasets checked against {wheel.name}: "
+        + ("all class names, templates and hub ids match" if not problems else f"{len(problems)} mismatches")
+    )
     return 1 if problems else 0
 
 

@@ -38,9 +38,9 @@ NOTES = {
     "results_dir": "folder the study's outputs go under: `<results_dir>/<study>/`",
     "backend": f"the model family ([studies]({DOCS}/studies.md), [extending]({DOCS}/extending.md#a-backend))",
     "backend.name": "a registered backend: a built-in (see [`backend.params`](#backendparams-of-the-built-in-backends)) "
-                    "or a plugin's (entry-point group `mergemix.backends`)",
+    "or a plugin's (entry-point group `mergemix.backends`)",
     "backend.params": "the backend's parameters; unknown ones are refused (see "
-                      "[`backend.params`](#backendparams-of-the-built-in-backends))",
+    "[`backend.params`](#backendparams-of-the-built-in-backends))",
     "pretrain.data": "the pre-training dataset, a dataset spec as under `datasets`",
     "pretrain.hparams": "the pre-training recipe, the keys of `finetune`",
     "split": "deterministic train/val/test splits, their indices saved in each dataset's `splits.json`",
@@ -48,13 +48,13 @@ NOTES = {
     "split.val": "fraction of the data in the validation split, where a source gives no fixed splits",
     "split.test": "fraction of the data in the test split, where a source gives no fixed splits",
     "split.val_from_train": "where a source has a train split but no validation split: the fraction of train "
-                            "carved out as validation (seeded)",
+    "carved out as validation (seeded)",
     "split.val_cap": "at most this many validation examples carved from train",
     "split.max_train": "cap on each dataset's training examples (null: no cap)",
     "split.max_val": "cap on each dataset's validation examples (null: no cap)",
     "split.max_test": "cap on each dataset's test examples (null: no cap)",
     "datasets": "dataset name -> spec: `source` names a registered source, the other keys are its parameters "
-                "(see [`datasets.<name>`](#datasetsname-keys-of-the-built-in-sources))",
+    "(see [`datasets.<name>`](#datasetsname-keys-of-the-built-in-sources))",
     "datasets.<name>.source": "a registered dataset source: a built-in or a plugin's (entry-point group `mergemix.datasets`)",
     "finetune": "hyperparameters of every fine-tune: single datasets, mixtures and the final model alike",
     "finetune.epochs": "passes over the training data (a mixture: over the union of its datasets' train splits)",
@@ -70,12 +70,12 @@ NOTES = {
     "models.<name>.format": f"how the given model is stored (see [given models]({DOCS}/given-models.md)); `auto` detects it",
     "final": "the deployed model of Algorithm 1",
     "merge_eval": "how merged models are searched and scored ([search strategies and merge methods]"
-                  f"({DOCS}/search-and-merge-methods.md))",
+    f"({DOCS}/search-and-merge-methods.md))",
     "merge_eval.method": "the merge method of the merged models: a built-in (see "
-                         "[merge-method options](#merge-method-options-merge_evaloptions-merge_evalmethod_optionsmethod)) "
-                         "or a plugin's (entry-point group `mergemix.merge_methods`)",
+    "[merge-method options](#merge-method-options-merge_evaloptions-merge_evalmethod_optionsmethod)) "
+    "or a plugin's (entry-point group `mergemix.merge_methods`)",
     "merge_eval.options": "options of `merge_eval.method`, checked against its declared options (see "
-                          "[merge-method options](#merge-method-options-merge_evaloptions-merge_evalmethod_optionsmethod))",
+    "[merge-method options](#merge-method-options-merge_evaloptions-merge_evalmethod_optionsmethod))",
     "mixture": "fine-tuning on mixtures: the oracle, the correlation study and the similarity/random baselines",
     "mixture.sample.seed": "seed of the sample",
     "analysis": "the analysis stage (`correlation.csv`, `selection.csv`, figures)",
@@ -218,8 +218,20 @@ class Schema:
             parts.append("exactly one of " + ", ".join(" + ".join(f"`{k}`" for k in r) for r in one_of_keys))
         if "enum" in node:
             parts.append(", ".join(map(fmt_value, node["enum"])))
-        lo = ("≥", node["minimum"]) if "minimum" in node else (">", node["exclusiveMinimum"]) if "exclusiveMinimum" in node else None
-        hi = ("≤", node["maximum"]) if "maximum" in node else ("<", node["exclusiveMaximum"]) if "exclusiveMaximum" in node else None
+        lo = (
+            ("≥", node["minimum"])
+            if "minimum" in node
+            else (">", node["exclusiveMinimum"])
+            if "exclusiveMinimum" in node
+            else None
+        )
+        hi = (
+            ("≤", node["maximum"])
+            if "maximum" in node
+            else ("<", node["exclusiveMaximum"])
+            if "exclusiveMaximum" in node
+            else None
+        )
         if lo and hi:
             parts.append(f"{'[' if lo[0] == '≥' else '('}{lo[1]}, {hi[1]}{']' if hi[0] == '≤' else ')'}")
         elif lo:
@@ -276,10 +288,19 @@ class Schema:
         for key, child, required in self.rows(node, path):
             target = link(key, child)
             name = f"[`{key}`](#{target})" if target else f"`{key}`"
-            out.append("| " + " | ".join([
-                name, cell(self.type_text(child)), cell(self.default_text(child, required)),
-                cell(self.allowed_text(child)), self.description(child, key),
-            ]) + " |")
+            out.append(
+                "| "
+                + " | ".join(
+                    [
+                        name,
+                        cell(self.type_text(child)),
+                        cell(self.default_text(child, required)),
+                        cell(self.allowed_text(child)),
+                        self.description(child, key),
+                    ]
+                )
+                + " |"
+            )
         return out
 
 
@@ -337,8 +358,13 @@ def sections(s: Schema) -> list[str]:
         if one_of:
             out.extend(["Give exactly one of " + ", ".join(" + ".join(f"`{k}`" for k in r) for r in one_of) + ".", ""])
         if ref in s.def_uses and len(s.def_uses[ref]) > 1:
-            out.extend([f"The same keys (schema definition `{ref}`) under each of {heading}; the rows name them "
-                        f"under `{path}`.", ""])
+            out.extend(
+                [
+                    f"The same keys (schema definition `{ref}`) under each of {heading}; the rows name them "
+                    f"under `{path}`.",
+                    "",
+                ]
+            )
         out.extend(s.table(full, path, link) + [""])
         for sub_path, sub in subsections(path, full):
             write(sub_path, sub, min(level + 1, 4))
@@ -358,54 +384,88 @@ def code_sections() -> list[str]:
 
     out: list[str] = []
 
-    out += ["## `backend.params` of the built-in backends", "",
-            "Each backend's parameters and their defaults (`mergemix.backends`; unknown parameters are refused). "
-            f"What they mean: [docs/studies.md]({DOCS}/studies.md) (`smallcnn`: the embedded study; `clip`: the vision "
-            "study; `causal_lm`: the language study). A plugin backend declares its own.", ""]
+    out += [
+        "## `backend.params` of the built-in backends",
+        "",
+        "Each backend's parameters and their defaults (`mergemix.backends`; unknown parameters are refused). "
+        f"What they mean: [docs/studies.md]({DOCS}/studies.md) (`smallcnn`: the embedded study; `clip`: the vision "
+        "study; `causal_lm`: the language study). A plugin backend declares its own.",
+        "",
+    ]
     for name in backends.BUILTIN_BACKENDS:
         cls = backends.BACKENDS[name]
-        facts = [f"pack size {cls.pack_size}", "needs a GPU" if cls.needs_gpu else "no GPU",
-                 "pre-trained by the `pretrain` rule" if cls.can_pretrain else "weights fetched by `fetch_pretrained`"]
+        facts = [
+            f"pack size {cls.pack_size}",
+            "needs a GPU" if cls.needs_gpu else "no GPU",
+            "pre-trained by the `pretrain` rule" if cls.can_pretrain else "weights fetched by `fetch_pretrained`",
+        ]
         out += [f"### `{name}`", "", f"{'; '.join(facts)}.", "", "| parameter | default |", "|---|---|"]
         out += [f"| `{k}` | {cell(fmt_value(v))} |" for k, v in cls.defaults.items()]
         out += [""]
 
-    out += ["## `datasets.<name>`: keys of the built-in sources", "",
-            "Besides `source`, a dataset spec takes exactly the keys its source declares (`mergemix.data`); an "
-            "unknown key is refused. \"any\" means the source checks the value itself when it prepares the dataset. "
-            f"The sources and their keys in use: [docs/studies.md]({DOCS}/studies.md); a source of your own: "
-            f"[docs/extending.md]({DOCS}/extending.md#a-dataset-source).", "",
-            "| source | download step | keys (allowed values) | local paths checked at `check-config` |",
-            "|---|---|---|---|"]
+    out += [
+        "## `datasets.<name>`: keys of the built-in sources",
+        "",
+        "Besides `source`, a dataset spec takes exactly the keys its source declares (`mergemix.data`); an "
+        'unknown key is refused. "any" means the source checks the value itself when it prepares the dataset. '
+        f"The sources and their keys in use: [docs/studies.md]({DOCS}/studies.md); a source of your own: "
+        f"[docs/extending.md]({DOCS}/extending.md#a-dataset-source).",
+        "",
+        "| source | download step | keys (allowed values) | local paths checked at `check-config` |",
+        "|---|---|---|---|",
+    ]
     for name in sources.BUILTIN_SOURCES:
         sources.SOURCES[name]  # imported: its declaration registered
         params = sources.SOURCE_PARAMS[name]
-        keys = ", ".join(f"`{k}`" + (f" ({', '.join(map(str, v))})" if isinstance(v, (list, tuple)) else " (any)")
-                         for k, v in params.items())
+        keys = ", ".join(
+            f"`{k}`" + (f" ({', '.join(map(str, v))})" if isinstance(v, (list, tuple)) else " (any)")
+            for k, v in params.items()
+        )
         local = ", ".join(f"`{k}` ({kind})" for k, kind in sources.LOCAL_PATHS.get(name, {}).items()) or "-"
         out.append(f"| `{name}` | {'yes' if name in sources.DOWNLOADERS else 'no'} | {cell(keys)} | {local} |")
     out += [""]
 
-    out += ["## Merge-method options (`merge_eval.options`, `merge_eval.method_options.<method>`)", "",
-            "The options each built-in merge method declares (`mergemix.merge_methods`), checked at `check-config`. "
-            "`merge_eval.options` are those of `merge_eval.method`; `merge_eval.method_options.<method>` fix the options "
-            "of a method compared in `merge_eval.methods`; `merge_eval.tune.space.<method>` tunes the numeric and "
-            f"choice options. What the methods compute: [docs/search-and-merge-methods.md]({DOCS}/search-and-merge-methods.md).",
-            "", "| method | option | type | default | allowed | what it does |", "|---|---|---|---|---|---|"]
+    out += [
+        "## Merge-method options (`merge_eval.options`, `merge_eval.method_options.<method>`)",
+        "",
+        "The options each built-in merge method declares (`mergemix.merge_methods`), checked at `check-config`. "
+        "`merge_eval.options` are those of `merge_eval.method`; `merge_eval.method_options.<method>` fix the options "
+        "of a method compared in `merge_eval.methods`; `merge_eval.tune.space.<method>` tunes the numeric and "
+        f"choice options. What the methods compute: [docs/search-and-merge-methods.md]({DOCS}/search-and-merge-methods.md).",
+        "",
+        "| method | option | type | default | allowed | what it does |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, spec in METHODS.items():
         if not spec.options:
             out.append(f"| `{method}` | - | | | | no options |")
         for key, opt in spec.options.items():
-            out.append("| " + " | ".join([
-                f"`{method}`", f"`{key}`", opt.kind.__name__, cell(opt.default_doc or fmt_value(opt.default)), cell(opt.allowed), cell(opt.help),
-            ]) + " |")
+            out.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"`{method}`",
+                        f"`{key}`",
+                        opt.kind.__name__,
+                        cell(opt.default_doc or fmt_value(opt.default)),
+                        cell(opt.allowed),
+                        cell(opt.help),
+                    ]
+                )
+                + " |"
+            )
     out += [""]
 
-    out += ["## `merge_eval.strategy_options`: options of the search strategies", "",
-            "The options each built-in strategy declares (`mergemix.search`), given under `merge_eval.strategy_options` "
-            "with a named `merge_eval.strategy` (`auto` takes none). What they do: "
-            f"[docs/search-and-merge-methods.md]({DOCS}/search-and-merge-methods.md#search-strategies).", "",
-            "| strategy | budget counts | `workers` > 1 | option | default | allowed |", "|---|---|---|---|---|---|"]
+    out += [
+        "## `merge_eval.strategy_options`: options of the search strategies",
+        "",
+        "The options each built-in strategy declares (`mergemix.search`), given under `merge_eval.strategy_options` "
+        "with a named `merge_eval.strategy` (`auto` takes none). What they do: "
+        f"[docs/search-and-merge-methods.md]({DOCS}/search-and-merge-methods.md#search-strategies).",
+        "",
+        "| strategy | budget counts | `workers` > 1 | option | default | allowed |",
+        "|---|---|---|---|---|---|",
+    ]
     search._load_builtin()
     for module in search.BUILTIN_MODULES:
         cls = next(c for c in search._REGISTRY.values() if c.__module__.rsplit(".", 1)[-1] == module)
@@ -416,11 +476,19 @@ def code_sections() -> list[str]:
             out.append("| " + " | ".join(head + [f"`{key}`", cell(fmt_value(opt.default)), cell(opt.help)]) + " |")
     out += [""]
 
-    out += ["## `merge_eval.weights`", "",
-            "With `merge_eval.strategy: weights`: the search of mixture proportions (`mergemix.search.weights`; "
-            f"[docs/search-and-merge-methods.md]({DOCS}/search-and-merge-methods.md#weighted-mixtures)).", "",
-            "| key | default | allowed |", "|---|---|---|"]
-    out += [f"| `merge_eval.weights.{k}` | {cell(fmt_value(o.default))} | {cell(o.help)} |" for k, o in weights.OPTIONS.items()]
+    out += [
+        "## `merge_eval.weights`",
+        "",
+        "With `merge_eval.strategy: weights`: the search of mixture proportions (`mergemix.search.weights`; "
+        f"[docs/search-and-merge-methods.md]({DOCS}/search-and-merge-methods.md#weighted-mixtures)).",
+        "",
+        "| key | default | allowed |",
+        "|---|---|---|",
+    ]
+    out += [
+        f"| `merge_eval.weights.{k}` | {cell(fmt_value(o.default))} | {cell(o.help)} |"
+        for k, o in weights.OPTIONS.items()
+    ]
     out += [""]
     return out
 
@@ -431,13 +499,19 @@ def render(schema_path: Path = SCHEMA) -> str:
     all_paths = set(_all_paths(s, schema, ""))
     stale = sorted(set(NOTES) - all_paths)
     if stale:
-        raise SystemExit(f"tools/config_docs.py: NOTES name keys that are not in the schema: {', '.join(stale)}; "
-                         "remove or rename them")
+        raise SystemExit(
+            f"tools/config_docs.py: NOTES name keys that are not in the schema: {', '.join(stale)}; "
+            "remove or rename them"
+        )
     lines = [INTRO] + sections(s) + code_sections()
     undescribed = sorted(dict.fromkeys(s.undescribed))
-    lines += ["## Keys without a description in the schema", "",
-              "The schema has no `description` for these keys; a \"†\" text above comes from `tools/config_docs.py`. "
-              "Adding a description to the schema replaces it.", ""]
+    lines += [
+        "## Keys without a description in the schema",
+        "",
+        'The schema has no `description` for these keys; a "†" text above comes from `tools/config_docs.py`. '
+        "Adding a description to the schema replaces it.",
+        "",
+    ]
     lines += [", ".join(f"`{p}`" + ("" if p in s.notes_used else " (no text)") for p in undescribed), ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -473,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         if old == text:
             print(f"{args.output}: up to date")
             return 0
-        diff = difflib.unified_diff(old.splitlines(), text.splitlines(), str(args.output), "generated", lineterm="", n=1)
+        diff = difflib.unified_diff(
+            old.splitlines(), text.splitlines(), str(args.output), "generated", lineterm="", n=1
+        )
         print("\n".join(list(diff)[:40]))
         print(f"{args.output} is stale: run `python tools/config_docs.py`", file=sys.stderr)
         return 1

@@ -13,16 +13,32 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from mergemix import io, metrics
-from mergemix.similarity import METRICS
 from mergemix.selection import full_rows, select_best
+from mergemix.similarity import METRICS
 from mergemix.subsets import sort_key, subset_id
 
 SELECTION_COLUMNS = [
-    "target", "pretrained", "m2m_merged", "m2m_finetuned", "m2m_weighted", "all_datasets", "similarity", "similarity_metric",
-    "random", "oracle", "selected", "similarity_subset", "oracle_subset",
+    "target",
+    "pretrained",
+    "m2m_merged",
+    "m2m_finetuned",
+    "m2m_weighted",
+    "all_datasets",
+    "similarity",
+    "similarity_metric",
+    "random",
+    "oracle",
+    "selected",
+    "similarity_subset",
+    "oracle_subset",
     # how the choice was searched and what the random/oracle columns range over
-    "search", "evaluations", "exhaustive_evaluations", "val_examples", "exhaustive_val_examples",
-    "mixtures", "oracle_scope",
+    "search",
+    "evaluations",
+    "exhaustive_evaluations",
+    "val_examples",
+    "exhaustive_val_examples",
+    "mixtures",
+    "oracle_scope",
 ]
 # analysis option `mixtures`: which mixtures were fine-tuned (every one, a fixed sample, or none
 # beyond all candidates); random, the oracle and the correlations range over the fine-tuned ones
@@ -88,7 +104,9 @@ def check_merged_tests(merged: pd.DataFrame, merged_c: pd.DataFrame, mix_study: 
 
     if mix_study is None:
         return
-    lacking = sorted((set(mix_study["subset"]) & set(full_rows(merged)["subset"])) - set(merged_c["subset"]), key=sort_key)
+    lacking = sorted(
+        (set(mix_study["subset"]) & set(full_rows(merged)["subset"])) - set(merged_c["subset"]), key=sort_key
+    )
     if lacking:
         raise TableError(
             f"{path}: no merged test accuracy for {len(lacking)} fine-tuned mixture(s) of the correlation study "
@@ -102,7 +120,12 @@ def with_selected(mix: pd.DataFrame, fin: dict) -> pd.DataFrame:
     hyperparameters and seed as every mixture fine-tune), when a sample does not contain it."""
     if fin["selected"] in set(mix["subset"]):
         return mix
-    row = {"subset": fin["selected"], "size": fin["selected"].count("+") + 1, "val_acc": fin["val_acc"], "test_acc": fin["test_acc"]}
+    row = {
+        "subset": fin["selected"],
+        "size": fin["selected"].count("+") + 1,
+        "val_acc": fin["val_acc"],
+        "test_acc": fin["test_acc"],
+    }
     return pd.concat([mix, pd.DataFrame([row])], ignore_index=True)
 
 
@@ -115,11 +138,23 @@ def rankings(merged: Mapping[str, pd.DataFrame], top: int | None = None) -> pd.D
         ranked = full.assign(_neg=-full["val_acc"].round(12), _key=full["subset"].map(sort_key))
         ranked = ranked.sort_values(["_neg", "_key"], kind="stable").drop(columns=["_neg", "_key"])
         ranked = ranked.head(top) if top else ranked
-        frames.append(pd.DataFrame({"target": t, "rank": range(1, len(ranked) + 1), "subset": ranked["subset"].values,
-                                    "size": ranked["size"].values, "val_acc": ranked["val_acc"].values,
-                                    "test_acc": ranked["test_acc"].values}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["target", "rank", "subset", "size", "val_acc", "test_acc"])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "target": t,
+                    "rank": range(1, len(ranked) + 1),
+                    "subset": ranked["subset"].values,
+                    "size": ranked["size"].values,
+                    "val_acc": ranked["val_acc"].values,
+                    "test_acc": ranked["test_acc"].values,
+                }
+            )
+        )
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["target", "rank", "subset", "size", "val_acc", "test_acc"])
+    )
 
 
 def analyze(
@@ -212,7 +247,9 @@ def analyze(
     corr_df = with_average(pd.DataFrame(corr_rows))
 
     io.write_csv(out_dir / "correlation.csv", corr_df)
-    io.write_csv(out_dir / "rankings.csv", rankings({t: read_result_table(merge_eval[t], "merge_eval") for t in targets}))
+    io.write_csv(
+        out_dir / "rankings.csv", rankings({t: read_result_table(merge_eval[t], "merge_eval") for t in targets})
+    )
     io.write_csv(out_dir / "selection.csv", sel_df)
     io.write_csv(out_dir / "similarity_selection.csv", simsel_df)
     from mergemix.figures import plot_all

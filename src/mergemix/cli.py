@@ -52,10 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("configfile")
     s.add_argument("--schema", default=None)
 
-    s = stage("pin-revisions", "pin a study's hub datasets and given models to commits in its config file (local; asks the hub)")
+    s = stage(
+        "pin-revisions",
+        "pin a study's hub datasets and given models to commits in its config file (local; asks the hub)",
+    )
     s.add_argument("configfile")
-    s.add_argument("--from-downloads", action="store_true",
-                   help="take the commits the study's downloads recorded (no network) instead of asking the hub")
+    s.add_argument(
+        "--from-downloads",
+        action="store_true",
+        help="take the commits the study's downloads recorded (no network) instead of asking the hub",
+    )
     s.add_argument("--write", action="store_true", help="rewrite the config file (comments and layout kept)")
 
     s = stage("download", "fetch a dataset's files (local rule; the only data step that may download)")
@@ -73,9 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("fetch-pretrained", "get a backend's published pre-trained weights (local rule)", backend=True)
     s.add_argument("--out", required=True)
 
-    s = stage("head", "a dataset's frozen classification head from the pre-trained model (clip)", backend=True, pretrained=True)
+    s = stage(
+        "head",
+        "a dataset's frozen classification head from the pre-trained model (clip)",
+        backend=True,
+        pretrained=True,
+    )
     s.add_argument("--data", required=True, help="prepared dataset folder")
-    s.add_argument("--templates", type=_json, default=None, help="JSON: a template-set name or list (default: the dataset spec's)")
+    s.add_argument(
+        "--templates", type=_json, default=None, help="JSON: a template-set name or list (default: the dataset spec's)"
+    )
     s.add_argument("--out", required=True)
 
     s = stage("pretrain", "pre-train the built-in model (smallcnn)", backend=True, hparams=True)
@@ -83,26 +96,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
 
     def checkpoint_args(s) -> None:  # the fine-tune stages' checkpoints (resumed when a killed job is rerun)
-        s.add_argument("--checkpoint-every-steps", type=int, default=None,
-                       help="save the training state to OUT.ckpt/ every N steps (0: not by steps; default: "
-                            "$MERGEMIX_CHECKPOINT_EVERY_STEPS, else not by steps)")
-        s.add_argument("--checkpoint-every-seconds", type=float, default=None,
-                       help="save the training state to OUT.ckpt/ every N seconds (0: not by time; default: "
-                            "$MERGEMIX_CHECKPOINT_EVERY_SECONDS, else 600)")
+        s.add_argument(
+            "--checkpoint-every-steps",
+            type=int,
+            default=None,
+            help="save the training state to OUT.ckpt/ every N steps (0: not by steps; default: "
+            "$MERGEMIX_CHECKPOINT_EVERY_STEPS, else not by steps)",
+        )
+        s.add_argument(
+            "--checkpoint-every-seconds",
+            type=float,
+            default=None,
+            help="save the training state to OUT.ckpt/ every N seconds (0: not by time; default: "
+            "$MERGEMIX_CHECKPOINT_EVERY_SECONDS, else 600)",
+        )
 
-    s = stage("finetune", "fine-tune the pre-trained model on one dataset or a mixture", backend=True, hparams=True, pretrained=True)
+    s = stage(
+        "finetune",
+        "fine-tune the pre-trained model on one dataset or a mixture",
+        backend=True,
+        hparams=True,
+        pretrained=True,
+    )
     s.add_argument("--data", nargs="+", required=True, help="prepared dataset folders (several = a mixture)")
     s.add_argument("--out", required=True)
     checkpoint_args(s)
 
-    s = stage("finetune-pack", "several fine-tunes in one process, each as its own finetune job would write it",
-              backend=True, hparams=True, pretrained=True)
+    s = stage(
+        "finetune-pack",
+        "several fine-tunes in one process, each as its own finetune job would write it",
+        backend=True,
+        hparams=True,
+        pretrained=True,
+    )
     s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every dataset the fine-tunes use")
     s.add_argument("--subsets", nargs="+", required=True, help="the datasets of each fine-tune, as subset ids (a+b+c)")
     s.add_argument("--out", nargs="+", required=True, help="each fine-tune's model file, in the order of --subsets")
     checkpoint_args(s)
 
-    s = stage("final-finetune", "fine-tune on the mixture selected by merge-eval and test it", backend=True, hparams=True, pretrained=True)
+    s = stage(
+        "final-finetune",
+        "fine-tune on the mixture selected by merge-eval and test it",
+        backend=True,
+        hparams=True,
+        pretrained=True,
+    )
     s.add_argument("--merge-eval", required=True)
     s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate")
     s.add_argument("--target", required=True)
@@ -110,8 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-out", required=True)
     checkpoint_args(s)
 
-    s = stage("final-finetune-pack", "several targets' final-finetune in one process", backend=True, hparams=True, pretrained=True)
-    s.add_argument("--candidates", type=_json, required=True, help='JSON: {"target": [candidates]} for every target of the pack')
+    s = stage(
+        "final-finetune-pack",
+        "several targets' final-finetune in one process",
+        backend=True,
+        hparams=True,
+        pretrained=True,
+    )
+    s.add_argument(
+        "--candidates", type=_json, required=True, help='JSON: {"target": [candidates]} for every target of the pack'
+    )
     s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate and target")
     s.add_argument("--merge-eval", nargs="+", required=True, help="TARGET=CSV")
     s.add_argument("--out", nargs="+", required=True, help="TARGET=MODEL")
@@ -126,14 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunks", type=int, default=1)
     s.add_argument("--subsets", nargs="+", default=None, help="evaluate these subset ids instead of a chunk")
     s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
-    s.add_argument("--test", choices=["all", "selected"], default="all",
-                   help="score the test split of every subset, or only of the chunk's best and --test-subsets")
-    s.add_argument("--test-subsets", nargs="*", default=[], help="subset ids whose test split is scored with --test selected")
-    s.add_argument("--options-from", nargs="*", default=[], help="a tune-method JSON (or none): merge with its tuned options")
+    s.add_argument(
+        "--test",
+        choices=["all", "selected"],
+        default="all",
+        help="score the test split of every subset, or only of the chunk's best and --test-subsets",
+    )
+    s.add_argument(
+        "--test-subsets", nargs="*", default=[], help="subset ids whose test split is scored with --test selected"
+    )
+    s.add_argument(
+        "--options-from", nargs="*", default=[], help="a tune-method JSON (or none): merge with its tuned options"
+    )
     s.add_argument("--out", required=True)
 
-    s = stage("import-model", "check a given fine-tuned model against the pre-trained one and save it (models:)",
-              backend=True, pretrained=True)
+    s = stage(
+        "import-model",
+        "check a given fine-tuned model against the pre-trained one and save it (models:)",
+        backend=True,
+        pretrained=True,
+    )
     s.add_argument("--spec", type=_json, required=True, help="JSON: the dataset's models entry")
     s.add_argument("--dataset", required=True)
     s.add_argument("--path", default=None, help="where the model's files are (default: the entry's path)")
@@ -143,29 +201,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", type=_json, required=True, help="JSON: the dataset's models entry")
     s.add_argument("--out", required=True)
 
-    s = stage("select", "rank the mixtures of given fine-tuned models for a target, no Snakemake, no training",
-              backend=True)
-    s.add_argument("--pretrained", required=True,
-                   help="the pre-trained model: a mergemix model file, or a folder to fetch it into (hub backends)")
+    s = stage(
+        "select", "rank the mixtures of given fine-tuned models for a target, no Snakemake, no training", backend=True
+    )
+    s.add_argument(
+        "--pretrained",
+        required=True,
+        help="the pre-trained model: a mergemix model file, or a folder to fetch it into (hub backends)",
+    )
     s.add_argument("--models", nargs="+", required=True, help="NAME=PATH of each candidate's given model (any format)")
     s.add_argument("--target", required=True, help="the target: a prepared dataset folder, or a JSON dataset spec")
     s.add_argument("--split", type=_json, default={}, help="JSON: split settings when --target is a spec")
-    s.add_argument("--strategy", default="auto", help="subset search: auto, exhaustive, greedy, beam, optuna, halving, surrogate")
+    s.add_argument(
+        "--strategy", default="auto", help="subset search: auto, exhaustive, greedy, beam, optuna, halving, surrogate"
+    )
     s.add_argument("--budget", type=float, default=None, help="merged evaluations (an integer, or a fraction of 2^N-1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--method", default="uniform")
     s.add_argument("--options", type=_json, default={}, help="JSON: merge method options")
-    s.add_argument("--work-dir", default=None, help="where imported models and the prepared target go (default: beside --out)")
+    s.add_argument(
+        "--work-dir", default=None, help="where imported models and the prepared target go (default: beside --out)"
+    )
     s.add_argument("--top", type=int, default=20, help="rows printed (the CSV has all)")
     s.add_argument("--out", required=True, help="CSV: the ranked subsets")
 
-    s = stage("tune-method", "tune a merge method's options on a target's val split (merge_eval.tune)",
-              backend=True, pretrained=True)
+    s = stage(
+        "tune-method",
+        "tune a merge method's options on a target's val split (merge_eval.tune)",
+        backend=True,
+        pretrained=True,
+    )
     s.add_argument("--method", required=True)
-    s.add_argument("--fixed", type=_json, default={}, help="JSON: the method's fixed options (merge_eval.method_options)")
+    s.add_argument(
+        "--fixed", type=_json, default={}, help="JSON: the method's fixed options (merge_eval.method_options)"
+    )
     s.add_argument("--space", type=_json, required=True, help="JSON: {option: [low, high] | {choices: [...]}}")
     s.add_argument("--tune", type=_json, default={}, help="JSON: merge_eval.tune's budget, seed, n_startup_trials")
-    s.add_argument("--search", type=_json, required=True, help="JSON: the subset search {strategy, budget, seed, options}")
+    s.add_argument(
+        "--search", type=_json, required=True, help="JSON: the subset search {strategy, budget, seed, options}"
+    )
     s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
     s.add_argument("--target", required=True)
     s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
@@ -173,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="JSON: the tuned options")
     s.add_argument("--out-csv", required=True, help="CSV: every setting tried")
 
-    s = stage("search", "budgeted search over a target's subsets (one worker of merge_eval.strategy)", backend=True, pretrained=True)
+    s = stage(
+        "search",
+        "budgeted search over a target's subsets (one worker of merge_eval.strategy)",
+        backend=True,
+        pretrained=True,
+    )
     s.add_argument("--merge", type=_json, required=True)
     s.add_argument("--search", type=_json, required=True, help="JSON: {strategy, budget, seed, options}")
     s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
@@ -182,8 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--journal", default=None, help="optuna journal file shared by the workers (resumable)")
     s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
-    s.add_argument("--test", choices=["all", "selected"], default="all",
-                   help="score the test split of every full evaluation, or only of this worker's best subset")
+    s.add_argument(
+        "--test",
+        choices=["all", "selected"],
+        default="all",
+        help="score the test split of every full evaluation, or only of this worker's best subset",
+    )
     s.add_argument("--out", required=True, help="CSV of this worker's evaluations")
     s.add_argument("--summary", required=True, help="JSON summary of this worker's search")
 
@@ -208,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="val")
     s.add_argument("--out", required=True)
 
-    s = stage("embed-pack", "embed a split of several datasets with the pre-trained model, in one process", backend=True, pretrained=True)
+    s = stage(
+        "embed-pack",
+        "embed a split of several datasets with the pre-trained model, in one process",
+        backend=True,
+        pretrained=True,
+    )
     s.add_argument("--data", nargs="+", required=True, help="prepared dataset folders")
     s.add_argument("--split", default="val")
     s.add_argument("--out", nargs="+", required=True, help="each dataset's embeddings file, in the order of --data")
@@ -224,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrained-csv", required=True)
     s.add_argument("--merge-eval", nargs="+", required=True, help="TARGET=CSV")
     s.add_argument("--search", nargs="*", default=[], help="TARGET=JSON: the search summary written by gather")
-    s.add_argument("--merge-eval-sampled", nargs="*", default=[], help="TARGET=CSV: merged models of the mixture sample")
+    s.add_argument(
+        "--merge-eval-sampled", nargs="*", default=[], help="TARGET=CSV: merged models of the mixture sample"
+    )
     s.add_argument("--mixture", nargs="*", default=[], help="TARGET=CSV")
     s.add_argument("--similarity", nargs="+", required=True, help="TARGET=CSV")
     s.add_argument("--final", nargs="*", default=[], help="TARGET=JSON (none with final.enabled: false)")
@@ -232,27 +322,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--options", type=_json, default={})
     s.add_argument("--out-dir", required=True)
 
-    s = stage("weights-search", "search mixture weights from a target's best subset (merge_eval.strategy: weights)",
-              backend=True, pretrained=True)
+    s = stage(
+        "weights-search",
+        "search mixture weights from a target's best subset (merge_eval.strategy: weights)",
+        backend=True,
+        pretrained=True,
+    )
     s.add_argument("--weights", type=_json, required=True, help="JSON: merge_eval.weights {sampler, budget, seed, ...}")
     s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
     s.add_argument("--target", required=True)
-    s.add_argument("--merge-eval", required=True, help="the target's gathered merge-eval CSV (its best subset is the start)")
+    s.add_argument(
+        "--merge-eval", required=True, help="the target's gathered merge-eval CSV (its best subset is the start)"
+    )
     s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
     s.add_argument("--journal", default=None, help="optuna journal file: a rerun resumes the search")
     s.add_argument("--out", required=True, help="JSON: the chosen weights")
     s.add_argument("--out-csv", required=True, help="CSV: every weight vector evaluated")
 
-    s = stage("weighted-finetune", "fine-tune on the candidates in the searched proportions and test it", backend=True,
-              hparams=True, pretrained=True)
+    s = stage(
+        "weighted-finetune",
+        "fine-tune on the candidates in the searched proportions and test it",
+        backend=True,
+        hparams=True,
+        pretrained=True,
+    )
     s.add_argument("--weights", required=True, help="the JSON written by weights-search")
     s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate")
     s.add_argument("--target", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--eval-out", required=True)
 
-    s = stage("weights-check", "sampled weight vectors: weighted merge vs weighted fine-tune (the surrogate check)",
-              backend=True, hparams=True, pretrained=True)
+    s = stage(
+        "weights-check",
+        "sampled weight vectors: weighted merge vs weighted fine-tune (the surrogate check)",
+        backend=True,
+        hparams=True,
+        pretrained=True,
+    )
     s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
     s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate")
     s.add_argument("--target", required=True)
@@ -269,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("compare-methods", "per merge method: correlation with mixture fine-tuning and the M2M choice")
     s.add_argument("--merge-eval", nargs="+", required=True, help="METHOD:TARGET=CSV")
     s.add_argument("--mixture", nargs="*", default=[], help="TARGET=CSV")
-    s.add_argument("--options", type=_json, default={}, help="JSON: {method: fixed options} (merge_eval.method_options)")
+    s.add_argument(
+        "--options", type=_json, default={}, help="JSON: {method: fixed options} (merge_eval.method_options)"
+    )
     s.add_argument("--tuned", nargs="*", default=[], help="METHOD:TARGET=JSON of tune-method")
     s.add_argument("--pretrained-csv", required=True)
     s.add_argument("--out", required=True)
@@ -286,17 +394,28 @@ def run(args) -> None:
 
     t = args.threads
     if args.stage == "check-config":
-        from mergemix.config import candidates_of, load_yaml, targets_of, validate_config
-
-        from mergemix.config import budget_evaluations, resolve_strategy
+        from mergemix.config import (
+            budget_evaluations,
+            candidates_of,
+            load_yaml,
+            resolve_strategy,
+            targets_of,
+            validate_config,
+        )
 
         cfg = validate_config(load_yaml(args.configfile), args.schema)
         for tgt in targets_of(cfg):
             n = len(candidates_of(cfg, tgt))
             strategy = resolve_strategy(cfg, n)
-            cost = 2**n - 1 if strategy == "exhaustive" else min(2**n - 1, budget_evaluations(cfg["merge_eval"]["budget"], n))
+            cost = (
+                2**n - 1
+                if strategy == "exhaustive"
+                else min(2**n - 1, budget_evaluations(cfg["merge_eval"]["budget"], n))
+            )
             unit = " (in val examples: budget x val size)" if strategy == "halving" else ""
-            print(f"{tgt}: {n} candidates, {2**n - 1} subsets; {strategy} search, at most {cost} merged evaluations{unit}")
+            print(
+                f"{tgt}: {n} candidates, {2**n - 1} subsets; {strategy} search, at most {cost} merged evaluations{unit}"
+            )
     elif args.stage == "pin-revisions":
         _pin_revisions(args)
     elif args.stage == "download":
@@ -310,16 +429,33 @@ def run(args) -> None:
     elif args.stage == "pretrain":
         stages.pretrain(args.backend, args.hparams, args.data, args.out, t)
     elif args.stage in ("finetune", "finetune-pack", "final-finetune", "final-finetune-pack"):
-        every = {"checkpoint_every_steps": args.checkpoint_every_steps, "checkpoint_every_seconds": args.checkpoint_every_seconds}
+        every = {
+            "checkpoint_every_steps": args.checkpoint_every_steps,
+            "checkpoint_every_seconds": args.checkpoint_every_seconds,
+        }
         if args.stage == "finetune":
             stages.finetune(args.backend, args.hparams, args.pretrained, args.data, args.out, t, **every)
         elif args.stage == "finetune-pack":
-            stages.finetune_pack(args.backend, args.hparams, args.pretrained, _pack_jobs(_pairs(args.data), args.subsets, args.out),
-                                 t, **every)
+            stages.finetune_pack(
+                args.backend,
+                args.hparams,
+                args.pretrained,
+                _pack_jobs(_pairs(args.data), args.subsets, args.out),
+                t,
+                **every,
+            )
         elif args.stage == "final-finetune":
             r = stages.final_finetune(
-                args.backend, args.hparams, args.pretrained, args.merge_eval, _pairs(args.data), args.target, args.out,
-                args.eval_out, t, **every,
+                args.backend,
+                args.hparams,
+                args.pretrained,
+                args.merge_eval,
+                _pairs(args.data),
+                args.target,
+                args.out,
+                args.eval_out,
+                t,
+                **every,
             )
             logging.getLogger("mergemix").info("final model: %s", r)
         else:
@@ -333,8 +469,19 @@ def run(args) -> None:
             tuned = tuned_options(args.options_from[0])
             args.merge = {**args.merge, "options": {**(args.merge.get("options") or {}), **tuned}}
         stages.merge_eval(
-            args.backend, args.merge, args.pretrained, _pairs(args.models), args.target, args.chunk, args.chunks, args.out, t,
-            subset_ids=args.subsets, eval_spec=args.eval, test=args.test, test_subsets=args.test_subsets,
+            args.backend,
+            args.merge,
+            args.pretrained,
+            _pairs(args.models),
+            args.target,
+            args.chunk,
+            args.chunks,
+            args.out,
+            t,
+            subset_ids=args.subsets,
+            eval_spec=args.eval,
+            test=args.test,
+            test_subsets=args.test_subsets,
         )
     elif args.stage == "import-model":
         from mergemix.given import import_model
@@ -350,21 +497,58 @@ def run(args) -> None:
         budget = args.budget
         if budget is not None and float(budget).is_integer() and budget >= 1:
             budget = int(budget)
-        table = select(args.backend, args.pretrained, _pairs(args.models), args.target, args.out, split=args.split,
-                       strategy=args.strategy, budget=budget, seed=args.seed, method=args.method, options=args.options,
-                       work_dir=args.work_dir, threads=t)
+        table = select(
+            args.backend,
+            args.pretrained,
+            _pairs(args.models),
+            args.target,
+            args.out,
+            split=args.split,
+            strategy=args.strategy,
+            budget=budget,
+            seed=args.seed,
+            method=args.method,
+            options=args.options,
+            work_dir=args.work_dir,
+            threads=t,
+        )
         print(table.head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(f"\n{len(table)} subsets ranked on val; chosen: {table.iloc[0]['subset']} -> {args.out}")
     elif args.stage == "tune-method":
         from mergemix.tuning import tune_method
 
-        tune_method(args.backend, args.method, args.fixed, args.space, args.tune, args.search, args.pretrained,
-                    _pairs(args.models), args.target, args.out, args.out_csv, journal=args.journal, threads=t,
-                    eval_spec=args.eval)
+        tune_method(
+            args.backend,
+            args.method,
+            args.fixed,
+            args.space,
+            args.tune,
+            args.search,
+            args.pretrained,
+            _pairs(args.models),
+            args.target,
+            args.out,
+            args.out_csv,
+            journal=args.journal,
+            threads=t,
+            eval_spec=args.eval,
+        )
     elif args.stage == "search":
         stages.search(
-            args.backend, args.merge, args.search, args.pretrained, _pairs(args.models), args.target, args.out,
-            args.summary, args.worker, args.workers, args.journal, t, eval_spec=args.eval, test=args.test,
+            args.backend,
+            args.merge,
+            args.search,
+            args.pretrained,
+            _pairs(args.models),
+            args.target,
+            args.out,
+            args.summary,
+            args.worker,
+            args.workers,
+            args.journal,
+            t,
+            eval_spec=args.eval,
+            test=args.test,
         )
     elif args.stage == "gather":
         stages.gather(args.chunks, args.candidates, args.out, args.summaries, args.summary)
@@ -385,27 +569,67 @@ def run(args) -> None:
 
         opts = args.options
         analyze(
-            args.targets, args.pretrained_csv, _pairs(args.merge_eval), _pairs(args.mixture), _pairs(args.similarity),
-            _pairs(args.final), args.out_dir, eps=opts.get("logit_eps", 1e-4), figure_formats=opts.get("figure_formats", ["png", "pdf"]),
-            search=_pairs(args.search), merge_eval_sampled=_pairs(args.merge_eval_sampled), mixtures=opts.get("mixtures", "all"),
+            args.targets,
+            args.pretrained_csv,
+            _pairs(args.merge_eval),
+            _pairs(args.mixture),
+            _pairs(args.similarity),
+            _pairs(args.final),
+            args.out_dir,
+            eps=opts.get("logit_eps", 1e-4),
+            figure_formats=opts.get("figure_formats", ["png", "pdf"]),
+            search=_pairs(args.search),
+            merge_eval_sampled=_pairs(args.merge_eval_sampled),
+            mixtures=opts.get("mixtures", "all"),
             weighted=_pairs(args.weighted),
         )
     elif args.stage == "weights-search":
         from mergemix.weighting import weights_search
 
-        weights_search(args.backend, args.weights, args.pretrained, _pairs(args.models), args.target, args.merge_eval,
-                       args.out, args.out_csv, journal=args.journal, threads=t, eval_spec=args.eval)
+        weights_search(
+            args.backend,
+            args.weights,
+            args.pretrained,
+            _pairs(args.models),
+            args.target,
+            args.merge_eval,
+            args.out,
+            args.out_csv,
+            journal=args.journal,
+            threads=t,
+            eval_spec=args.eval,
+        )
     elif args.stage == "weighted-finetune":
         from mergemix.weighting import weighted_finetune
 
-        r = weighted_finetune(args.backend, args.hparams, args.pretrained, args.weights, _pairs(args.data), args.target,
-                              args.out, args.eval_out, t)
+        r = weighted_finetune(
+            args.backend,
+            args.hparams,
+            args.pretrained,
+            args.weights,
+            _pairs(args.data),
+            args.target,
+            args.out,
+            args.eval_out,
+            t,
+        )
         logging.getLogger("mergemix").info("weighted model: %s", r)
     elif args.stage == "weights-check":
         from mergemix.weighting import weights_check
 
-        weights_check(args.backend, args.hparams, args.pretrained, _pairs(args.models), _pairs(args.data), args.target,
-                      args.samples, args.seed, args.out, t, eval_spec=args.eval)
+        weights_check(
+            args.backend,
+            args.hparams,
+            args.pretrained,
+            _pairs(args.models),
+            _pairs(args.data),
+            args.target,
+            args.samples,
+            args.seed,
+            args.out,
+            t,
+            eval_spec=args.eval,
+        )
     elif args.stage == "weights-check-table":
         from mergemix.weighting import weights_check_table
 
@@ -425,8 +649,16 @@ def run(args) -> None:
             if not sep:
                 raise SystemExit(f"mergemix: expected METHOD:TARGET=JSON, got {key}={path}")
             tuned[(method, target)] = path
-        compare_methods(per, _pairs(args.mixture), args.pretrained_csv, args.out, args.figure, args.formats,
-                        options=args.options, tuned=tuned)
+        compare_methods(
+            per,
+            _pairs(args.mixture),
+            args.pretrained_csv,
+            args.out,
+            args.figure,
+            args.formats,
+            options=args.options,
+            tuned=tuned,
+        )
     elif args.stage == "show":
         import pandas as pd
 
@@ -440,7 +672,9 @@ def _pack_jobs(data: dict[str, str], subset_ids: Sequence[str], outs: Sequence[s
     from mergemix.subsets import parse_subset
 
     if len(subset_ids) != len(outs):
-        raise ValueError(f"--subsets names {len(subset_ids)} fine-tunes but --out {len(outs)} model files; give one each")
+        raise ValueError(
+            f"--subsets names {len(subset_ids)} fine-tunes but --out {len(outs)} model files; give one each"
+        )
     jobs = []
     for sid, out in zip(subset_ids, outs):
         names = parse_subset(sid)
@@ -453,7 +687,12 @@ def _pack_jobs(data: dict[str, str], subset_ids: Sequence[str], outs: Sequence[s
 
 def _final_jobs(args) -> list[dict]:
     """``final-finetune-pack``'s jobs, one per target of --candidates."""
-    data, merge_eval, out, eval_out = _pairs(args.data), _pairs(args.merge_eval), _pairs(args.out), _pairs(args.eval_out)
+    data, merge_eval, out, eval_out = (
+        _pairs(args.data),
+        _pairs(args.merge_eval),
+        _pairs(args.out),
+        _pairs(args.eval_out),
+    )
     jobs = []
     for target, cands in args.candidates.items():
         for flag, given in (("--merge-eval", merge_eval), ("--out", out), ("--eval-out", eval_out), ("--data", data)):
@@ -462,8 +701,15 @@ def _final_jobs(args) -> list[dict]:
         missing = [c for c in cands if c not in data]
         if missing:
             raise ValueError(f"--data: no NAME=FOLDER for candidates {', '.join(missing)} of target {target!r}")
-        jobs.append({"merge_eval_csv": merge_eval[target], "data_dirs": {c: data[c] for c in cands},
-                     "target_dir": data[target], "out_path": out[target], "eval_out": eval_out[target]})
+        jobs.append(
+            {
+                "merge_eval_csv": merge_eval[target],
+                "data_dirs": {c: data[c] for c in cands},
+                "target_dir": data[target],
+                "out_path": out[target],
+                "eval_out": eval_out[target],
+            }
+        )
     return jobs
 
 

@@ -66,8 +66,11 @@ def _duplicates(items) -> list:
 
 def _message(err) -> str:
     key = _path(err)
-    if err.validator == "type" and _number_hint(err.instance) and {"number", "integer"} & set(
-        [err.validator_value] if isinstance(err.validator_value, str) else err.validator_value
+    if (
+        err.validator == "type"
+        and _number_hint(err.instance)
+        and {"number", "integer"}
+        & set([err.validator_value] if isinstance(err.validator_value, str) else err.validator_value)
     ):
         return f"{key}: expected a number, got the string {err.instance!r}; {_number_hint(err.instance)}"
     if err.validator == "type" and err.instance is None:
@@ -77,7 +80,9 @@ def _message(err) -> str:
         return f"{key}: {err.instance!r} is not allowed; give a value {op} {err.validator_value}"
     if err.validator == "minProperties" and not err.instance:
         return f"{key}: empty; list at least {err.validator_value} entries (see config/README.md)"
-    if err.validator == "uniqueItems" or (key == "targets" and isinstance(err.instance, list) and _duplicates(err.instance)):
+    if err.validator == "uniqueItems" or (
+        key == "targets" and isinstance(err.instance, list) and _duplicates(err.instance)
+    ):
         dup = ", ".join(map(repr, _duplicates(err.instance)))
         return f"{key}: {dup} listed more than once; list each name once"
     if err.validator == "required":
@@ -219,28 +224,42 @@ def given_problems(config: dict, targets: list[str]) -> list[str]:
     allowed = BACKEND_FORMATS.get(backend)
     for name, spec in models.items():
         if name not in config["datasets"]:
-            problems.append(f"models.{name}: {name!r} is not a dataset of the study; allowed: {', '.join(sorted(config['datasets']))}")
+            problems.append(
+                f"models.{name}: {name!r} is not a dataset of the study; allowed: {', '.join(sorted(config['datasets']))}"
+            )
         if allowed is not None and spec.get("format", "auto") not in ("auto", *allowed):
-            problems.append(f"models.{name}.format: {spec['format']!r} is not read by the {backend!r} backend; "
-                            f"allowed: auto, {', '.join(allowed)}")
+            problems.append(
+                f"models.{name}.format: {spec['format']!r} is not read by the {backend!r} backend; "
+                f"allowed: auto, {', '.join(allowed)}"
+            )
         if "path" in spec:
             path = os.path.expanduser(spec["path"])
             if not os.path.exists(path):
-                problems.append(f"models.{name}.path: {spec['path']} does not exist; fix the path (relative paths are "
-                                "from the folder snakemake runs in)")
+                problems.append(
+                    f"models.{name}.path: {spec['path']} does not exist; fix the path (relative paths are "
+                    "from the folder snakemake runs in)"
+                )
             if "revision" in spec or "subfolder" in spec:
-                problems.append(f"models.{name}: revision and subfolder are for hub models; remove them from a local path")
+                problems.append(
+                    f"models.{name}: revision and subfolder are for hub models; remove them from a local path"
+                )
         elif "revision" not in spec:
-            problems.append(f"models.{name}: hub model {spec['hub']!r} has no revision; add revision: main and pin it "
-                            "to a commit with `mergemix pin-revisions <config> --write` (or add revision: <commit>)")
+            problems.append(
+                f"models.{name}: hub model {spec['hub']!r} has no revision; add revision: main and pin it "
+                "to a commit with `mergemix pin-revisions <config> --write` (or add revision: <commit>)"
+            )
     cands = sorted({c for t in targets for c in candidates_of(config, t)})
     missing = [c for c in cands if c not in models]
     if missing:
-        problems.append(f"models: no given model for candidate(s) {', '.join(missing)}; give one per candidate dataset "
-                        "(given models are not combined with mergemix's own fine-tunes: their hyperparameters differ)")
+        problems.append(
+            f"models: no given model for candidate(s) {', '.join(missing)}; give one per candidate dataset "
+            "(given models are not combined with mergemix's own fine-tunes: their hyperparameters differ)"
+        )
     if config["mixture"]["enabled"]:
-        problems.append("mixture.enabled: the correlation study fine-tunes mixtures to compare with single-dataset "
-                        "models, which here are given (other hyperparameters); set mixture.enabled: false")
+        problems.append(
+            "mixture.enabled: the correlation study fine-tunes mixtures to compare with single-dataset "
+            "models, which here are given (other hyperparameters); set mixture.enabled: false"
+        )
     return problems
 
 
@@ -277,7 +296,9 @@ def search_problems(config: dict, targets: list[str]) -> list[str]:
     me, mix = config["merge_eval"], config["mixture"]
     name = me["strategy"]
     if name not in ("auto", WEIGHTS_STRATEGY) and name not in strategy_names():
-        return [f"merge_eval.strategy: unknown search strategy {name!r}; allowed: auto, weights, {', '.join(strategy_names())}"]
+        return [
+            f"merge_eval.strategy: unknown search strategy {name!r}; allowed: auto, weights, {', '.join(strategy_names())}"
+        ]
     from mergemix.search.weights import check_options as weights_problems
 
     problems += weights_problems(me.get("weights") or {})
@@ -298,17 +319,23 @@ def search_problems(config: dict, targets: list[str]) -> list[str]:
     fixed_all = me.get("method_options") or {}
     for m, opts in fixed_all.items():
         if m not in methods:
-            problems.append(f"merge_eval.method_options.{m}: {m!r} is not in merge_eval.methods {methods}; add it there or remove these options")
+            problems.append(
+                f"merge_eval.method_options.{m}: {m!r} is not in merge_eval.methods {methods}; add it there or remove these options"
+            )
         else:
             problems += merge_methods.check_options(m, opts, prefix=f"merge_eval.method_options.{m}")
     for m, space in ((me.get("tune") or {}).get("space") or {}).items():
         if m not in methods:
-            problems.append(f"merge_eval.tune.space.{m}: {m!r} is not in merge_eval.methods {methods}; add it there or remove its space")
+            problems.append(
+                f"merge_eval.tune.space.{m}: {m!r} is not in merge_eval.methods {methods}; add it there or remove its space"
+            )
         else:
             problems += merge_methods.check_tune_space(m, space, fixed_all.get(m) or {})
     if methods and any(resolve_strategy(config, len(candidates_of(config, t))) != "exhaustive" for t in targets):
-        problems.append("merge_eval.methods: comparing merge methods scores every subset; it needs the exhaustive "
-                        "strategy for every target (raise merge_eval.budget or remove merge_eval.methods)")
+        problems.append(
+            "merge_eval.methods: comparing merge methods scores every subset; it needs the exhaustive "
+            "strategy for every target (raise merge_eval.budget or remove merge_eval.methods)"
+        )
     if name == "auto" and me["strategy_options"]:
         problems.append(
             "merge_eval.strategy_options: options need a named strategy; set merge_eval.strategy "
@@ -368,8 +395,11 @@ def merge_option_problems(method: str, fn, options: dict) -> list[str]:
     sig = inspect.signature(fn)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     allowed = {
-        n: p.default for n, p in sig.parameters.items()
-        if n not in ("thetas", "theta0") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+        n: p.default
+        for n, p in sig.parameters.items()
+        if n not in ("thetas", "theta0")
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is not p.empty
     }
     problems = []
     for k, v in options.items():
@@ -384,9 +414,14 @@ def merge_option_problems(method: str, fn, options: dict) -> list[str]:
         if default is None:
             continue
         want = type(default)
-        ok = isinstance(v, bool) if want is bool else (
-            isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
-            isinstance(v, want) and not (isinstance(v, bool) and want is not bool)
+        ok = (
+            isinstance(v, bool)
+            if want is bool
+            else (
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+                if want is float
+                else isinstance(v, want) and not (isinstance(v, bool) and want is not bool)
+            )
         )
         if not ok:
             hint = _number_hint(v)

@@ -132,8 +132,16 @@ def plot_overview(sel, out_base, formats) -> bytes:
         vals = sel[col].to_numpy(dtype=float)
         ax.bar(x - 0.4 + width * (k + 0.5), vals, width, label=lab, color=colour)
     if "random" in sel.columns and sel["random"].notna().any():
-        ax.scatter(x, sel["random"].to_numpy(dtype=float), marker="_", s=600, color="k", linewidths=2, zorder=3,
-                   label="Random selection: mean over the fine-tuned mixtures")
+        ax.scatter(
+            x,
+            sel["random"].to_numpy(dtype=float),
+            marker="_",
+            s=600,
+            color="k",
+            linewidths=2,
+            zorder=3,
+            label="Random selection: mean over the fine-tuned mixtures",
+        )
     if n:
         ax.axvline(n - 1.5, color="grey", lw=0.6, ls=":")  # the average apart
     ax.set_xticks(x)
@@ -144,8 +152,15 @@ def plot_overview(sel, out_base, formats) -> bytes:
     ax.set_title("Merge to Mix per target: merged vs fine-tuned on its chosen mixture, chosen vs oracle", fontsize=10)
     handles, names = ax.get_legend_handles_labels()
     order = sorted(range(len(names)), key=lambda i: names[i].startswith("Random"))  # the bars first
-    ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize=8, loc="upper center",
-              bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    ax.legend(
+        [handles[i] for i in order],
+        [names[i] for i in order],
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.22),
+        ncol=2,
+        frameon=False,
+    )
     fig.tight_layout()
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

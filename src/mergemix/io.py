@@ -33,8 +33,9 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 def _disk_full(path, e: OSError) -> DiskFullError:
     what = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on device"
     return DiskFullError(
-        e.errno, f"{what} while writing {path}; nothing was written there: free space on the filesystem of "
-        f"{Path(path).parent} (or set results_dir to a larger one) and rerun"
+        e.errno,
+        f"{what} while writing {path}; nothing was written there: free space on the filesystem of "
+        f"{Path(path).parent} (or set results_dir to a larger one) and rerun",
     )
 
 
@@ -167,8 +168,17 @@ def load_arrays(path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-_ST_DTYPES = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
-              "F16": np.float16, "F32": np.float32, "F64": np.float64, "BOOL": np.bool_}
+_ST_DTYPES = {
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "BOOL": np.bool_,
+}
 
 
 def arrays_header(path) -> dict:
@@ -186,11 +196,15 @@ def arrays_header(path) -> dict:
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: the safetensors header is not valid JSON; the file was truncated or overwritten") from None
+            raise ValueError(
+                f"{path}: the safetensors header is not valid JSON; the file was truncated or overwritten"
+            ) from None
     try:
         end = max((int(m["data_offsets"][1]) for k, m in header.items() if k != "__metadata__"), default=0)
     except (AttributeError, KeyError, TypeError, IndexError, ValueError):
-        raise ValueError(f"{path}: the safetensors header is malformed; the file was overwritten by something else") from None
+        raise ValueError(
+            f"{path}: the safetensors header is malformed; the file was overwritten by something else"
+        ) from None
     if 8 + n + end != size:
         raise ValueError(
             f"{path}: {size} bytes, but its header describes {8 + n + end}; the file was truncated or overwritten"
@@ -232,7 +246,7 @@ def manifest_path(model_path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
-def save_model(path, state: Mapping[str, "torch.Tensor"], manifest: Mapping[str, Any]) -> dict:  # noqa: F821
+def save_model(path, state: Mapping[str, torch.Tensor], manifest: Mapping[str, Any]) -> dict:  # noqa: F821
     """Save a state dict as safetensors and write its manifest (with the file's sha256) beside it."""
     from safetensors.torch import save_file
 
@@ -261,9 +275,7 @@ def load_model(path, verify: bool = True) -> tuple[dict, dict]:
     path = Path(path)
     mpath = manifest_path(path)
     if not path.exists() or not mpath.exists():
-        raise ModelFileError(
-            f"model {path} or its manifest {mpath} is missing; rerun the stage that writes it"
-        )
+        raise ModelFileError(f"model {path} or its manifest {mpath} is missing; rerun the stage that writes it")
     manifest = read_json(mpath)
     if verify and manifest.get("sha256") != sha256_file(path):
         raise ModelFileError(

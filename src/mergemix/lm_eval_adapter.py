@@ -16,9 +16,7 @@ def _require():
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise ImportError(
-            "lm_eval targets need lm-evaluation-harness: pip install 'mergemix[lm-eval]'"
-        ) from None
+        raise ImportError("lm_eval targets need lm-evaluation-harness: pip install 'mergemix[lm-eval]'") from None
 
 
 def evaluate_lm_eval(backend, model, record: dict) -> float:
@@ -36,15 +34,22 @@ def evaluate_lm_eval(backend, model, record: dict) -> float:
     names = [t["name"] for t in record["tasks"]]
     lo, hi = record["docs"]
     res = simple_evaluate(
-        model=lm, tasks=names, num_fewshot=record.get("num_fewshot"), task_manager=tm,
-        samples={n: list(range(lo, hi)) for n in names}, log_samples=False, bootstrap_iters=0,
+        model=lm,
+        tasks=names,
+        num_fewshot=record.get("num_fewshot"),
+        task_manager=tm,
+        samples={n: list(range(lo, hi)) for n in names},
+        log_samples=False,
+        bootstrap_iters=0,
     )
     scores = []
     for t in record["tasks"]:
         row = res["results"][t["name"]]
         key = next((k for k in row if k == t["metric"] or k.startswith(t["metric"] + ",")), None)
         if key is None:
-            raise KeyError(f"lm_eval task {t['name']!r} has no metric {t['metric']!r}; it reports: {', '.join(sorted(row))}")
+            raise KeyError(
+                f"lm_eval task {t['name']!r} has no metric {t['metric']!r}; it reports: {', '.join(sorted(row))}"
+            )
         scores.append(float(row[key]))
     log.info("lm_eval %s docs [%d, %d): %s", record["split"], lo, hi, dict(zip(names, scores)))
     return sum(scores) / len(scores)

@@ -29,7 +29,6 @@ from mergemix import io, merging, subsets
 from mergemix.backends.base import Backend
 from mergemix.data.prepared import PreparedDataset
 
-
 if TYPE_CHECKING:  # pandas is imported lazily: it costs every short job ~0.3 s
     import pandas as pd
 
@@ -49,8 +48,16 @@ class MergeEvaluator:
     ``reanchor_every``: incremental row operations after which the running sum is rebuilt (None:
     :class:`mergemix.merging.RunningSum`'s default for its dtype)."""
 
-    def __init__(self, backend: Backend, pretrained_path, model_paths: Mapping[str, str], method: str = "uniform", options=None,
-                 incremental: bool = True, reanchor_every: int | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        pretrained_path,
+        model_paths: Mapping[str, str],
+        method: str = "uniform",
+        options=None,
+        incremental: bool = True,
+        reanchor_every: int | None = None,
+    ):
         self.backend = backend
         self.names = sorted(model_paths)
         self.model = backend.load_pretrained(pretrained_path)
@@ -68,8 +75,16 @@ class MergeEvaluator:
         rows, first = [], {}
         for name in self.names:  # each model derives from this pre-trained model and backend, and is `name`'s
             state, manifest = io.load_model(model_paths[name])
-            provenance.check_model(manifest, state, path=model_paths[name], expected_datasets=[name], pretrained=pre,
-                                   backend=backend, reference=saved, pretrained_path=pretrained_path)
+            provenance.check_model(
+                manifest,
+                state,
+                path=model_paths[name],
+                expected_datasets=[name],
+                pretrained=pre,
+                backend=backend,
+                reference=saved,
+                pretrained_path=pretrained_path,
+            )
             first = first or {model_paths[name]: manifest}
             provenance.check_same_hyperparameters({**first, model_paths[name]: manifest})
             rows.append(merging.flatten_state(backend.to_merge_space(state), self.keys))
@@ -94,7 +109,9 @@ class MergeEvaluator:
     def merged_vector(self, mask: int) -> torch.Tensor:
         """The merged state of ``mask`` computed from scratch (a new ``[P]`` tensor)."""
         idx = [i for i in range(len(self.names)) if mask >> i & 1]
-        return merging.merge(self.method, self.thetas[idx], self.theta0, segments=self.segments, rows=idx, **self.options)
+        return merging.merge(
+            self.method, self.thetas[idx], self.theta0, segments=self.segments, rows=idx, **self.options
+        )
 
     @torch.no_grad()
     def weighted_vector(self, weights) -> torch.Tensor:
@@ -157,12 +174,22 @@ class MergeEvaluator:
     def row(self, mask: int, val_acc: float, test_acc: float, order: int, val_examples: int) -> dict:
         names = subsets.mask_to_names(mask, self.names)
         return {
-            "subset": subsets.subset_id(names), "size": len(names), "val_acc": val_acc, "test_acc": test_acc,
-            "order": order, "val_examples": val_examples,
+            "subset": subsets.subset_id(names),
+            "size": len(names),
+            "val_acc": val_acc,
+            "test_acc": test_acc,
+            "order": order,
+            "val_examples": val_examples,
         }
 
-    def run(self, target: PreparedDataset, masks: Sequence[int], orders: Sequence[int] | None = None, test: str = "all",
-            test_masks: Iterable[int] = ()) -> pd.DataFrame:
+    def run(
+        self,
+        target: PreparedDataset,
+        masks: Sequence[int],
+        orders: Sequence[int] | None = None,
+        test: str = "all",
+        test_masks: Iterable[int] = (),
+    ) -> pd.DataFrame:
         """Every subset in ``masks``, in that order, on the whole val split (the exhaustive strategy:
         give the masks of :func:`mergemix.subsets.gray_chunk`, one add or subtract per step).
 
@@ -191,7 +218,7 @@ class MergeEvaluator:
         stack = contextlib.ExitStack()
         bar = progress_bar(stack, len(pairs), 0, "merge-eval", unit="model")
         for start in range(0, len(pairs), k):  # k merged models per forward pass (batched adapters)
-            group = pairs[start:start + k]
+            group = pairs[start : start + k]
             if k == 1:
                 mask, order = group[0]
                 val = self.evaluate(target, "val", mask)
@@ -202,10 +229,19 @@ class MergeEvaluator:
                 with self.backend.eval_context():
                     vals = self.backend.evaluate_many(self.model, target, "val", states)
                     scored = [i for i, (m, _) in enumerate(group) if test == "all" or m in wanted]
-                    tests = dict(zip(scored, self.backend.evaluate_many(self.model, target, "test", [states[i] for i in scored])
-                                     if scored else []))
+                    tests = dict(
+                        zip(
+                            scored,
+                            self.backend.evaluate_many(self.model, target, "test", [states[i] for i in scored])
+                            if scored
+                            else [],
+                        )
+                    )
                 self.mask = None  # evaluate_many leaves the live weights undefined
-                rows += [self.row(m, v, tests.get(i, float("nan")), o, n_val) for i, ((m, o), v) in enumerate(zip(group, vals))]
+                rows += [
+                    self.row(m, v, tests.get(i, float("nan")), o, n_val)
+                    for i, ((m, o), v) in enumerate(zip(group, vals))
+                ]
             done = start + len(group)
             if bar is not None:
                 bar.update(len(group))
@@ -214,8 +250,15 @@ class MergeEvaluator:
                 last = now
                 rate = done / max(now - t0, 1e-9)
                 best = max(rows, key=lambda r: r["val_acc"])
-                log.info("merge-eval: %d/%d merged models (%.1f/s, ETA %.0fs), best val_acc so far %.4f (%s)",
-                         done, len(pairs), rate, (len(pairs) - done) / rate, best["val_acc"], best["subset"])
+                log.info(
+                    "merge-eval: %d/%d merged models (%.1f/s, ETA %.0fs), best val_acc so far %.4f (%s)",
+                    done,
+                    len(pairs),
+                    rate,
+                    (len(pairs) - done) / rate,
+                    best["val_acc"],
+                    best["subset"],
+                )
         stack.close()
         df = pd.DataFrame(rows, columns=COLUMNS)
         if test == "selected" and len(df):

@@ -13,7 +13,7 @@ task_arithmetic, ties, dare, dare_ties) and are registered here on the first loo
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ MergeFn = Callable[..., torch.Tensor]
 # merged state is ``a * sum(thetas) + b * theta0`` for ``k`` selected models. The merge-eval engine
 # keeps that sum as a running sum (one row added or removed per Gray-code step); a method without
 # it (TIES, DARE...) is merged from scratch for every subset.
-LINEAR: Dict[str, Callable[..., Tuple[float, float]]] = {}
+LINEAR: dict[str, Callable[..., tuple[float, float]]] = {}
 
 # name -> the module whose ``METHODS`` table has it (a mergemix.merge_methods.MergeMethod each)
 BUILTIN_METHODS = {
@@ -52,7 +52,7 @@ def _adopt_method(name: str, obj) -> None:
 MERGE_METHODS: Registry = Registry("merge method", GROUPS["merge_methods"], BUILTIN_METHODS, _adopt_method)
 
 
-def register_merge_method(name: str, linear: Callable[..., Tuple[float, float]] | None = None):
+def register_merge_method(name: str, linear: Callable[..., tuple[float, float]] | None = None):
     """Decorator adding ``fn(thetas, theta0, **options)`` to the registry (a plugin's method, say).
     A function may declare its options as ``fn.options`` (``mergemix.merge_methods`` Options) to
     have them checked at config check; otherwise its keyword names and default types are."""
@@ -82,8 +82,9 @@ def get_merge_method(name: str) -> MergeFn:
     return MERGE_METHODS[name]
 
 
-def merge(method: str, thetas: torch.Tensor, theta0: torch.Tensor | None = None, *, segments=None, rows=None,
-          **options) -> torch.Tensor:
+def merge(
+    method: str, thetas: torch.Tensor, theta0: torch.Tensor | None = None, *, segments=None, rows=None, **options
+) -> torch.Tensor:
     """Merge the rows of ``thetas`` with ``method``. ``segments`` (sizes of the parameter tensors in
     the flat vector) and ``rows`` (the rows' indices among all candidates) go to methods that take
     them (TIES/DARE ``scope: tensor``, DARE's per-model drop masks)."""
@@ -95,7 +96,7 @@ def merge(method: str, thetas: torch.Tensor, theta0: torch.Tensor | None = None,
     return fn(thetas, theta0, **options)
 
 
-def flatten_state(state: Dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+def flatten_state(state: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
     """Concatenate the tensors of ``state`` in ``keys`` order into one float32 vector."""
     return torch.cat([state[k].detach().reshape(-1).to(torch.float32) for k in keys])
 
@@ -111,7 +112,7 @@ def unflatten_into(vec: torch.Tensor, params: list[torch.Tensor]) -> None:
         raise ValueError(f"flat vector has {vec.numel()} values, parameters need {offset}")
 
 
-def linear_coefficients(method: str, k: int, **options) -> Tuple[float, float] | None:
+def linear_coefficients(method: str, k: int, **options) -> tuple[float, float] | None:
     """``(a, b)`` with merged = ``a * sum(thetas) + b * theta0`` for ``k`` selected models, or None
     for a method that is not linear in the sum (merged from scratch for every subset)."""
     get_merge_method(method)
@@ -124,7 +125,7 @@ def linear_coefficients(method: str, k: int, **options) -> Tuple[float, float] |
         return None
 
 
-def _bits(mask: int) -> List[int]:
+def _bits(mask: int) -> list[int]:
     return [i for i in range(mask.bit_length()) if mask >> i & 1]
 
 
@@ -222,7 +223,11 @@ class LiveParams:
         self.params = list(params)
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
-        device = torch.device(device) if device is not None else (self.params[0].device if self.params else torch.device("cpu"))
+        device = (
+            torch.device(device)
+            if device is not None
+            else (self.params[0].device if self.params else torch.device("cpu"))
+        )
         self.flat: torch.Tensor | None = None
         if self.params and all(p.dtype == torch.float32 and p.device == device for p in self.params):
             with torch.no_grad():

@@ -19,8 +19,18 @@ import pandas as pd
 from mergemix import io, metrics
 
 COLUMNS = [
-    "method", "target", "options", "tuned", "n_points", "pearson_acc", "pearson_logit", "m2m_subset", "m2m_merged", "m2m_finetuned",
-    "oracle", "evaluations",
+    "method",
+    "target",
+    "options",
+    "tuned",
+    "n_points",
+    "pearson_acc",
+    "pearson_logit",
+    "m2m_subset",
+    "m2m_merged",
+    "m2m_finetuned",
+    "oracle",
+    "evaluations",
 ]
 
 
@@ -31,12 +41,23 @@ def method_rows(method: str, target: str, merged: pd.DataFrame, mixture: pd.Data
 
     full = full_rows(merged)
     best = select_best(full)
-    row = {"method": method, "target": target, "m2m_subset": best["subset"], "m2m_merged": float(best["test_acc"]),
-           "evaluations": int(len(full)), "n_points": 0, "pearson_acc": float("nan"), "pearson_logit": float("nan"),
-           "m2m_finetuned": float("nan"), "oracle": float("nan")}
+    row = {
+        "method": method,
+        "target": target,
+        "m2m_subset": best["subset"],
+        "m2m_merged": float(best["test_acc"]),
+        "evaluations": int(len(full)),
+        "n_points": 0,
+        "pearson_acc": float("nan"),
+        "pearson_logit": float("nan"),
+        "m2m_finetuned": float("nan"),
+        "oracle": float("nan"),
+    }
     if mixture is not None and len(mixture):
         j = full[full["test_acc"].notna()].merge(mixture, on=["subset", "size"], suffixes=("_merged", "_mixture"))
-        r_acc, r_logit, n = metrics.merged_vs_mixture_pearson(j["size"], j["test_acc_merged"], j["test_acc_mixture"], base_acc)
+        r_acc, r_logit, n = metrics.merged_vs_mixture_pearson(
+            j["size"], j["test_acc_merged"], j["test_acc_mixture"], base_acc
+        )
         row.update(pearson_acc=r_acc, pearson_logit=r_logit, n_points=n)
         hit = mixture.loc[mixture["subset"] == best["subset"], "test_acc"]
         row["m2m_finetuned"] = float(hit.iloc[0]) if len(hit) else float("nan")
@@ -60,9 +81,8 @@ def compare_methods(
     (with the options used, as JSON) plus one ``average`` row per method."""
     import json
 
-    from mergemix.tuning import tuned_options
-
     from mergemix.tables import pretrained_test_acc, read_result_table
+    from mergemix.tuning import tuned_options
 
     pre = read_result_table(pretrained_csv, "pretrained").set_index("target")
     mixes = {t: read_result_table(p, "mixture") for t, p in mixture.items()}
@@ -81,8 +101,16 @@ def compare_methods(
     for method, g in df.groupby("method", sort=False):
         num = g.select_dtypes("number").mean()  # skips NaN
         num = num.drop(labels=["tuned"], errors="ignore")
-        averages.append({**num.to_dict(), "method": method, "target": "average", "m2m_subset": "", "options": "",
-                         "tuned": bool(g["tuned"].any())})
+        averages.append(
+            {
+                **num.to_dict(),
+                "method": method,
+                "target": "average",
+                "m2m_subset": "",
+                "options": "",
+                "tuned": bool(g["tuned"].any()),
+            }
+        )
     df = pd.concat([df, pd.DataFrame(averages, columns=COLUMNS)], ignore_index=True)
     io.write_csv(out_csv, df)
     if figure:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import yaml
 
@@ -39,7 +39,7 @@ _KIND = {"datasets": "dataset", "models": "model"}
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-def hub_datasets(config: dict) -> dict[str, tuple[str, Optional[str]]]:
+def hub_datasets(config: dict) -> dict[str, tuple[str, str | None]]:
     """name -> (hub repository id, configured revision) for every dataset read from a hub
     (local paths, which need no pin, are left out)."""
     out = {}
@@ -50,29 +50,31 @@ def hub_datasets(config: dict) -> dict[str, tuple[str, Optional[str]]]:
     return out
 
 
-def hub_models(config: dict) -> dict[str, tuple[str, Optional[str]]]:
+def hub_models(config: dict) -> dict[str, tuple[str, str | None]]:
     """name -> (hub repository id, configured revision) for every given model read from the hub
     (``models.<name>.hub``; models given by a local ``path`` are left out)."""
-    return {name: (str(spec[MODEL_REPO_KEY]), spec.get("revision"))
-            for name, spec in (config.get("models") or {}).items()
-            if spec.get(MODEL_REPO_KEY)}
+    return {
+        name: (str(spec[MODEL_REPO_KEY]), spec.get("revision"))
+        for name, spec in (config.get("models") or {}).items()
+        if spec.get(MODEL_REPO_KEY)
+    }
 
 
-def hub_commit(repo: str, revision: Optional[str]) -> str:
+def hub_commit(repo: str, revision: str | None) -> str:
     """The commit a hub dataset revision resolves to (network)."""
     from huggingface_hub import HfApi
 
     return HfApi().dataset_info(repo, revision=revision).sha
 
 
-def hub_model_commit(repo: str, revision: Optional[str]) -> str:
+def hub_model_commit(repo: str, revision: str | None) -> str:
     """The commit a hub model revision resolves to (network)."""
     from huggingface_hub import HfApi
 
     return HfApi().model_info(repo, revision=revision).sha
 
 
-def commit_or_none(repo: str, revision: Optional[str]) -> Optional[str]:
+def commit_or_none(repo: str, revision: str | None) -> str | None:
     """``hub_commit`` for a download's record: None, with a warning, where the hub cannot say (the
     download itself has succeeded; the record only informs a later pin)."""
     try:
@@ -82,7 +84,7 @@ def commit_or_none(repo: str, revision: Optional[str]) -> Optional[str]:
         return None
 
 
-def downloaded_commit(download_dir: Path) -> Optional[str]:
+def downloaded_commit(download_dir: Path) -> str | None:
     """The commit the download stage recorded in ``download_dir/download.json``, if any."""
     path = Path(download_dir) / "download.json"
     if not path.exists():
@@ -91,7 +93,7 @@ def downloaded_commit(download_dir: Path) -> Optional[str]:
     return info.get("resolved_revision")
 
 
-def downloaded_model(download_dir: Path) -> Optional[dict]:
+def downloaded_model(download_dir: Path) -> dict | None:
     """The record the ``download_model`` rule wrote in ``download_dir/download.json`` (``hub``,
     ``revision``, ``resolved_revision``: see mergemix.given.hub), if any."""
     path = Path(download_dir) / "download.json"
@@ -110,25 +112,32 @@ def _checked(kind: str, name: str, repo: str, revision, commit) -> str:
     return str(commit)
 
 
-def _model_record_commit(name: str, repo: str, revision: Optional[str], results_dir: Path) -> str:
+def _model_record_commit(name: str, repo: str, revision: str | None, results_dir: Path) -> str:
     """The commit ``download_model`` recorded for the model, refused when it is missing or was
     recorded for another repository or revision than the config now names."""
     where = Path(results_dir) / "given" / name / "download.json"
     record = downloaded_model(where.parent) or {}
     commit = record.get("resolved_revision")
     if commit is None:
-        raise ValueError(f"model {name!r} has no recorded commit in {where}; run its download first "
-                         "(snakemake ... --until download_model), or pin from the hub (leave out --from-downloads)")
+        raise ValueError(
+            f"model {name!r} has no recorded commit in {where}; run its download first "
+            "(snakemake ... --until download_model), or pin from the hub (leave out --from-downloads)"
+        )
     hub, rec_rev = record.get("hub"), record.get("revision")
     if hub != repo or (rec_rev is not None and revision is not None and str(rec_rev) != str(revision)):
-        raise ValueError(f"model {name!r}: {where} records {hub}@{rec_rev}, but the config names {repo}@{revision}; "
-                         "download it again, or pin from the hub (leave out --from-downloads)")
+        raise ValueError(
+            f"model {name!r}: {where} records {hub}@{rec_rev}, but the config names {repo}@{revision}; "
+            "download it again, or pin from the hub (leave out --from-downloads)"
+        )
     return commit
 
 
-def resolve_pins(config: dict, results_dir: Optional[Path] = None,
-                 resolver: Optional[Callable[[str, Optional[str]], str]] = None,
-                 model_resolver: Optional[Callable[[str, Optional[str]], str]] = None) -> dict[str, dict]:
+def resolve_pins(
+    config: dict,
+    results_dir: Path | None = None,
+    resolver: Callable[[str, str | None], str] | None = None,
+    model_resolver: Callable[[str, str | None], str] | None = None,
+) -> dict[str, dict]:
     """``datasets.<name>`` / ``models.<name>`` -> {section, name, repo, revision (configured), commit}
     for each hub dataset, then each given model read from the hub.
 
@@ -152,8 +161,13 @@ def resolve_pins(config: dict, results_dir: Optional[Path] = None,
                 )
         else:
             commit = resolver(repo, revision)
-        pins[f"datasets.{name}"] = {"section": "datasets", "name": name, "repo": repo, "revision": revision,
-                                    "commit": _checked("dataset", name, repo, revision, commit)}
+        pins[f"datasets.{name}"] = {
+            "section": "datasets",
+            "name": name,
+            "repo": repo,
+            "revision": revision,
+            "commit": _checked("dataset", name, repo, revision, commit),
+        }
     for name, (repo, revision) in hub_models(config).items():
         if revision and _SHA.match(str(revision)):
             commit = str(revision)
@@ -161,8 +175,13 @@ def resolve_pins(config: dict, results_dir: Optional[Path] = None,
             commit = _model_record_commit(name, repo, revision, results_dir)
         else:
             commit = model_resolver(repo, revision)
-        pins[f"models.{name}"] = {"section": "models", "name": name, "repo": repo, "revision": revision,
-                                  "commit": _checked("model", name, repo, revision, commit)}
+        pins[f"models.{name}"] = {
+            "section": "models",
+            "name": name,
+            "repo": repo,
+            "revision": revision,
+            "commit": _checked("model", name, repo, revision, commit),
+        }
     return pins
 
 
@@ -198,24 +217,23 @@ def _pin_block(block: list[str], name: str, repo_key: str, commit: str, kind: st
         commit = f'"{commit}"'
 
     def in_comment(m) -> bool:
-        return "#" in text[text.rfind("\n", 0, m.start()) + 1: m.start()]
+        return "#" in text[text.rfind("\n", 0, m.start()) + 1 : m.start()]
 
-    found = [m for m in re.finditer(r"(\brevision:[ \t]*)([^,}\s#]+|\"[^\"]*\"|'[^']*')", text)
-             if not in_comment(m)]
+    found = [m for m in re.finditer(r"(\brevision:[ \t]*)([^,}\s#]+|\"[^\"]*\"|'[^']*')", text) if not in_comment(m)]
     if len(found) > 1:
         raise ValueError(f"{kind} {name!r} has {len(found)} 'revision:' keys in the config text; leave one")
     if found:
         m = found[0]
-        return (text[:m.start(2)] + commit + text[m.end(2):]).split("\n")
+        return (text[: m.start(2)] + commit + text[m.end(2) :]).split("\n")
     repo = next((m for m in re.finditer(rf"\b{repo_key}:[ \t]*([^,}}\s#]+)", text) if not in_comment(m)), None)
     if repo is None:
         raise ValueError(f"{kind} {name!r}: no '{repo_key}:' in its config text; add 'revision: {commit}' by hand")
-    line_no = text[:repo.start()].count("\n")
+    line_no = text[: repo.start()].count("\n")
     line = block[line_no]
     if "{" in block[0].split("#", 1)[0]:  # {source: ..., hub_id: X, ...}: insert after the repo value
-        return (text[:repo.end(1)] + f", revision: {commit}" + text[repo.end(1):]).split("\n")
+        return (text[: repo.end(1)] + f", revision: {commit}" + text[repo.end(1) :]).split("\n")
     indent = line[: len(line) - len(line.lstrip())]
-    return block[: line_no + 1] + [f"{indent}revision: {commit}"] + block[line_no + 1:]
+    return block[: line_no + 1] + [f"{indent}revision: {commit}"] + block[line_no + 1 :]
 
 
 def pin_text(text: str, config: dict, pins: dict[str, dict]) -> str:
@@ -238,8 +256,10 @@ def pin_text(text: str, config: dict, pins: dict[str, dict]) -> str:
     for (section, name), commit in targets:
         expected[section][name]["revision"] = commit
     if after != expected:
-        raise ValueError("pinning would change more than the revisions; the config was left as it is. Set each "
-                         "dataset's and model's 'revision:' to the commits printed above by hand")
+        raise ValueError(
+            "pinning would change more than the revisions; the config was left as it is. Set each "
+            "dataset's and model's 'revision:' to the commits printed above by hand"
+        )
     return new
 
 

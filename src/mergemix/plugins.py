@@ -39,7 +39,7 @@ import sys
 import threading
 from collections.abc import MutableMapping
 from types import ModuleType
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 # kind -> entry-point group
 GROUPS = {
@@ -54,7 +54,7 @@ REGISTRY_OBJECTS = {
     "merge_methods": "mergemix.merging:MERGE_METHODS",
 }
 
-_REGISTRIES: "list[Registry]" = []
+_REGISTRIES: list[Registry] = []
 
 
 class PluginError(ValueError):
@@ -93,30 +93,29 @@ class Registry(MutableMapping):
     :meth:`add` is the checked registration the ``register_*`` functions use.
     """
 
-    def __init__(self, what: str, group: str, builtins: Dict[str, str],
-                 adopt: Callable[[str, Any], None]):
+    def __init__(self, what: str, group: str, builtins: dict[str, str], adopt: Callable[[str, Any], None]):
         self.what = what  # "backend", "dataset source", "merge method": for messages
         self.group = group
         self.builtins = dict(builtins)
         # registers an object a target gave that did not register itself on import (a class or
         # function named by an entry point, a built-in whose module was imported already)
         self._adopt = adopt
-        self._loaded: Dict[str, Any] = {}
+        self._loaded: dict[str, Any] = {}
         self._from_plugins: set[str] = set()
         self._loading: set[str] = set()
         self._lock = threading.RLock()
-        self._plugin_cache: Optional[tuple] = None  # (tuple(sys.path), {name: EntryPoint})
+        self._plugin_cache: tuple | None = None  # (tuple(sys.path), {name: EntryPoint})
         _REGISTRIES.append(self)
 
     # --- discovery ------------------------------------------------------------------------------
-    def plugins(self) -> Dict[str, importlib.metadata.EntryPoint]:
+    def plugins(self) -> dict[str, importlib.metadata.EntryPoint]:
         """The entry points of this registry's group on ``sys.path`` (name -> entry point), checked
         for names clashing with a built-in or with each other. Nothing is imported."""
         key = tuple(sys.path)
         cache = self._plugin_cache
         if cache is not None and cache[0] == key:
             return cache[1]
-        found: Dict[str, importlib.metadata.EntryPoint] = {}
+        found: dict[str, importlib.metadata.EntryPoint] = {}
         for ep in importlib.metadata.entry_points(group=self.group):
             builtin = self.builtins.get(ep.name)
             if builtin is not None:
@@ -153,7 +152,7 @@ class Registry(MutableMapping):
         raise KeyError(name)
 
     # --- registration ---------------------------------------------------------------------------
-    def loaded(self) -> Dict[str, Any]:
+    def loaded(self) -> dict[str, Any]:
         """What is imported and registered so far (a copy)."""
         return dict(self._loaded)
 
@@ -210,11 +209,15 @@ class Registry(MutableMapping):
                 if name not in self._loaded:
                     self._adopt(name, obj)
                 if name not in self._loaded:
-                    raise PluginError(f"{self.what} {name!r}: {where} gave {_qualified(obj)}, which registered no "
-                                      f"{self.what} {name!r}")
+                    raise PluginError(
+                        f"{self.what} {name!r}: {where} gave {_qualified(obj)}, which registered no "
+                        f"{self.what} {name!r}"
+                    )
                 if not isinstance(obj, ModuleType) and self._loaded[name] is not obj:
-                    raise PluginError(f"{self.what} {name!r}: {where} gave {_qualified(obj)}, but the name is "
-                                      f"registered to {_qualified(self._loaded[name])}")
+                    raise PluginError(
+                        f"{self.what} {name!r}: {where} gave {_qualified(obj)}, but the name is "
+                        f"registered to {_qualified(self._loaded[name])}"
+                    )
                 return self._loaded[name]
             finally:
                 self._loading.discard(name)
@@ -240,7 +243,7 @@ class Registry(MutableMapping):
         self._loaded.clear()
         self._from_plugins.clear()
 
-    def load_all(self) -> Dict[str, Any]:
+    def load_all(self) -> dict[str, Any]:
         """Import every name (built-ins and plugins); name -> object."""
         return {n: self[n] for n in self.names()}
 

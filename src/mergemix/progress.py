@@ -16,6 +16,8 @@ def progress_bar(stack: contextlib.ExitStack, total: int, done: int = 0, name: s
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar = stack.enter_context(tqdm(total=total, initial=done, desc=name or None, unit=unit, leave=False, dynamic_ncols=True))
+    bar = stack.enter_context(
+        tqdm(total=total, initial=done, desc=name or None, unit=unit, leave=False, dynamic_ncols=True)
+    )
     stack.enter_context(logging_redirect_tqdm())
     return bar

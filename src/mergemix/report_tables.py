@@ -93,7 +93,7 @@ def _text(v) -> str:
 
 def _document(title: str, body: str) -> str:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_esc(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>{_esc(title)}</h1>\n"
         f"{body}\n</body>\n</html>\n"
     )
@@ -145,7 +145,9 @@ def selection_table(sel: pd.DataFrame) -> str:
             bold = c in BOLDED and best is not None and not _isnan(r[c]) and round(float(r[c]), 3) == best
             cells.append(_cell(r[c], classes=["mm-best"] if bold else []))
         label = "Average" if avg else _esc(r["target"])
-        rows.append(f'<tr class="{"mm-average" if avg else "mm-target"}"><td class="mm-row">{label}</td>{"".join(cells)}</tr>')
+        rows.append(
+            f'<tr class="{"mm-average" if avg else "mm-target"}"><td class="mm-row">{label}</td>{"".join(cells)}</tr>'
+        )
     return (
         '<table class="mm-table mm-selection">\n<thead><tr><th class="mm-row">Target task</th>'
         f"{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
@@ -173,7 +175,8 @@ def choices_table(sel: pd.DataFrame) -> str:
         "<th>Merge to Mix chose</th><th>Similarity selection chose</th><th>Oracle (best fine-tuned on validation)</th>"
         "<th>Search strategy</th><th>Merged models evaluated (of all subsets)</th>"
         "<th>Validation examples scored (of exhaustive)</th><th>Mixtures fine-tuned</th></tr></thead>\n<tbody>\n"
-        + "\n".join(rows) + "\n</tbody>\n</table>"
+        + "\n".join(rows)
+        + "\n</tbody>\n</table>"
     )
 
 
@@ -227,7 +230,7 @@ def correlation_html(corr: pd.DataFrame) -> str:
         n = "" if avg else EMPTY if _isnan(r["n_points"]) else f"{r['n_points']:.0f}"
         rows.append(
             f'<tr class="{"mm-average" if avg else "mm-target"}"><td class="mm-row">{label}</td><td>{n}</td>'
-            f'{_cell(r["pearson_logit"], 2)}{_cell(r["pearson_acc"], 2)}</tr>'
+            f"{_cell(r['pearson_logit'], 2)}{_cell(r['pearson_acc'], 2)}</tr>"
         )
     merged = (
         '<table class="mm-table mm-correlation">\n<thead><tr><th class="mm-row">Target task</th>'
@@ -235,7 +238,7 @@ def correlation_html(corr: pd.DataFrame) -> str:
         "<th>Pearson r, test accuracies</th></tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
     )
     head = "".join(
-        f"<th>{_esc(metric_label(m))} (eq. {METRIC_EQUATIONS[m]})<span class=\"mm-subset\">"
+        f'<th>{_esc(metric_label(m))} (eq. {METRIC_EQUATIONS[m]})<span class="mm-subset">'
         f"{'higher' if METRICS[m] == 'max' else 'lower'} = closer</span></th>"
         for m in METRICS
     )
@@ -244,7 +247,11 @@ def correlation_html(corr: pd.DataFrame) -> str:
         avg = r["target"] == "average"
         label = "Average" if avg else _esc(r["target"])
         cells = "".join(
-            _cell(r[f"{m}_pearson_logit"], 2, sub="" if _isnan(r[f"{m}_pearson_acc"]) else f"accuracy: {r[f'{m}_pearson_acc']:.2f}")
+            _cell(
+                r[f"{m}_pearson_logit"],
+                2,
+                sub="" if _isnan(r[f"{m}_pearson_acc"]) else f"accuracy: {r[f'{m}_pearson_acc']:.2f}",
+            )
             for m in METRICS
         )
         rows.append(f'<tr class="{"mm-average" if avg else "mm-target"}"><td class="mm-row">{label}</td>{cells}</tr>')
@@ -261,8 +268,7 @@ def correlation_html(corr: pd.DataFrame) -> str:
         + "\n<h2>Similarity scores against the fine-tuned mixture's accuracy</h2>\n<p>Pearson r between each "
         "similarity score of a mixture and the gain of the model fine-tuned on it over the pre-trained model "
         "(Δ logit accuracy; small print: against its test accuracy), over every fine-tuned mixture, single datasets "
-        "included. A useful cosine score correlates positively, a useful L2 distance negatively.</p>\n"
-        + similarity
+        "included. A useful cosine score correlates positively, a useful L2 distance negatively.</p>\n" + similarity
     )
     return _document("Correlation: merged models and similarity scores against fine-tuning", body)
 
@@ -277,7 +283,7 @@ def similarity_html(simsel: pd.DataFrame, choices: Mapping[str, Mapping[str, str
     head = "".join(
         f'<th class="{"mm-chosen" if m == best_metric else ""}">{_esc(metric_label(m))} (eq. {METRIC_EQUATIONS[m]})'
         f'<span class="mm-subset">{"highest" if METRICS[m] == "max" else "lowest"} score chosen'
-        f'{"; in the selection table" if m == best_metric else ""}</span></th>'
+        f"{'; in the selection table' if m == best_metric else ''}</span></th>"
         for m in METRICS
     )
     rows = []
@@ -289,10 +295,14 @@ def similarity_html(simsel: pd.DataFrame, choices: Mapping[str, Mapping[str, str
             sub = "" if avg else choices.get(r["target"], {}).get(m, "")
             cls = ["mm-chosen"] if m == best_metric else []
             if _isnan(r[m]) and sub:  # no fine-tuned accuracy, the choice still shown
-                cells.append(f'<td class="mm-empty {" ".join(cls)}">{EMPTY}<span class="mm-subset">{_esc(sub)}</span></td>')
+                cells.append(
+                    f'<td class="mm-empty {" ".join(cls)}">{EMPTY}<span class="mm-subset">{_esc(sub)}</span></td>'
+                )
             else:
                 cells.append(_cell(r[m], 3, classes=cls, sub=sub))
-        rows.append(f'<tr class="{"mm-average" if avg else "mm-target"}"><td class="mm-row">{label}</td>{"".join(cells)}</tr>')
+        rows.append(
+            f'<tr class="{"mm-average" if avg else "mm-target"}"><td class="mm-row">{label}</td>{"".join(cells)}</tr>'
+        )
     table = (
         '<table class="mm-table mm-similarity">\n<thead><tr><th class="mm-row">Target task</th>'
         f"{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
@@ -352,13 +362,24 @@ def front_page_html(sel: pd.DataFrame, overview_png: bytes | None) -> str:
             'and fine-tuned, and the oracle" style="max-width:100%;height:auto"></p>\n'
         )
     return (
-        f"<style>{FRONT_STYLE}</style>\n" + '<div class="mm-front">\n' + img
-        + '<div style="overflow-x:auto">\n' + selection_table(sel) + "\n</div>\n</div>\n"
+        f"<style>{FRONT_STYLE}</style>\n"
+        + '<div class="mm-front">\n'
+        + img
+        + '<div style="overflow-x:auto">\n'
+        + selection_table(sel)
+        + "\n</div>\n</div>\n"
     )
 
 
-def write_report(out_dir, sel: pd.DataFrame, corr: pd.DataFrame, simsel: pd.DataFrame,
-                 choices: Mapping[str, Mapping[str, str]], best_metric: str, overview_png: bytes | None = None) -> list[Path]:
+def write_report(
+    out_dir,
+    sel: pd.DataFrame,
+    corr: pd.DataFrame,
+    simsel: pd.DataFrame,
+    choices: Mapping[str, Mapping[str, str]],
+    best_metric: str,
+    overview_png: bytes | None = None,
+) -> list[Path]:
     """Write selection.html, correlation.html, similarity_selection.html and front_page.html to
     ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)

@@ -97,7 +97,11 @@ def acquire(results_dir, checkout, warn=None) -> Path:
             )
             lock.unlink(missing_ok=True)
             continue
-        where = "alive" if other.get("host") == me["host"] else "on another host, so mergemix cannot see whether it still runs"
+        where = (
+            "alive"
+            if other.get("host") == me["host"]
+            else "on another host, so mergemix cannot see whether it still runs"
+        )
         raise LockError(
             f"{results} is being written by a run from another checkout, {other.get('checkout')} (host {other.get('host')}, "
             f"pid {other.get('pid')}, started {other.get('started')}; {where}). Two checkouts writing one results folder "

@@ -31,8 +31,10 @@ class Section:
         names = {f.name for f in dataclasses.fields(cls)}
         missing, extra = sorted(names - set(data)), sorted(set(data) - names)
         if missing or extra:
-            raise ValueError(f"{where}: not a validated section (missing {missing}, unknown {extra}); "
-                             "build settings from mergemix.config.validate_config's result")
+            raise ValueError(
+                f"{where}: not a validated section (missing {missing}, unknown {extra}); "
+                "build settings from mergemix.config.validate_config's result"
+            )
         kwargs = {}
         for f in dataclasses.fields(cls):
             sub = SUBSECTIONS.get((cls, f.name))
@@ -41,6 +43,7 @@ class Section:
 
     def to_dict(self) -> dict:
         """The section as plain JSON-able data (what the CLI stages take)."""
+
         def plain(v):
             if isinstance(v, Section):
                 return v.to_dict()
@@ -49,6 +52,7 @@ class Section:
             if isinstance(v, dict):
                 return {k: plain(x) for k, x in v.items()}
             return v
+
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
@@ -118,7 +122,7 @@ class Study(Section):
     final: Final
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "Study":
+    def from_config(cls, config: Mapping[str, Any]) -> Study:
         return cls.from_dict({f.name: config[f.name] for f in dataclasses.fields(cls)}, "config")
 
 

@@ -13,7 +13,6 @@ from mergemix import __version__, io, subsets
 from mergemix.data.prepared import load_prepared, prepare_dataset
 from mergemix.selection import full_rows, select_best  # noqa: F401  (the selection rule, re-exported)
 
-
 if TYPE_CHECKING:  # pandas is imported lazily: it costs every short job ~0.3 s
     import pandas as pd
 
@@ -46,7 +45,9 @@ def prepare(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=None) -> 
     return info
 
 
-def _manifest(backend, kind: str, datasets: Sequence, hp: dict | None, metrics: dict, pretrained_sha256=None, **extra) -> dict:
+def _manifest(
+    backend, kind: str, datasets: Sequence, hp: dict | None, metrics: dict, pretrained_sha256=None, **extra
+) -> dict:
     """What a saved model derives from (see :mod:`mergemix.provenance`); ``datasets``: prepared datasets."""
     from mergemix.provenance import data_record
 
@@ -135,12 +136,23 @@ def _checkpoint_every(steps=None, seconds=None) -> tuple[int | None, float | Non
             raise ValueError(f"checkpoint interval {source} is not allowed; give {what} >= 1, or 0 to turn it off")
         return v or None
 
-    return (value(steps, CHECKPOINT_STEPS_ENV, int, None),
-            value(seconds, CHECKPOINT_SECONDS_ENV, float, CHECKPOINT_SECONDS_DEFAULT))
+    return (
+        value(steps, CHECKPOINT_STEPS_ENV, int, None),
+        value(seconds, CHECKPOINT_SECONDS_ENV, float, CHECKPOINT_SECONDS_DEFAULT),
+    )
 
 
-def _finetune(backend, hp: dict, pretrained, data_dirs: Sequence, out_path, loaded: dict | None = None, pre: dict | None = None,
-              checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None):
+def _finetune(
+    backend,
+    hp: dict,
+    pretrained,
+    data_dirs: Sequence,
+    out_path,
+    loaded: dict | None = None,
+    pre: dict | None = None,
+    checkpoint_every_steps: int | None = None,
+    checkpoint_every_seconds: float | None = None,
+):
     """Fine-tune the pre-trained model and save it with its manifest. ``loaded`` (data folder ->
     prepared dataset) and ``pre`` (the checked pre-trained manifest) let a pack of fine-tunes read
     each once (:func:`finetune_pack`).
@@ -162,27 +174,51 @@ def _finetune(backend, hp: dict, pretrained, data_dirs: Sequence, out_path, load
     described = backend.describe()
     trained = {k: v for k, v in (described.get("params") or {}).items() if k not in backend.merge_only_params}
     checkpoint = Checkpoint(
-        checkpoint_path(out_path), every_steps, every_seconds, keep=True,
-        fingerprint={"backend": {**described, "params": trained}, "pretrained_sha256": pre["sha256"],
-                     "data": [[d.name, d.sha256] for d in data], "mergemix_version": __version__},
+        checkpoint_path(out_path),
+        every_steps,
+        every_seconds,
+        keep=True,
+        fingerprint={
+            "backend": {**described, "params": trained},
+            "pretrained_sha256": pre["sha256"],
+            "data": [[d.name, d.sha256] for d in data],
+            "mergemix_version": __version__,
+        },
     )
     t0 = time.time()
     with checkpointing(checkpoint):
         metrics = backend.finetune(model, data, hp)
     log.info("fine-tuned on %s in %.1fs: %s", "+".join(d.name for d in data), time.time() - t0, metrics)
     manifest = io.save_model(
-        out_path, backend.state_to_save(model), _manifest(backend, "finetuned", data, hp, metrics, pretrained_sha256=pre["sha256"])
+        out_path,
+        backend.state_to_save(model),
+        _manifest(backend, "finetuned", data, hp, metrics, pretrained_sha256=pre["sha256"]),
     )
     remove_checkpoint(checkpoint.path)
     return model, manifest
 
 
-def finetune(backend_spec: dict, hp: dict, pretrained, data_dirs: Sequence, out_path, threads: int = 1,
-             checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None) -> dict:
+def finetune(
+    backend_spec: dict,
+    hp: dict,
+    pretrained,
+    data_dirs: Sequence,
+    out_path,
+    threads: int = 1,
+    checkpoint_every_steps: int | None = None,
+    checkpoint_every_seconds: float | None = None,
+) -> dict:
     """Fine-tune the pre-trained model on the union of the train splits of ``data_dirs``
     (checkpointed and resumed as :func:`_finetune` says)."""
-    return _finetune(get_backend(backend_spec, threads=threads), hp, pretrained, data_dirs, out_path,
-                     checkpoint_every_steps=checkpoint_every_steps, checkpoint_every_seconds=checkpoint_every_seconds)[1]
+    return _finetune(
+        get_backend(backend_spec, threads=threads),
+        hp,
+        pretrained,
+        data_dirs,
+        out_path,
+        checkpoint_every_steps=checkpoint_every_steps,
+        checkpoint_every_seconds=checkpoint_every_seconds,
+    )[1]
 
 
 def _fresh_rng():
@@ -195,8 +231,15 @@ def _fresh_rng():
     return lambda: torch.manual_seed(seed)
 
 
-def finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence, threads: int = 1,
-                  checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None) -> list[dict]:
+def finetune_pack(
+    backend_spec: dict,
+    hp: dict,
+    pretrained,
+    jobs: Sequence,
+    threads: int = 1,
+    checkpoint_every_steps: int | None = None,
+    checkpoint_every_seconds: float | None = None,
+) -> list[dict]:
     """Several fine-tunes in one process: ``jobs`` is a list of ``(data_dirs, out_path)``.
 
     Each writes the model and manifest its own :func:`finetune` job would, bit for bit (same seed,
@@ -213,26 +256,66 @@ def finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence, thre
     manifests = []
     for i, (data_dirs, out_path) in enumerate(jobs):
         reset()
-        manifests.append(_finetune(backend, hp, pretrained, data_dirs, out_path, loaded, pre,
-                                   checkpoint_every_steps, checkpoint_every_seconds)[1])
+        manifests.append(
+            _finetune(
+                backend,
+                hp,
+                pretrained,
+                data_dirs,
+                out_path,
+                loaded,
+                pre,
+                checkpoint_every_steps,
+                checkpoint_every_seconds,
+            )[1]
+        )
         log.info("pack: %d/%d fine-tunes written (%s)", i + 1, len(jobs), out_path)
     return manifests
 
 
 def final_finetune(
-    backend_spec: dict, hp: dict, pretrained, merge_eval_csv, data_dirs: Mapping[str, str], target_dir, out_path, eval_out, threads: int = 1,
-    checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None,
+    backend_spec: dict,
+    hp: dict,
+    pretrained,
+    merge_eval_csv,
+    data_dirs: Mapping[str, str],
+    target_dir,
+    out_path,
+    eval_out,
+    threads: int = 1,
+    checkpoint_every_steps: int | None = None,
+    checkpoint_every_seconds: float | None = None,
 ) -> dict:
     """Algorithm 1's deployed model: fine-tune on the mixture whose merged model is best on val
     (checkpointed and resumed as :func:`_finetune` says)."""
-    return _final_finetune(lambda: get_backend(backend_spec, threads=threads), hp, pretrained, merge_eval_csv, data_dirs,
-                           target_dir, out_path, eval_out, checkpoint_every_steps=checkpoint_every_steps,
-                           checkpoint_every_seconds=checkpoint_every_seconds)
+    return _final_finetune(
+        lambda: get_backend(backend_spec, threads=threads),
+        hp,
+        pretrained,
+        merge_eval_csv,
+        data_dirs,
+        target_dir,
+        out_path,
+        eval_out,
+        checkpoint_every_steps=checkpoint_every_steps,
+        checkpoint_every_seconds=checkpoint_every_seconds,
+    )
 
 
-def _final_finetune(backend, hp: dict, pretrained, merge_eval_csv, data_dirs: Mapping[str, str], target_dir, out_path, eval_out,
-                    loaded: dict | None = None, pre: dict | None = None, checkpoint_every_steps: int | None = None,
-                    checkpoint_every_seconds: float | None = None) -> dict:
+def _final_finetune(
+    backend,
+    hp: dict,
+    pretrained,
+    merge_eval_csv,
+    data_dirs: Mapping[str, str],
+    target_dir,
+    out_path,
+    eval_out,
+    loaded: dict | None = None,
+    pre: dict | None = None,
+    checkpoint_every_steps: int | None = None,
+    checkpoint_every_seconds: float | None = None,
+) -> dict:
     """:func:`final_finetune` with a backend (or a function making it, called once the selection is
     read), and what a pack shares (see :func:`_finetune`)."""
     from mergemix.tables import read_result_table
@@ -245,8 +328,17 @@ def _final_finetune(backend, hp: dict, pretrained, merge_eval_csv, data_dirs: Ma
     if callable(backend):
         backend = backend()
     loaded = {} if loaded is None else loaded
-    model, manifest = _finetune(backend, hp, pretrained, [data_dirs[c] for c in chosen], out_path, loaded, pre,
-                                checkpoint_every_steps, checkpoint_every_seconds)
+    model, manifest = _finetune(
+        backend,
+        hp,
+        pretrained,
+        [data_dirs[c] for c in chosen],
+        out_path,
+        loaded,
+        pre,
+        checkpoint_every_steps,
+        checkpoint_every_seconds,
+    )
     target = _prepared(target_dir, loaded)
     result = {
         "target": target.name,
@@ -261,8 +353,15 @@ def _final_finetune(backend, hp: dict, pretrained, merge_eval_csv, data_dirs: Ma
     return result
 
 
-def final_finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence[Mapping], threads: int = 1,
-                        checkpoint_every_steps: int | None = None, checkpoint_every_seconds: float | None = None) -> list[dict]:
+def final_finetune_pack(
+    backend_spec: dict,
+    hp: dict,
+    pretrained,
+    jobs: Sequence[Mapping],
+    threads: int = 1,
+    checkpoint_every_steps: int | None = None,
+    checkpoint_every_seconds: float | None = None,
+) -> list[dict]:
     """Several targets' :func:`final_finetune` in one process (see :func:`finetune_pack`): ``jobs`` are
     dicts with the keys ``merge_eval_csv``, ``data_dirs``, ``target_dir``, ``out_path`` and ``eval_out``."""
     from mergemix.provenance import pretrained_manifest
@@ -274,28 +373,55 @@ def final_finetune_pack(backend_spec: dict, hp: dict, pretrained, jobs: Sequence
     results = []
     for job in jobs:
         reset()
-        results.append(_final_finetune(backend, hp, pretrained, loaded=loaded, pre=pre,
-                                       checkpoint_every_steps=checkpoint_every_steps,
-                                       checkpoint_every_seconds=checkpoint_every_seconds, **job))
+        results.append(
+            _final_finetune(
+                backend,
+                hp,
+                pretrained,
+                loaded=loaded,
+                pre=pre,
+                checkpoint_every_steps=checkpoint_every_steps,
+                checkpoint_every_seconds=checkpoint_every_seconds,
+                **job,
+            )
+        )
         log.info("final model: %s", results[-1])
     return results
 
 
-def _evaluator(backend_spec: dict, merge_spec: dict, pretrained, model_paths: Mapping[str, str], threads: int,
-               eval_spec: dict | None = None):
+def _evaluator(
+    backend_spec: dict,
+    merge_spec: dict,
+    pretrained,
+    model_paths: Mapping[str, str],
+    threads: int,
+    eval_spec: dict | None = None,
+):
     """The merge-eval engine; ``eval_spec``: merge_eval's ``eval_batch_size`` and ``precision``."""
     from mergemix.merge_eval import MergeEvaluator
 
     backend = get_backend(backend_spec, threads=threads)
     spec = eval_spec or {}
     backend.configure_eval(spec.get("eval_batch_size"), spec.get("precision", "auto"))
-    return MergeEvaluator(backend, pretrained, model_paths, merge_spec.get("method", "uniform"), merge_spec.get("options"))
+    return MergeEvaluator(
+        backend, pretrained, model_paths, merge_spec.get("method", "uniform"), merge_spec.get("options")
+    )
 
 
 def merge_eval(
-    backend_spec: dict, merge_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir, chunk: int, chunks: int,
-    out_csv, threads: int = 1, subset_ids: Sequence[str] | None = None, eval_spec: dict | None = None,
-    test: str = "all", test_subsets: Sequence[str] = (),
+    backend_spec: dict,
+    merge_spec: dict,
+    pretrained,
+    model_paths: Mapping[str, str],
+    target_dir,
+    chunk: int,
+    chunks: int,
+    out_csv,
+    threads: int = 1,
+    subset_ids: Sequence[str] | None = None,
+    eval_spec: dict | None = None,
+    test: str = "all",
+    test_subsets: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Merged models of one chunk of all 2^N-1 subsets (exhaustive, in Gray-code order: one model
     added to or removed from a running sum per step), or of the given ``subset_ids`` (the mixture
@@ -318,14 +444,17 @@ def merge_eval(
     return df
 
 
-def _search_fingerprint(backend_spec, merge_spec, search_spec, model_paths, target_dir, eval_spec=None, test="all") -> str:
+def _search_fingerprint(
+    backend_spec, merge_spec, search_spec, model_paths, target_dir, eval_spec=None, test="all"
+) -> str:
     """Identifies what a search's journal holds: a changed model, target, merge or search setting
     starts a new optuna study in the same journal instead of resuming a stale one."""
     import hashlib
     import json
 
     parts = {
-        "backend": backend_spec, "merge": merge_spec,
+        "backend": backend_spec,
+        "merge": merge_spec,
         "search": {k: search_spec[k] for k in ("strategy", "budget", "seed", "options")},
         "models": {n: io.read_json(io.manifest_path(p)).get("sha256") for n, p in sorted(model_paths.items())},
         "target": io.sha256_file(Path(target_dir) / "splits.json"),
@@ -358,14 +487,31 @@ class _Progress:
         best = objective.best()
         log.info(
             "%s: %d/%s %s (%.1f/s, ETA %.0fs), best val_acc so far %s",
-            self.label, done, total if total else "?", unit, rate, eta, f"{best.value:.4f}" if best else "-",
+            self.label,
+            done,
+            total if total else "?",
+            unit,
+            rate,
+            eta,
+            f"{best.value:.4f}" if best else "-",
         )
 
 
 def search(
-    backend_spec: dict, merge_spec: dict, search_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir,
-    out_csv, out_json, worker: int = 0, workers: int = 1, journal=None, threads: int = 1,
-    eval_spec: dict | None = None, test: str = "all",
+    backend_spec: dict,
+    merge_spec: dict,
+    search_spec: dict,
+    pretrained,
+    model_paths: Mapping[str, str],
+    target_dir,
+    out_csv,
+    out_json,
+    worker: int = 0,
+    workers: int = 1,
+    journal=None,
+    threads: int = 1,
+    eval_spec: dict | None = None,
+    test: str = "all",
 ) -> dict:
     """A budgeted search over the subsets of a target's candidates (``merge_eval.strategy``).
 
@@ -408,22 +554,36 @@ def search(
         ev.fill_best_test(df, target)
     io.write_csv(out_csv, df)
     summary = {
-        "target": target.name, "strategy": cls.name, "candidates": ev.names, "n_val": n_val, "seed": search_spec["seed"],
-        "options": strategy.opts, "budget": {"evaluations": budget.evaluations, "examples": budget.examples},
-        "stop_reason": result.stop_reason, "worker": worker, "workers": workers,
-        "evaluations": len(mine), "val_examples": int(sum(r.examples for r in mine)),
+        "target": target.name,
+        "strategy": cls.name,
+        "candidates": ev.names,
+        "n_val": n_val,
+        "seed": search_spec["seed"],
+        "options": strategy.opts,
+        "budget": {"evaluations": budget.evaluations, "examples": budget.examples},
+        "stop_reason": result.stop_reason,
+        "worker": worker,
+        "workers": workers,
+        "evaluations": len(mine),
+        "val_examples": int(sum(r.examples for r in mine)),
         "best": subsets.subset_id(subsets.mask_to_names(result.best.mask, ev.names)) if result.best else None,
         "seconds": round(time.time() - t0, 3),
     }
     io.write_json(out_json, summary)
     log.info(
         "%s stopped (%s) after %d evaluations, %d val examples; best %s",
-        label, result.stop_reason, result.evaluations, result.examples_used, summary["best"],
+        label,
+        result.stop_reason,
+        result.evaluations,
+        result.examples_used,
+        summary["best"],
     )
     return summary
 
 
-def gather(chunk_csvs: Sequence, candidates: Sequence[str], out_csv, search_jsons: Sequence = (), out_json=None) -> pd.DataFrame:
+def gather(
+    chunk_csvs: Sequence, candidates: Sequence[str], out_csv, search_jsons: Sequence = (), out_json=None
+) -> pd.DataFrame:
     """Join a target's merge-eval files into one row per subset, with a summary of the search cost.
 
     Exhaustive (no ``search_jsons``): the chunks must cover every non-empty subset exactly once.
@@ -448,8 +608,13 @@ def gather(chunk_csvs: Sequence, candidates: Sequence[str], out_csv, search_json
         summaries = [io.read_json(p) for p in search_jsons]
         s0 = summaries[0]
         info = {
-            "strategy": s0["strategy"], "options": s0["options"], "budget": s0["budget"], "seed": s0["seed"],
-            "workers": s0["workers"], "stop_reasons": sorted({s["stop_reason"] for s in summaries}), "n_val": s0["n_val"],
+            "strategy": s0["strategy"],
+            "options": s0["options"],
+            "budget": s0["budget"],
+            "seed": s0["seed"],
+            "workers": s0["workers"],
+            "stop_reasons": sorted({s["stop_reason"] for s in summaries}),
+            "n_val": s0["n_val"],
         }
     else:
         counts = df["subset"].value_counts()
@@ -460,11 +625,21 @@ def gather(chunk_csvs: Sequence, candidates: Sequence[str], out_csv, search_json
                 f"chunks do not cover the subsets of {sorted(candidates)} exactly once: duplicated {dup[:5]}, "
                 f"missing {missing[:5]}, unexpected {extra[:5]}; delete the chunk files and rerun merge-eval"
             )
-        info = {"strategy": "exhaustive", "options": {}, "budget": None, "seed": None, "workers": 1,
-                "stop_reasons": ["all subsets evaluated"], "n_val": int(df["val_examples"].max())}
+        info = {
+            "strategy": "exhaustive",
+            "options": {},
+            "budget": None,
+            "seed": None,
+            "workers": 1,
+            "stop_reasons": ["all subsets evaluated"],
+            "n_val": int(df["val_examples"].max()),
+        }
     info.update(
-        candidates=n, evaluations=int(len(df)), val_examples=int(df["val_examples"].sum()),
-        exhaustive_evaluations=2**n - 1, exhaustive_val_examples=(2**n - 1) * info["n_val"],
+        candidates=n,
+        evaluations=int(len(df)),
+        val_examples=int(df["val_examples"].sum()),
+        exhaustive_evaluations=2**n - 1,
+        exhaustive_val_examples=(2**n - 1) * info["n_val"],
     )
     df = df.sort_values(["val_examples", "order"], ascending=[False, True]).drop_duplicates("subset")
     df = df.sort_values("subset", key=lambda s: s.map(subsets.sort_key)).reset_index(drop=True)
@@ -474,7 +649,9 @@ def gather(chunk_csvs: Sequence, candidates: Sequence[str], out_csv, search_json
     return df
 
 
-def eval_models(backend_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir, out_csv, threads: int = 1) -> pd.DataFrame:
+def eval_models(
+    backend_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir, out_csv, threads: int = 1
+) -> pd.DataFrame:
     """Evaluate saved models (keyed by subset id) on a target's val and test splits."""
     import pandas as pd
 
@@ -488,8 +665,16 @@ def eval_models(backend_spec: dict, pretrained, model_paths: Mapping[str, str], 
     rows, first = [], {}
     for sid in sorted(model_paths, key=subsets.sort_key):
         state, manifest = io.load_model(model_paths[sid])
-        provenance.check_model(manifest, state, path=model_paths[sid], expected_datasets=subsets.parse_subset(sid),
-                               pretrained=pre, backend=backend, reference=reference, pretrained_path=pretrained)
+        provenance.check_model(
+            manifest,
+            state,
+            path=model_paths[sid],
+            expected_datasets=subsets.parse_subset(sid),
+            pretrained=pre,
+            backend=backend,
+            reference=reference,
+            pretrained_path=pretrained,
+        )
         first = first or {model_paths[sid]: manifest}
         provenance.check_same_hyperparameters({**first, model_paths[sid]: manifest})
         backend.load_state(model, state)
@@ -506,7 +691,9 @@ def eval_models(backend_spec: dict, pretrained, model_paths: Mapping[str, str], 
     return df
 
 
-def eval_pretrained(backend_spec: dict, pretrained, target_dirs: Mapping[str, str], out_csv, threads: int = 1) -> pd.DataFrame:
+def eval_pretrained(
+    backend_spec: dict, pretrained, target_dirs: Mapping[str, str], out_csv, threads: int = 1
+) -> pd.DataFrame:
     import pandas as pd
 
     backend = get_backend(backend_spec, threads=threads)
@@ -514,7 +701,13 @@ def eval_pretrained(backend_spec: dict, pretrained, target_dirs: Mapping[str, st
     rows = []
     for name in sorted(target_dirs):
         d = load_prepared(target_dirs[name])
-        rows.append({"target": name, "val_acc": backend.evaluate(model, d, "val"), "test_acc": backend.evaluate(model, d, "test")})
+        rows.append(
+            {
+                "target": name,
+                "val_acc": backend.evaluate(model, d, "val"),
+                "test_acc": backend.evaluate(model, d, "test"),
+            }
+        )
     df = pd.DataFrame(rows)
     io.write_csv(out_csv, df)
     return df
@@ -535,7 +728,12 @@ def _embed(backend, model, pretrained, data_dir, split: str, out_path) -> np.nda
     data = load_prepared(data_dir)
     emb = backend.embed(model, data, split)
     # what the embeddings derive from, checked by the similarity stage
-    meta = {"split": split, "dataset": data.name, "data_sha256": data.sha256, "pretrained_sha256": io.read_json(io.manifest_path(pretrained))["sha256"]}
+    meta = {
+        "split": split,
+        "dataset": data.name,
+        "data_sha256": data.sha256,
+        "pretrained_sha256": io.read_json(io.manifest_path(pretrained))["sha256"],
+    }
     io.save_arrays(out_path, {"embeddings": emb}, meta)
     return emb
 
@@ -568,7 +766,9 @@ def _check_embeddings(target_emb, candidate_embs: Mapping[str, str]) -> None:
                 )
 
 
-def similarity(target_emb, candidate_embs: Mapping[str, str], out_csv, subset_ids: Sequence[str] | None = None) -> pd.DataFrame:
+def similarity(
+    target_emb, candidate_embs: Mapping[str, str], out_csv, subset_ids: Sequence[str] | None = None
+) -> pd.DataFrame:
     """The six similarity scores of every subset of the candidates (or of ``subset_ids``)."""
     import pandas as pd
 

@@ -135,7 +135,9 @@ def check_result_table(df, path, kind: str):
             values = numeric(col)
             for i in range(len(df)):
                 if not math.isfinite(values.iloc[i]):
-                    raise TableError(f"{path}: column {col!r} {where(i)}: {_show(values.iloc[i])} is not a finite score; {_fix(path)}")
+                    raise TableError(
+                        f"{path}: column {col!r} {where(i)}: {_show(values.iloc[i])} is not a finite score; {_fix(path)}"
+                    )
     return df
 
 
@@ -148,7 +150,9 @@ def read_result_table(path, kind: str):
     try:
         df = pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise TableError(f"{path}: not a readable CSV table ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {_fix(path)}") from None
+        raise TableError(
+            f"{path}: not a readable CSV table ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {_fix(path)}"
+        ) from None
     return check_result_table(df, path, kind)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
-from typing import Callable, Dict, Sequence
+from typing import Callable, Sequence
 
 Refs = Sequence[Sequence[str]]
 
@@ -128,7 +128,7 @@ def bleu_ja(preds: Sequence[str], refs: Refs, tokenize: str = "ja-mecab") -> flo
     return bleu(preds, refs, tokenize)
 
 
-METRICS: Dict[str, Callable[[Sequence[str], Refs], float]] = {
+METRICS: dict[str, Callable[[Sequence[str], Refs], float]] = {
     "exact_match": exact_match,
     "exact_match_figure": exact_match_figure,
     "char_f1": char_f1,

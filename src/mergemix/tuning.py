@@ -20,7 +20,6 @@ from mergemix import io, subsets
 log = logging.getLogger("mergemix")
 
 
-
 def start_options(method: str, fixed: dict) -> dict:
     """The untuned setting: ``fixed`` over the method's declared defaults (absent aliases left out)."""
     from mergemix.merge_methods import METHODS
@@ -34,8 +33,19 @@ def start_options(method: str, fixed: dict) -> dict:
 
 
 def tune_method(
-    backend_spec: dict, method: str, fixed: dict, space: dict, tune_spec: dict, search_spec: dict, pretrained,
-    model_paths: Mapping[str, str], target_dir, out_json, out_csv, journal=None, threads: int = 1,
+    backend_spec: dict,
+    method: str,
+    fixed: dict,
+    space: dict,
+    tune_spec: dict,
+    search_spec: dict,
+    pretrained,
+    model_paths: Mapping[str, str],
+    target_dir,
+    out_json,
+    out_csv,
+    journal=None,
+    threads: int = 1,
     eval_spec: dict | None = None,
 ) -> dict:
     import pandas as pd
@@ -70,11 +80,23 @@ def tune_method(
 
     if journal is not None:
         Path(journal).parent.mkdir(parents=True, exist_ok=True)
-    fp = _search_fingerprint(backend_spec, {"method": method, "options": fixed},
-                             {**search_spec, "options": {"inner": search_spec.get("options", {}), "space": space, "tune": spec}},
-                             model_paths, target_dir, eval_spec)
-    tuner = OptionTuner(dims, spec["budget"], spec["seed"], start_options(method, fixed),
-                        n_startup_trials=spec["n_startup_trials"], journal=journal, study_name=f"tune-{method}-{target.name}-{fp}")
+    fp = _search_fingerprint(
+        backend_spec,
+        {"method": method, "options": fixed},
+        {**search_spec, "options": {"inner": search_spec.get("options", {}), "space": space, "tune": spec}},
+        model_paths,
+        target_dir,
+        eval_spec,
+    )
+    tuner = OptionTuner(
+        dims,
+        spec["budget"],
+        spec["seed"],
+        start_options(method, fixed),
+        n_startup_trials=spec["n_startup_trials"],
+        journal=journal,
+        study_name=f"tune-{method}-{target.name}-{fp}",
+    )
     t0, last = time.time(), [0.0]
 
     def progress(trial, done, total):
@@ -82,28 +104,64 @@ def tune_method(
         if now - last[0] >= 30 or done == total:
             last[0] = now
             rate = done / max(now - t0, 1e-9)
-            log.info("tuning %s on %s: %d/%d settings (%.2f/s, ETA %.0fs), %s -> val_acc %.4f (%s)", method, target.name,
-                     done, total, rate, (total - done) / rate, trial.options, trial.value, trial.info.get("subset"))
+            log.info(
+                "tuning %s on %s: %d/%d settings (%.2f/s, ETA %.0fs), %s -> val_acc %.4f (%s)",
+                method,
+                target.name,
+                done,
+                total,
+                rate,
+                (total - done) / rate,
+                trial.options,
+                trial.value,
+                trial.info.get("subset"),
+            )
 
     result = tuner.run(trial_score, on_trial=progress)
-    rows = [{"order": r.order, **{f"option_{k}": v for k, v in r.options.items()}, "val_acc": r.value,
-             "subset": r.info.get("subset"), "evaluations": r.info.get("evaluations")} for r in result.records]
+    rows = [
+        {
+            "order": r.order,
+            **{f"option_{k}": v for k, v in r.options.items()},
+            "val_acc": r.value,
+            "subset": r.info.get("subset"),
+            "evaluations": r.info.get("evaluations"),
+        }
+        for r in result.records
+    ]
     io.write_csv(out_csv, pd.DataFrame(rows))
     best = result.best
     summary = {
-        "method": method, "target": target.name, "candidates": ev.names, "space": space, "fixed": fixed,
-        "budget": spec["budget"], "seed": spec["seed"], "sampler": "tpe",
+        "method": method,
+        "target": target.name,
+        "candidates": ev.names,
+        "space": space,
+        "fixed": fixed,
+        "budget": spec["budget"],
+        "seed": spec["seed"],
+        "sampler": "tpe",
         "subset_search": {"strategy": cls.name, "budget": search_spec["budget"], "seed": search_spec["seed"]},
         "trials": len(result.records),
-        "start": None if result.start is None else
-        {"options": result.start.options, "val_acc": result.start.value, "subset": result.start.info.get("subset")},
+        "start": None
+        if result.start is None
+        else {
+            "options": result.start.options,
+            "val_acc": result.start.value,
+            "subset": result.start.info.get("subset"),
+        },
         "best": {"options": best.options, "val_acc": best.value, "subset": best.info.get("subset")},
         "options": {**fixed, **best.options},  # what the method's merge-eval uses
         "seconds": round(time.time() - t0, 3),
     }
     io.write_json(out_json, summary)
-    log.info("tuned %s on %s: %s (val %.4f, best subset %s); untuned val %s", method, target.name, best.options,
-             best.value, best.info.get("subset"), "-" if result.start is None else f"{result.start.value:.4f}")
+    log.info(
+        "tuned %s on %s: %s (val %.4f, best subset %s); untuned val %s",
+        method,
+        target.name,
+        best.options,
+        best.value,
+        best.info.get("subset"),
+        "-" if result.start is None else f"{result.start.value:.4f}",
+    )
     return summary
 
 

@@ -24,8 +24,17 @@ WEIGHTS_DEFAULTS = {k: o.default for k, o in _WEIGHT_OPTIONS.items() if k != "ch
 
 
 def weights_search(
-    backend_spec: dict, weights_spec: dict, pretrained, model_paths: Mapping[str, str], target_dir, merge_eval_csv,
-    out_json, out_csv, journal=None, threads: int = 1, eval_spec: dict | None = None,
+    backend_spec: dict,
+    weights_spec: dict,
+    pretrained,
+    model_paths: Mapping[str, str],
+    target_dir,
+    merge_eval_csv,
+    out_json,
+    out_csv,
+    journal=None,
+    threads: int = 1,
+    eval_spec: dict | None = None,
 ) -> dict:
     import pandas as pd
 
@@ -43,40 +52,88 @@ def weights_search(
     if journal is not None:
         Path(journal).parent.mkdir(parents=True, exist_ok=True)
     # a changed model, target, start or setting starts a new study in the journal, never resumes a stale one
-    fp = _search_fingerprint(backend_spec, {"method": "weighted"}, {"strategy": "weights", "budget": spec["budget"],
-                             "seed": spec["seed"], "options": {**spec, "start": best["subset"]}}, model_paths, target_dir, eval_spec)
-    search = WeightSearch(len(ev.names), start, journal=journal, study_name=f"weights-{target.name}-{fp}",
-                          **{k: spec[k] for k in WEIGHTS_DEFAULTS})
+    fp = _search_fingerprint(
+        backend_spec,
+        {"method": "weighted"},
+        {
+            "strategy": "weights",
+            "budget": spec["budget"],
+            "seed": spec["seed"],
+            "options": {**spec, "start": best["subset"]},
+        },
+        model_paths,
+        target_dir,
+        eval_spec,
+    )
+    search = WeightSearch(
+        len(ev.names),
+        start,
+        journal=journal,
+        study_name=f"weights-{target.name}-{fp}",
+        **{k: spec[k] for k in WEIGHTS_DEFAULTS},
+    )
     t0, last = time.time(), [0.0]
 
     def progress(evaluation, done, budget):
         now = time.time()
         if now - last[0] >= 30 or done == budget:
             last[0] = now
-            log.info("weights search on %s: %d/%d evaluations (%.1fs), val_acc %.4f", target.name, done, budget,
-                     now - t0, evaluation.value)
+            log.info(
+                "weights search on %s: %d/%d evaluations (%.1fs), val_acc %.4f",
+                target.name,
+                done,
+                budget,
+                now - t0,
+                evaluation.value,
+            )
 
     result = search.run(lambda w: ev.evaluate_weights(target, w, "val"), on_evaluation=progress)
-    rows = [{"order": r.order, **{f"w_{n}": w for n, w in zip(ev.names, r.weights)}, "val_acc": r.value} for r in result.records]
+    rows = [
+        {"order": r.order, **{f"w_{n}": w for n, w in zip(ev.names, r.weights)}, "val_acc": r.value}
+        for r in result.records
+    ]
     io.write_csv(out_csv, pd.DataFrame(rows))
     chosen = result.best
     summary = {
-        "target": target.name, "candidates": ev.names, "sampler": spec["sampler"], "budget": spec["budget"],
-        "seed": spec["seed"], "evaluations": len(result.records),
-        "start": {"subset": best["subset"], "val_acc": float(result.start.value),
-                  "test_acc": ev.evaluate_weights(target, result.start.weights, "test")},
-        "best": {"weights": dict(zip(ev.names, chosen.weights)), "val_acc": float(chosen.value),
-                 "test_acc": ev.evaluate_weights(target, chosen.weights, "test")},
+        "target": target.name,
+        "candidates": ev.names,
+        "sampler": spec["sampler"],
+        "budget": spec["budget"],
+        "seed": spec["seed"],
+        "evaluations": len(result.records),
+        "start": {
+            "subset": best["subset"],
+            "val_acc": float(result.start.value),
+            "test_acc": ev.evaluate_weights(target, result.start.weights, "test"),
+        },
+        "best": {
+            "weights": dict(zip(ev.names, chosen.weights)),
+            "val_acc": float(chosen.value),
+            "test_acc": ev.evaluate_weights(target, chosen.weights, "test"),
+        },
         "seconds": round(time.time() - t0, 3),
     }
     io.write_json(out_json, summary)
-    log.info("weights for %s: %s (val %.4f, binary start %s val %.4f)", target.name,
-             {n: round(w, 3) for n, w in summary["best"]["weights"].items()}, chosen.value, best["subset"], result.start.value)
+    log.info(
+        "weights for %s: %s (val %.4f, binary start %s val %.4f)",
+        target.name,
+        {n: round(w, 3) for n, w in summary["best"]["weights"].items()},
+        chosen.value,
+        best["subset"],
+        result.start.value,
+    )
     return summary
 
 
 def weighted_finetune(
-    backend_spec: dict, hp: dict, pretrained, weights_json, data_dirs: Mapping[str, str], target_dir, out_path, eval_out,
+    backend_spec: dict,
+    hp: dict,
+    pretrained,
+    weights_json,
+    data_dirs: Mapping[str, str],
+    target_dir,
+    out_path,
+    eval_out,
     threads: int = 1,
 ) -> dict:
     """Fine-tune on the candidates in the proportions ``weights_json`` chose (datasets of weight 0
@@ -89,24 +146,41 @@ def weighted_finetune(
     weights = {n: float(w) for n, w in chosen["best"]["weights"].items() if float(w) > 0}
     missing = sorted(set(weights) - set(data_dirs))
     if missing:
-        raise ValueError(f"{weights_json}: weighted datasets {missing} have no prepared data among the inputs; "
-                         "delete the weights file and rerun snakemake")
+        raise ValueError(
+            f"{weights_json}: weighted datasets {missing} have no prepared data among the inputs; "
+            "delete the weights file and rerun snakemake"
+        )
     backend = get_backend(backend_spec, threads=threads)
     names = sorted(weights)
-    model, manifest = _finetune(backend, {**hp, "mixture_weights": weights}, pretrained, [data_dirs[n] for n in names], out_path)
+    model, manifest = _finetune(
+        backend, {**hp, "mixture_weights": weights}, pretrained, [data_dirs[n] for n in names], out_path
+    )
     target = load_prepared(target_dir)
     result = {
-        "target": target.name, "weights": weights, "merged_val_acc": chosen["best"]["val_acc"],
-        "merged_test_acc": chosen["best"]["test_acc"], "val_acc": backend.evaluate(model, target, "val"),
-        "test_acc": backend.evaluate(model, target, "test"), "model_sha256": manifest["sha256"],
+        "target": target.name,
+        "weights": weights,
+        "merged_val_acc": chosen["best"]["val_acc"],
+        "merged_test_acc": chosen["best"]["test_acc"],
+        "val_acc": backend.evaluate(model, target, "val"),
+        "test_acc": backend.evaluate(model, target, "test"),
+        "model_sha256": manifest["sha256"],
     }
     io.write_json(eval_out, result)
     return result
 
 
 def weights_check(
-    backend_spec: dict, hp: dict, pretrained, model_paths: Mapping[str, str], data_dirs: Mapping[str, str], target_dir,
-    samples: int, seed: int, out_csv, threads: int = 1, eval_spec: dict | None = None,
+    backend_spec: dict,
+    hp: dict,
+    pretrained,
+    model_paths: Mapping[str, str],
+    data_dirs: Mapping[str, str],
+    target_dir,
+    samples: int,
+    seed: int,
+    out_csv,
+    threads: int = 1,
+    eval_spec: dict | None = None,
 ):
     """The surrogate check for proportions (as section 4.2 checks subsets): ``samples`` weight
     vectors drawn uniformly from the simplex (Dirichlet(1), seeded), each scored as a weighted merge
@@ -130,11 +204,21 @@ def weights_check(
     with tempfile.TemporaryDirectory(prefix="mergemix-weights-check-") as tmp:
         for i, w in enumerate(draws):
             weights = {n: float(x) for n, x in zip(ev.names, w)}
-            row = {"sample": i, **{f"w_{n}": x for n, x in weights.items()},
-                   "merged_val_acc": ev.evaluate_weights(target, w, "val"), "merged_test_acc": ev.evaluate_weights(target, w, "test")}
+            row = {
+                "sample": i,
+                **{f"w_{n}": x for n, x in weights.items()},
+                "merged_val_acc": ev.evaluate_weights(target, w, "val"),
+                "merged_test_acc": ev.evaluate_weights(target, w, "test"),
+            }
             reset()
-            model, _ = _finetune(ev.backend, {**hp, "mixture_weights": weights}, pretrained,
-                                 [data_dirs[n] for n in ev.names], Path(tmp) / f"{i}/model.safetensors", loaded)
+            model, _ = _finetune(
+                ev.backend,
+                {**hp, "mixture_weights": weights},
+                pretrained,
+                [data_dirs[n] for n in ev.names],
+                Path(tmp) / f"{i}/model.safetensors",
+                loaded,
+            )
             row["finetuned_val_acc"] = ev.backend.evaluate(model, target, "val")
             row["finetuned_test_acc"] = ev.backend.evaluate(model, target, "test")
             rows.append(row)
@@ -159,9 +243,16 @@ def weights_check_table(checks: Mapping[str, str], pretrained_csv, out_csv):
         df = pd.read_csv(path)
         base = pretrained_test_acc(pre, t, pretrained_csv)
         m, f = df["merged_test_acc"], df["finetuned_test_acc"]
-        rows.append({"target": t, "n_points": len(df), "pearson_acc": metrics.pearson(m, f),
-                     "pearson_logit": metrics.pearson(metrics.logit_delta(m, base), metrics.logit_delta(f, base)),
-                     "merged_test_acc": float(m.mean()), "finetuned_test_acc": float(f.mean())})
+        rows.append(
+            {
+                "target": t,
+                "n_points": len(df),
+                "pearson_acc": metrics.pearson(m, f),
+                "pearson_logit": metrics.pearson(metrics.logit_delta(m, base), metrics.logit_delta(f, base)),
+                "merged_test_acc": float(m.mean()),
+                "finetuned_test_acc": float(f.mean()),
+            }
+        )
     from mergemix.analysis import with_average
 
     out = with_average(pd.DataFrame(rows))

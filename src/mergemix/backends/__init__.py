@@ -6,5 +6,10 @@ other packages add backends through the entry-point group ``mergemix.backends`` 
 """
 
 from mergemix.backends.base import (  # noqa: F401
-    BACKENDS, Backend, backend_class, backend_names, get_backend, register_backend,
+    BACKENDS,
+    Backend,
+    backend_class,
+    backend_names,
+    get_backend,
+    register_backend,
 )

@@ -26,14 +26,13 @@ saved tensors into those parameters.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Type
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from mergemix.data.prepared import PreparedDataset
 from mergemix.plugins import GROUPS, PluginError, Registry
-
 
 EVAL_PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -66,7 +65,9 @@ class Backend:
         for k in cls.positive_int_params:
             v = params.get(k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                problems.append(f"backend.params.{k}: {v!r} is not allowed for backend {cls.name!r}; give an integer >= 1")
+                problems.append(
+                    f"backend.params.{k}: {v!r} is not allowed for backend {cls.name!r}; give an integer >= 1"
+                )
         return problems
 
     def __init__(self, params: dict | None = None, threads: int = 1, device: str | None = None):
@@ -99,10 +100,10 @@ class Backend:
     def finetune(self, model: torch.nn.Module, data: Sequence[PreparedDataset], hp: dict) -> dict:
         raise NotImplementedError
 
-    def merge_params(self, model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+    def merge_params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         raise NotImplementedError
 
-    def merge_space_params(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    def merge_space_params(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The live tensors the merge engine writes merged values into (name -> tensor; the engine
         flattens them in this dict's order). The pre-trained model is this of a freshly loaded
         ``load_pretrained`` model. Default: :meth:`merge_params`; a backend whose saved tensors do
@@ -110,12 +111,12 @@ class Backend:
         layer, and may switch the model's forward to use them (see the backend)."""
         return self.merge_params(model)
 
-    def to_merge_space(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def to_merge_space(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A saved state (the keys of :meth:`merge_params`) in the keys and shapes of
         :meth:`merge_space_params`: one row of the merge engine. Default: ``state`` as is."""
         return state
 
-    def load_merge_state(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    def load_merge_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Write a merge-space state (the keys of :meth:`merge_space_params`) into the live model."""
         self.load_state(model, state, params=self.merge_space_params(model))
 
@@ -126,7 +127,7 @@ class Backend:
         raise NotImplementedError
 
     def evaluate_many(
-        self, model: torch.nn.Module, data: PreparedDataset, split: str, states: Sequence[Dict[str, torch.Tensor]]
+        self, model: torch.nn.Module, data: PreparedDataset, split: str, states: Sequence[dict[str, torch.Tensor]]
     ) -> list[float]:
         """``evaluate`` of each merged state, in order: name -> tensor with the keys of
         ``merge_params`` (a saved state) or of ``merge_space_params`` (a merged one).
@@ -149,10 +150,14 @@ class Backend:
         precision (``auto``: the backend's own; ``fp32``: no autocast; ``bf16``: bfloat16 autocast on
         the evaluating device, CPU included). Scores are unchanged by the batch size up to float
         rounding; bf16 may move a near-tie."""
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"merge_eval.eval_batch_size: {batch_size!r} is not allowed; give an integer >= 1 or null")
         if precision not in EVAL_PRECISIONS:
-            raise ValueError(f"merge_eval.precision: {precision!r} is not allowed; allowed: {', '.join(EVAL_PRECISIONS)}")
+            raise ValueError(
+                f"merge_eval.precision: {precision!r} is not allowed; allowed: {', '.join(EVAL_PRECISIONS)}"
+            )
         self.eval_batch, self.eval_precision = batch_size, precision
 
     def eval_batch_size(self, default: int) -> int:
@@ -170,10 +175,10 @@ class Backend:
             stack.enter_context(torch.autocast(self.device.type, enabled=False))
         return stack
 
-    def state_to_save(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    def state_to_save(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.merge_params(model).items()}
 
-    def load_state(self, model: torch.nn.Module, state: Dict[str, torch.Tensor], params=None) -> None:
+    def load_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor], params=None) -> None:
         """Write ``state`` into ``params`` (default: ``merge_params(model)``), checking keys and shapes."""
         params = self.merge_params(model) if params is None else params
         missing = set(params) - set(state)
@@ -228,15 +233,17 @@ def _adopt_backend(name: str, obj) -> None:
     if not (isinstance(obj, type) and issubclass(obj, Backend)):
         raise PluginError(f"backend {name!r}: {obj!r} is not a subclass of mergemix.backends.base.Backend")
     if obj.name != name:
-        raise PluginError(f"backend {name!r}: class {obj.__module__}.{obj.__qualname__} has name {obj.name!r}; "
-                          f"set its class attribute name = {name!r} (the entry point's name)")
+        raise PluginError(
+            f"backend {name!r}: class {obj.__module__}.{obj.__qualname__} has name {obj.name!r}; "
+            f"set its class attribute name = {name!r} (the entry point's name)"
+        )
     register_backend(obj)
 
 
 BACKENDS: Registry = Registry("backend", GROUPS["backends"], BUILTIN_BACKENDS, _adopt_backend)
 
 
-def register_backend(cls: Type[Backend]) -> Type[Backend]:
+def register_backend(cls: type[Backend]) -> type[Backend]:
     """Class decorator adding a backend under its ``name`` (a name of the built-ins is refused for
     a class from another module)."""
     if not cls.name:
@@ -250,7 +257,7 @@ def backend_names() -> list[str]:
     return BACKENDS.names()
 
 
-def backend_class(name: str) -> Type[Backend]:
+def backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise KeyError(f"unknown backend {name!r}; available: {', '.join(BACKENDS.names())}")
     return BACKENDS[name]

@@ -59,7 +59,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -171,7 +171,9 @@ class StackedAdapters:
     the live adapter's parameters, requires_grad flags and peft's state are not touched.
     """
 
-    def __init__(self, model, live: Dict[str, torch.nn.Parameter], states: Sequence[Dict[str, torch.Tensor]], backend=""):
+    def __init__(
+        self, model, live: dict[str, torch.nn.Parameter], states: Sequence[dict[str, torch.Tensor]], backend=""
+    ):
         why = self.unsupported(model, live)
         if why:
             raise ValueError(f"cannot stack these adapters: {why}")
@@ -216,7 +218,7 @@ class StackedAdapters:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
     @classmethod
-    def unsupported(cls, model, live: Dict[str, torch.nn.Parameter]) -> str | None:
+    def unsupported(cls, model, live: dict[str, torch.nn.Parameter]) -> str | None:
         """Why the adapters of ``model`` cannot be stacked (None: they can)."""
         try:
             from peft.tuners.ia3.layer import Linear as IA3Linear
@@ -240,7 +242,9 @@ class StackedAdapters:
             if m.lora_variant.get("default") is not None or m.lora_B["default"].bias is not None:
                 return f"{name}: a LoRA variant (DoRA...) or LoRA bias"
             drop = m.lora_dropout["default"]
-            inactive = isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and (drop.p == 0 or not drop.training))
+            inactive = isinstance(drop, torch.nn.Identity) or (
+                isinstance(drop, torch.nn.Dropout) and (drop.p == 0 or not drop.training)
+            )
             if not inactive:
                 return f"{name}: active LoRA dropout"
             if f"{name}.{DELTA}" in live:
@@ -281,7 +285,7 @@ class StackedAdapters:
 
         return forward
 
-    def _dense_forward(self, layer, deltas: List[torch.Tensor]):
+    def _dense_forward(self, layer, deltas: list[torch.Tensor]):
         base = layer.base_layer
 
         def forward(x, *args, **kwargs):  # the merge-space forward (_merge_forward) with update k on slice k
@@ -419,10 +423,15 @@ class CausalLMBackend(Backend):
             raise ValueError("backend causal_lm with adapter: none has no peft adapter")
         if p["adapter"] == "ia3":
             ff = [m for m in p["feedforward_modules"] if m in p["target_modules"]]
-            return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=list(p["target_modules"]), feedforward_modules=ff)
+            return IA3Config(
+                task_type=TaskType.CAUSAL_LM, target_modules=list(p["target_modules"]), feedforward_modules=ff
+            )
         return LoraConfig(
-            task_type=TaskType.CAUSAL_LM, target_modules=list(p["target_modules"]), r=int(p["lora_r"]),
-            lora_alpha=int(p["lora_alpha"]), lora_dropout=0.0,
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=list(p["target_modules"]),
+            r=int(p["lora_r"]),
+            lora_alpha=int(p["lora_alpha"]),
+            lora_dropout=0.0,
         )
 
     def attach_adapter(self, base):
@@ -455,7 +464,9 @@ class CausalLMBackend(Backend):
             # resolve the revision first, so the files and the recorded commit are the same snapshot
             commit = HfApi().model_info(repo, revision=rev).sha
             snapshot_download(
-                repo_id=repo, revision=commit, local_dir=str(base_dir),
+                repo_id=repo,
+                revision=commit,
+                local_dir=str(base_dir),
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
             )
             origin = {"hub": repo, "revision": rev, "resolved_revision": commit}
@@ -480,8 +491,9 @@ class CausalLMBackend(Backend):
             ("merge_parameters" if self.full_weights() else "adapter_parameters"): n,
             "mergemix_version": __version__,
         }
-        log.info("base model in %s; %s with %d parameters", base_dir,
-                 "full weights" if self.full_weights() else "adapter", n)
+        log.info(
+            "base model in %s; %s with %d parameters", base_dir, "full weights" if self.full_weights() else "adapter", n
+        )
         return io.save_model(out_path, state, manifest)
 
     def _materialize_adapter(self, model) -> None:
@@ -533,7 +545,7 @@ class CausalLMBackend(Backend):
         model.eval()
         return model
 
-    def merge_params(self, model) -> Dict[str, torch.nn.Parameter]:
+    def merge_params(self, model) -> dict[str, torch.nn.Parameter]:
         """The adapter's parameters (the only trainable ones), by their stable names; ``adapter:
         none``: every floating parameter of the model (tied weights once, by their first name)."""
         if self.full_weights():
@@ -551,7 +563,7 @@ class CausalLMBackend(Backend):
     def lora_scaling(self) -> float:
         return float(self.params["lora_alpha"]) / float(self.params["lora_r"])
 
-    def to_merge_space(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def to_merge_space(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A saved adapter state in merge space. IA3 and ``lora_merge: factors``: as is. LoRA
         products: each layer's factors become ``{layer}.mergemix_delta = scaling * B @ A`` (float32,
         ``out x in``, on the state's device); the pre-trained adapter gives zeros (B is zero)."""
@@ -573,7 +585,7 @@ class CausalLMBackend(Backend):
             out[f"{name}.{DELTA}"] = (b.detach().float() @ v.detach().float()) * scaling
         return out
 
-    def merge_space_params(self, model) -> Dict[str, torch.Tensor]:
+    def merge_space_params(self, model) -> dict[str, torch.Tensor]:
         """The live tensors merged states are written into. IA3 and ``lora_merge: factors``:
         :meth:`merge_params`. LoRA products: the first call puts ``model`` in merge space (each
         LoRA layer gets a float32 ``mergemix_delta`` buffer holding ``scaling * B @ A`` of its
@@ -615,7 +627,12 @@ class CausalLMBackend(Backend):
             why = None
             if type(m) is not LoraLinear:
                 why = f"it is a {type(m).__name__}, not a linear LoRA layer"
-            elif list(m.active_adapters) != ["default"] or list(m.lora_A) != ["default"] or m.merged or m.disable_adapters:
+            elif (
+                list(m.active_adapters) != ["default"]
+                or list(m.lora_A) != ["default"]
+                or m.merged
+                or m.disable_adapters
+            ):
                 why = "adapters other than one unmerged, enabled 'default'"
             elif m.lora_variant.get("default") is not None or m.lora_B["default"].bias is not None:
                 why = "a LoRA variant (DoRA...) or LoRA bias"
@@ -626,8 +643,9 @@ class CausalLMBackend(Backend):
             elif abs(float(m.scaling["default"]) - self.lora_scaling()) > 1e-12:
                 why = f"its scaling {m.scaling['default']} is not lora_alpha / lora_r = {self.lora_scaling()}"
             if why:
-                raise ValueError(f"lora_merge: products cannot put LoRA layer {name} in merge space: {why}; "
-                                 "use lora_merge: factors")
+                raise ValueError(
+                    f"lora_merge: products cannot put LoRA layer {name} in merge space: {why}; use lora_merge: factors"
+                )
             todo.append(m)
         with torch.no_grad(), torch.inference_mode(False):
             for m in todo:
@@ -666,7 +684,10 @@ class CausalLMBackend(Backend):
             return record["messages"]
         if "prompt" in record:
             msgs = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-            return msgs + [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["references"][0]}]
+            return msgs + [
+                {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["references"][0]},
+            ]
         raise ValueError(f"record with keys {sorted(record)} is neither a chat nor a benchmark example")
 
     def _encode(self, data: PreparedDataset, split: str):
@@ -681,28 +702,41 @@ class CausalLMBackend(Backend):
             enc = [encode_chat(self.tokenizer, r["messages"], int(self.params["max_length"])) for r in recs]
             n_empty = sum(1 for _, lab in enc if all(l == IGNORE for l in lab))
             if n_empty:
-                log.warning("%s/%s: %d of %d examples have no assistant token within max_length=%s",
-                            data.name, split, n_empty, len(enc), self.params["max_length"])
+                log.warning(
+                    "%s/%s: %d of %d examples have no assistant token within max_length=%s",
+                    data.name,
+                    split,
+                    n_empty,
+                    len(enc),
+                    self.params["max_length"],
+                )
             return enc
 
         return self.cached(self._encoded, data, (split, "train"), build)
 
     def _token_loss_sum(self, model, examples) -> tuple[torch.Tensor, int]:
-        ids, mask, labels = pad_batch([e[0] for e in examples], self.tokenizer.pad_token_id, False, [e[1] for e in examples])
+        ids, mask, labels = pad_batch(
+            [e[0] for e in examples], self.tokenizer.pad_token_id, False, [e[1] for e in examples]
+        )
         dev = self._input_device(model)
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
         labels = labels.to(logits.device)
         shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
         )
         return loss, int((shift_labels != IGNORE).sum())
 
     # --- training ------------------------------------------------------------------------------
     def finetune(self, model, data: Sequence[PreparedDataset], hp: dict) -> dict:
         if self.in_merge_space(model):
-            raise RuntimeError("the model is in merge space (its LoRA layers use merged dense updates, not the "
-                               "factors); call leave_merge_space(model) before fine-tuning it")
+            raise RuntimeError(
+                "the model is in merge space (its LoRA layers use merged dense updates, not the "
+                "factors); call leave_merge_space(model) before fine-tuning it"
+            )
         examples = [e for d in data for e in self._encode(d, "train")]
         n_label = [sum(1 for l in lab[1:] if l != IGNORE) for _, lab in examples]
         micro = max(1, int(self.params["micro_batch_size"]))
@@ -742,18 +776,18 @@ class CausalLMBackend(Backend):
 
     # --- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, model, prompts: List[list[dict]], max_new_tokens: int) -> List[str]:
+    def generate(self, model, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
         """Greedy completions of chat prompts, batched with left padding."""
         return self._generate(model, prompts, max_new_tokens, copies=1)[0]
 
     @torch.no_grad()
-    def _generate(self, model, prompts: List[list[dict]], max_new_tokens: int, copies: int) -> List[List[str]]:
+    def _generate(self, model, prompts: list[list[dict]], max_new_tokens: int, copies: int) -> list[list[str]]:
         """Completions per copy: each batch of prompts is repeated ``copies`` times along the batch
         (copy k in rows ``k*b .. (k+1)*b - 1``), which :class:`StackedAdapters` gives adapter k."""
         tok = self.tokenizer
         enc = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))  # similar lengths share a batch
-        out: List[List[str]] = [[""] * len(enc) for _ in range(copies)]
+        out: list[list[str]] = [[""] * len(enc) for _ in range(copies)]
         bs = self.eval_batch_size(int(self.params["eval_batch_size"]))  # merge_eval.eval_batch_size overrides
         dev = self._input_device(model)
         for s in range(0, len(order), bs):
@@ -762,18 +796,21 @@ class CausalLMBackend(Backend):
             if copies > 1:
                 ids, mask = ids.repeat(copies, 1), mask.repeat(copies, 1)
             gen = model.generate(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=int(max_new_tokens),
-                do_sample=False, pad_token_id=tok.pad_token_id,
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                max_new_tokens=int(max_new_tokens),
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
             )
             for k in range(copies):
                 for j, i in enumerate(idx):
                     out[k][i] = tok.decode(gen[k * len(idx) + j, ids.shape[1] :], skip_special_tokens=True).strip()
         return out
 
-    def benchmark_scores(self, model, data: PreparedDataset, split: str) -> Dict[str, float]:
+    def benchmark_scores(self, model, data: PreparedDataset, split: str) -> dict[str, float]:
         return self._benchmark_scores(model, data, split, copies=1)[0]
 
-    def _benchmark_scores(self, model, data: PreparedDataset, split: str, copies: int) -> List[Dict[str, float]]:
+    def _benchmark_scores(self, model, data: PreparedDataset, split: str, copies: int) -> list[dict[str, float]]:
         from mergemix.text_metrics import score
 
         recs, _ = data.split(split)
@@ -784,10 +821,10 @@ class CausalLMBackend(Backend):
                 f"dataset {data.name!r} is not a benchmark target (records have keys {sorted(recs[0])}); "
                 "targets of a causal_lm study use the 'benchmarks' or 'lm_eval' source"
             )
-        by_bench: Dict[str, list] = {}
+        by_bench: dict[str, list] = {}
         for r in recs:
             by_bench.setdefault(r["benchmark"], []).append(r)
-        scores: List[Dict[str, float]] = [{} for _ in range(copies)]
+        scores: list[dict[str, float]] = [{} for _ in range(copies)]
         model.eval()
         for name in sorted(by_bench):
             rs = by_bench[name]
@@ -807,7 +844,9 @@ class CausalLMBackend(Backend):
         log.info("%s/%s: %s", data.name, split, {k: round(v, 4) for k, v in scores.items()})
         return float(np.mean(list(scores.values())))
 
-    def evaluate_many(self, model, data: PreparedDataset, split: str, states: Sequence[Dict[str, torch.Tensor]]) -> List[float]:
+    def evaluate_many(
+        self, model, data: PreparedDataset, split: str, states: Sequence[dict[str, torch.Tensor]]
+    ) -> list[float]:
         """``evaluate`` of each merged adapter state, ``merges_per_forward`` of them per batched
         generation (see :class:`StackedAdapters`); the live adapter's values are left as they were.
 
@@ -825,7 +864,7 @@ class CausalLMBackend(Backend):
         if why:
             log.info("evaluate_many: scoring merged adapters one at a time (%s)", why)
             return super().evaluate_many(model, data, split, states)
-        out: List[float] = []
+        out: list[float] = []
         for s in range(0, len(states), k):
             chunk = states[s : s + k]
             with StackedAdapters(model, live, chunk, backend=self.name):

@@ -30,7 +30,7 @@ import logging
 import mmap
 import os
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -112,7 +112,9 @@ class ImageReader:
         return out
 
 
-def zeroshot_weights(clip_model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device) -> torch.Tensor:
+def zeroshot_weights(
+    clip_model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device
+) -> torch.Tensor:
     """The zero-shot head ``[classes, dim]``: per class, encode every template, normalise, average,
     normalise again; scale by ``exp(logit_scale)``. Logits are ``normalize(image_emb) @ head.T``."""
     rows = []
@@ -136,19 +138,21 @@ class ClipBackend(Backend):
         # open_clip architecture: ViT-B/32 with QuickGELU, the activation OpenAI's weights were trained
         # with (open_clip's plain "ViT-B-32" uses GELU and would silently change the model)
         "model": "ViT-B-32-quickgelu",
-        "pretrained": "openai",    # open_clip pretrained tag (used by fetch_pretrained only)
-        "weights": None,           # a local checkpoint file used instead of the tag (no download)
-        "model_config": None,      # an open_clip model-config dict, registered under `model` at run time
-        "cache_dir": None,         # open_clip's download cache (fetch_pretrained only)
-        "precision": "bf16",       # autocast on GPU: bf16 or fp32 (CPU always runs fp32)
+        "pretrained": "openai",  # open_clip pretrained tag (used by fetch_pretrained only)
+        "weights": None,  # a local checkpoint file used instead of the tag (no download)
+        "model_config": None,  # an open_clip model-config dict, registered under `model` at run time
+        "cache_dir": None,  # open_clip's download cache (fetch_pretrained only)
+        "precision": "bf16",  # autocast on GPU: bf16 or fp32 (CPU always runs fp32)
         "eval_batch_size": 512,
-        "workers": 4,              # threads reading image batches from the prepared arrays
+        "workers": 4,  # threads reading image batches from the prepared arrays
     }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.params["precision"] not in ("bf16", "fp32"):
-            raise ValueError(f"backend 'clip': precision {self.params['precision']!r} is not allowed; allowed: bf16, fp32")
+            raise ValueError(
+                f"backend 'clip': precision {self.params['precision']!r} is not allowed; allowed: bf16, fp32"
+            )
         self._heads: dict = {}
         self._tensors: dict = {}
         self._heads_dir: Path | None = None
@@ -199,7 +203,10 @@ class ClipBackend(Backend):
                 f"backend 'clip': open_clip has no pretrained tag {tag!r} for {name!r}; available: "
                 f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'} (or give weights: <file>)"
             )
-        want, have = bool(tag_cfg.get("quick_gelu", False)), bool(open_clip.get_model_config(name).get("quick_gelu", False))
+        want, have = (
+            bool(tag_cfg.get("quick_gelu", False)),
+            bool(open_clip.get_model_config(name).get("quick_gelu", False)),
+        )
         if want != have:
             fix = f"{name}-quickgelu" if want else name.replace("-quickgelu", "")
             raise ValueError(
@@ -277,7 +284,7 @@ class ClipBackend(Backend):
         del clip_model  # the text tower is needed only by write_head
         return model.to(self.device).eval()
 
-    def merge_params(self, model: ClipImageClassifier) -> Dict[str, nn.Parameter]:
+    def merge_params(self, model: ClipImageClassifier) -> dict[str, nn.Parameter]:
         return dict(model.named_parameters())  # "visual.*": the image encoder only
 
     # --- zero-shot heads --------------------------------------------------------------------------
@@ -293,8 +300,12 @@ class ClipBackend(Backend):
         self._check_size(int(pre["preprocess"]["image_size"]), data)
         how = (pre["preprocess"].get("interpolation", "bicubic"), pre["preprocess"].get("resize_mode", "shortest"))
         if how != ("bicubic", "shortest"):
-            log.warning("%s expects %s resizing (%s); the image sources resize the shorter side (bicubic) and "
-                        "centre-crop", self.params["model"], how[0], how[1])
+            log.warning(
+                "%s expects %s resizing (%s); the image sources resize the shorter side (bicubic) and centre-crop",
+                self.params["model"],
+                how[0],
+                how[1],
+            )
         clip_model = clip_model.to(self.device)
         templates = resolve_templates(templates if templates is not None else (data.spec or {}).get("templates"))
         tokenizer = open_clip.get_tokenizer(self.params["model"])
@@ -436,8 +447,14 @@ class ClipBackend(Backend):
                 start += n
             return loss / len(idx)
 
-        metrics = fit(model.parameters(), len(loc), step_loss, hp, log_name="finetune " + "+".join(d.name for d in data),
-                      groups=[(d.name, len(t)) for d, t in zip(data, train)])
+        metrics = fit(
+            model.parameters(),
+            len(loc),
+            step_loss,
+            hp,
+            log_name="finetune " + "+".join(d.name for d in data),
+            groups=[(d.name, len(t)) for d, t in zip(data, train)],
+        )
         model.eval()
         per = {d.name: self._count_correct(model, d, "val") for d in data}
         metrics["val_acc"] = sum(c for c, _ in per.values()) / max(1, sum(n for _, n in per.values()))

@@ -6,7 +6,7 @@ It is the model of the embedded ``digits`` study. All its parameters are fine-tu
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ class SmallCNNBackend(Backend):
         self.load_state(model, state)
         return model
 
-    def merge_params(self, model: nn.Module) -> Dict[str, nn.Parameter]:
+    def merge_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return dict(model.named_parameters())
 
     # data -------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ class Checkpoint:
     keep: bool = False
 
     @classmethod
-    def of(cls, spec) -> "Checkpoint | None":
+    def of(cls, spec) -> Checkpoint | None:
         """A :class:`Checkpoint` from itself, a dict of its fields, or None."""
         if spec is None or isinstance(spec, Checkpoint):
             return spec
@@ -153,7 +153,9 @@ class Checkpoint:
             fields = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(spec) - fields)
             if unknown:
-                raise ValueError(f"checkpoint: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}")
+                raise ValueError(
+                    f"checkpoint: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
+                )
             return cls(**spec)
         raise TypeError(f"checkpoint: expected a Checkpoint, a dict or None, got {type(spec).__name__}")
 
@@ -215,8 +217,12 @@ def _fingerprint(ck: Checkpoint, params, hp: dict, n_samples: int, groups, steps
     """Each part of what identifies a run, as a short digest (the log names the parts that differ)."""
     parts = {
         "hyperparameters": hp,
-        "training": {"n_samples": int(n_samples), "groups": [[str(n), int(k)] for n, k in groups or []],
-                     "steps_per_epoch": steps_per_epoch, "total_steps": total},
+        "training": {
+            "n_samples": int(n_samples),
+            "groups": [[str(n), int(k)] for n, k in groups or []],
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total,
+        },
         "parameters": [[list(p.shape), str(p.dtype)] for p in params],
         **{f"run.{k}": v for k, v in (ck.fingerprint or {}).items()},
     }
@@ -250,7 +256,8 @@ def _optimizer_state_dict(saved: dict, tensors: dict, opt: torch.optim.Optimizer
         raise ValueError(f"optimizer {saved.get('class')}, not {type(opt).__name__}")
     groups = saved["param_groups"]
     if len(groups) != len(opt.param_groups) or any(
-            len(g["params"]) != len(cur["params"]) for g, cur in zip(groups, opt.param_groups)):
+        len(g["params"]) != len(cur["params"]) for g, cur in zip(groups, opt.param_groups)
+    ):
         raise ValueError("other parameter groups")
     state = {}
     for index, entries in saved["state"].items():
@@ -269,13 +276,16 @@ def _optimizer_state_dict(saved: dict, tensors: dict, opt: torch.optim.Optimizer
             else:
                 restored[key] = value
     # JSON has no tuples: give back the types of opt's own groups (betas)
-    groups = [{k: tuple(v) if isinstance(cur.get(k), tuple) and isinstance(v, list) else v for k, v in g.items()}
-              for g, cur in zip(groups, opt.param_groups)]
+    groups = [
+        {k: tuple(v) if isinstance(cur.get(k), tuple) and isinstance(v, list) else v for k, v in g.items()}
+        for g, cur in zip(groups, opt.param_groups)
+    ]
     return {"state": state, "param_groups": groups}
 
 
-def _save_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: torch.optim.Optimizer,
-                     epoch_gen_state: torch.Tensor, meta: dict) -> None:
+def _save_checkpoint(
+    ck: Checkpoint, fingerprint: dict, params, opt: torch.optim.Optimizer, epoch_gen_state: torch.Tensor, meta: dict
+) -> None:
     """One atomic save (temporary file, fsync, rename) of everything :func:`_resume` restores."""
     from safetensors.torch import save_file
 
@@ -293,7 +303,10 @@ def _save_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: torch.optim
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(key, dtype=np.int64))
     version, internal, gauss_next = random.getstate()
     meta = {
-        **meta, "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "optimizer": opt_meta,
+        **meta,
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": fingerprint,
+        "optimizer": opt_meta,
         "cuda_rng_devices": len(cuda),
         "numpy_rng": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python_rng": [version, list(internal), gauss_next],
@@ -318,39 +331,65 @@ def _load_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: torch.optim
         if not isinstance(meta, dict):
             raise ValueError("its metadata is not a JSON object")
     except (OSError, ValueError, KeyError) as e:
-        log.warning("%s: not resuming from checkpoint %s, it cannot be read (%s); training from the start", name, path, e)
+        log.warning(
+            "%s: not resuming from checkpoint %s, it cannot be read (%s); training from the start", name, path, e
+        )
         return None
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("fingerprint") != fingerprint:
         saved = meta.get("fingerprint") if isinstance(meta.get("fingerprint"), dict) else {}
         differ = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        why = f"format {meta.get('format')}" if meta.get("format") != CHECKPOINT_FORMAT else "different " + ", ".join(differ)
-        log.warning("%s: not resuming from checkpoint %s: it belongs to another run (%s); training from the start "
-                    "(it is replaced by this run's)", name, path, why)
+        why = (
+            f"format {meta.get('format')}"
+            if meta.get("format") != CHECKPOINT_FORMAT
+            else "different " + ", ".join(differ)
+        )
+        log.warning(
+            "%s: not resuming from checkpoint %s: it belongs to another run (%s); training from the start "
+            "(it is replaced by this run's)",
+            name,
+            path,
+            why,
+        )
         return None
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(path))
     except Exception as e:  # a damaged file: safetensors reports it in its own exception types
-        log.warning("%s: not resuming from checkpoint %s, it cannot be read (%s); training from the start", name, path, e)
+        log.warning(
+            "%s: not resuming from checkpoint %s, it cannot be read (%s); training from the start", name, path, e
+        )
         return None
-    bad = [f"param.{i}" for i, p in enumerate(params)
-           if f"param.{i}" not in tensors or tuple(tensors[f"param.{i}"].shape) != tuple(p.shape)]
+    bad = [
+        f"param.{i}"
+        for i, p in enumerate(params)
+        if f"param.{i}" not in tensors or tuple(tensors[f"param.{i}"].shape) != tuple(p.shape)
+    ]
     if bad or "rng.order" not in tensors or "rng.torch" not in tensors:
-        log.warning("%s: not resuming from checkpoint %s: tensors missing or of other shapes (%s); training from the "
-                    "start", name, path, ", ".join(bad[:3]) or "random states")
+        log.warning(
+            "%s: not resuming from checkpoint %s: tensors missing or of other shapes (%s); training from the start",
+            name,
+            path,
+            ", ".join(bad[:3]) or "random states",
+        )
         return None
     try:
         opt_state = _optimizer_state_dict(meta["optimizer"], tensors, opt, params)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        log.warning("%s: not resuming from checkpoint %s: its optimizer state does not fit (%s); training from the "
-                    "start", name, path, e)
+        log.warning(
+            "%s: not resuming from checkpoint %s: its optimizer state does not fit (%s); training from the start",
+            name,
+            path,
+            e,
+        )
         return None
     return tensors, opt_state, meta
 
 
 @torch.no_grad()
-def _resume(tensors: dict, opt_state: dict, meta: dict, params, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+def _resume(
+    tensors: dict, opt_state: dict, meta: dict, params, opt: torch.optim.Optimizer, gen: torch.Generator
+) -> None:
     """Put the weights, optimizer and every random state back to where the checkpoint was saved."""
     for i, p in enumerate(params):
         p.copy_(tensors[f"param.{i}"])
@@ -361,11 +400,21 @@ def _resume(tensors: dict, opt_state: dict, meta: dict, params, opt: torch.optim
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all(cuda)
     elif cuda:
-        log.warning("the checkpoint holds the random states of %d CUDA devices, this process sees %d: not restored",
-                    len(cuda), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        log.warning(
+            "the checkpoint holds the random states of %d CUDA devices, this process sees %d: not restored",
+            len(cuda),
+            torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        )
     npr = meta["numpy_rng"]
-    np.random.set_state((npr["kind"], tensors["rng.numpy"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"],
-                         npr["cached_gaussian"]))
+    np.random.set_state(
+        (
+            npr["kind"],
+            tensors["rng.numpy"].numpy().astype(np.uint32),
+            npr["pos"],
+            npr["has_gauss"],
+            npr["cached_gaussian"],
+        )
+    )
     version, internal, gauss_next = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss_next))
 
@@ -415,7 +464,9 @@ def fit(
     probs = None
     if hp.get("mixture_weights"):
         if groups is None or sum(size for _, size in groups) != n_samples:
-            raise ValueError(f"{log_name or 'training'}: mixture_weights need the training sets' names and sizes (groups)")
+            raise ValueError(
+                f"{log_name or 'training'}: mixture_weights need the training sets' names and sizes (groups)"
+            )
         probs, draws = mixture_probabilities(groups, hp["mixture_weights"])
     steps_per_epoch = max(1, math.ceil((n_samples if probs is None else draws) / bs))
     total = steps_per_epoch * epochs
@@ -432,8 +483,16 @@ def fit(
             _resume(tensors, opt_state, meta, params, opt, gen)
             start_epoch, start_step = int(meta["epoch"]), int(meta["step_in_epoch"])
             resumed_losses, before = [float(v) for v in meta["epoch_losses"]], float(meta.get("elapsed_seconds", 0.0))
-            log.info("%s: resuming from checkpoint %s at step %d/%d (epoch %d/%d), %s trained before", name, ck.file,
-                     int(meta["step"]), total, start_epoch + 1, epochs, _duration(before))
+            log.info(
+                "%s: resuming from checkpoint %s at step %d/%d (epoch %d/%d), %s trained before",
+                name,
+                ck.file,
+                int(meta["step"]),
+                total,
+                start_epoch + 1,
+                epochs,
+                _duration(before),
+            )
     start = time.time()
     t0 = start - before  # train_seconds counts the time of the runs before a resume too
     first_done = start_epoch * steps_per_epoch + start_step
@@ -485,16 +544,28 @@ def fit(
                     bar.update(1)
                 now = time.time()
                 if now - last_log >= PROGRESS_SECONDS:
-                    log.info("%s: %s, loss %.4f (mean of the last %d steps)", name, progress(done, now),
-                             float(np.mean(recent)), len(recent))
+                    log.info(
+                        "%s: %s, loss %.4f (mean of the last %d steps)",
+                        name,
+                        progress(done, now),
+                        float(np.mean(recent)),
+                        len(recent),
+                    )
                     last_log, recent = now, []
                 if ck is not None and done < total and ck.due(done, now - last_save):
-                    meta = {"epoch": epoch, "step_in_epoch": s + 1, "step": done, "total": total,
-                            "epoch_losses": losses, "elapsed_seconds": now - t0}
+                    meta = {
+                        "epoch": epoch,
+                        "step_in_epoch": s + 1,
+                        "step": done,
+                        "total": total,
+                        "epoch_losses": losses,
+                        "elapsed_seconds": now - t0,
+                    }
                     _save_checkpoint(ck, fingerprint, params, opt, epoch_gen_state, meta)
                     last_save = time.time()
-                    log.debug("%s: checkpoint at step %d/%d saved to %s (%.2fs)", name, done, total, ck.file,
-                              last_save - now)
+                    log.debug(
+                        "%s: checkpoint at step %d/%d saved to %s (%.2fs)", name, done, total, ck.file, last_save - now
+                    )
             last = float(np.mean(losses))
             bad = next((i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())), None)
             if bad is not None:  # a finite loss can still come with an overflowing update
@@ -504,8 +575,15 @@ def fit(
                     "rate (lr of finetune or pretrain.hparams) or set grad_clip"
                 )
             now = time.time()
-            log.info("%s epoch %d/%d loss %.4f (%.1fs), %s", log_name, epoch + 1, epochs, last, now - t0,
-                     progress((epoch + 1) * steps_per_epoch, now))
+            log.info(
+                "%s epoch %d/%d loss %.4f (%.1fs), %s",
+                log_name,
+                epoch + 1,
+                epochs,
+                last,
+                now - t0,
+                progress((epoch + 1) * steps_per_epoch, now),
+            )
             last_log, recent = now, []
     if ck is not None and not ck.keep:
         remove_checkpoint(ck.path)

@@ -237,9 +237,7 @@ def _mix_spec(mix) -> dict[str, float]:
 MIXED = "mixed"  # domain whose images each get one transform drawn from the spec's `mix`
 
 
-@register_source(
-    "digits", params={"domain": sorted([*DOMAINS, MIXED]), "strength": None, "permute": None, "mix": None}
-)
+@register_source("digits", params={"domain": sorted([*DOMAINS, MIXED]), "strength": None, "permute": None, "mix": None})
 def digits(spec: dict, seed: int, local_dir=None) -> RawDataset:
     """Spec keys: ``domain`` (a transform of ``DOMAINS``, or ``mixed``), ``strength`` (scales the
     transform, default 1), ``mix`` (for ``mixed`` only: the domains drawn from, uniformly per image,

@@ -129,8 +129,13 @@ def image_folder(spec: dict, seed: int, local_dir=None) -> RawDataset:
 
 # --- any Hugging Face dataset ---------------------------------------------------------------------
 HF_PARAMS = {
-    "hub_id": None, "revision": None, "config": None, "splits": None,
-    "image_column": None, "label_column": None, **COMMON,
+    "hub_id": None,
+    "revision": None,
+    "config": None,
+    "splits": None,
+    "image_column": None,
+    "label_column": None,
+    **COMMON,
 }
 
 
@@ -156,8 +161,9 @@ def _load_remote_or_local(spec: dict, their_split: str, cache_dir=None):
         if (local / "state.json").exists():
             return datasets.load_from_disk(str(local))
         return datasets.load_dataset(str(local), name=spec.get("config"), split=their_split, cache_dir=cache_dir)
-    return datasets.load_dataset(src, name=spec.get("config"), split=their_split, revision=spec.get("revision"),
-                                 cache_dir=cache_dir)
+    return datasets.load_dataset(
+        src, name=spec.get("config"), split=their_split, revision=spec.get("revision"), cache_dir=cache_dir
+    )
 
 
 def download_hf(spec: dict, out_dir: Path) -> dict:
@@ -171,8 +177,12 @@ def download_hf(spec: dict, out_dir: Path) -> dict:
         raise ValueError("source hf_images needs 'hub_id': a Hugging Face dataset id or a local dataset path")
     from_hub = not Path(str(spec["hub_id"])).expanduser().exists()
     if from_hub and spec.get("revision") in (None, "main"):
-        log.warning("dataset %s is not pinned to a commit (revision: %r); pin it for reproducible data "
-                    "(mergemix pin-revisions <config> --write, before downloading)", spec["hub_id"], spec.get("revision"))
+        log.warning(
+            "dataset %s is not pinned to a commit (revision: %r); pin it for reproducible data "
+            "(mergemix pin-revisions <config> --write, before downloading)",
+            spec["hub_id"],
+            spec.get("revision"),
+        )
     cols = [spec.get("image_column", "image"), spec.get("label_column", "label")]
     rows = {}
     cache = Path(out_dir) / ".datasets_cache"
@@ -230,5 +240,10 @@ def hf_images(spec: dict, seed: int, local_dir=None) -> RawDataset:
         raise ValueError(
             f"labels of {spec['hub_id']} fall outside 0..{len(classes) - 1} ({len(classes)} class names); fix classnames"
         )
-    return RawDataset(x=x, y=y, classes=classes, splits=splits,
-                      info={"hub_id": spec["hub_id"], "revision": spec.get("revision"), "data_classes": names})
+    return RawDataset(
+        x=x,
+        y=y,
+        classes=classes,
+        splits=splits,
+        info={"hub_id": spec["hub_id"], "revision": spec.get("revision"), "data_classes": names},
+    )

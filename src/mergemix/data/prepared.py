@@ -84,8 +84,11 @@ def prepare_dataset(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=N
         if raw.y is not None:
             arrays["y"] = np.asarray(raw.y, dtype=np.int64)
         sha = io.save_arrays(out_dir / "arrays.safetensors", arrays)
-        data = {"file": "arrays.safetensors", "sha256": sha,
-                "arrays": {k: {"shape": list(v.shape), "dtype": str(np.dtype(v.dtype))} for k, v in arrays.items()}}
+        data = {
+            "file": "arrays.safetensors",
+            "sha256": sha,
+            "arrays": {k: {"shape": list(v.shape), "dtype": str(np.dtype(v.dtype))} for k, v in arrays.items()},
+        }
     else:
         records = list(raw.x)
         if raw.y is not None:
@@ -116,8 +119,8 @@ def _name_seed(name: str, seed: int) -> int:
 @dataclass
 class PreparedDataset:
     name: str
-    x: "np.ndarray | list"  # array samples, or a list of records (JSON lines)
-    y: "np.ndarray | None"
+    x: np.ndarray | list  # array samples, or a list of records (JSON lines)
+    y: np.ndarray | None
     classes: list[str]
     indices: dict[str, np.ndarray]
     spec: dict = None
@@ -179,7 +182,9 @@ def verify_prepared(data_dir, meta: dict) -> Path:
 def load_prepared(data_dir) -> PreparedDataset:
     data_dir = Path(data_dir)
     if not (data_dir / "splits.json").is_file():
-        raise PreparedDataError(f"{data_dir / 'splits.json'} is missing: {data_dir} is not a prepared dataset; {_rebuild(data_dir)}")
+        raise PreparedDataError(
+            f"{data_dir / 'splits.json'} is missing: {data_dir} is not a prepared dataset; {_rebuild(data_dir)}"
+        )
     try:
         meta = io.read_json(data_dir / "splits.json")
     except ValueError as e:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -26,24 +26,24 @@ from mergemix.plugins import GROUPS, PluginError, Registry
 class RawDataset:
     # samples: an array (e.g. float32 or uint8 images [N, C, H, W]), stored as safetensors, or a
     # list of JSON-serialisable records (e.g. chat examples), stored as JSON lines
-    x: "np.ndarray | list"
-    y: Optional[np.ndarray]  # int64 labels [N], or None where the records carry their own targets
+    x: np.ndarray | list
+    y: np.ndarray | None  # int64 labels [N], or None where the records carry their own targets
     classes: list[str]
     # Samples that share a group id always land in the same split (e.g. several transformed views
     # of one source image). Defaults to one group per sample.
-    groups: Optional[np.ndarray] = None
+    groups: np.ndarray | None = None
     # Fixed splits given by the source (name -> indices); missing ones are carved by the splitter.
-    splits: Dict[str, np.ndarray] = field(default_factory=dict)
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
 
 # fn(spec, seed, local_dir) -> RawDataset; local_dir is the folder the source's download step
 # wrote (None for sources without one). Sources never touch the network: downloads are separate.
-SourceFn = Callable[[dict, int, Optional[Path]], RawDataset]
+SourceFn = Callable[[dict, int, Path | None], RawDataset]
 DownloadFn = Callable[[dict, Path], dict]
-SOURCE_PARAMS: Dict[str, dict] = {}
-LOCAL_PATHS: Dict[str, dict] = {}  # source -> {spec key: "file" | "folder"}
-DOWNLOADERS: Dict[str, DownloadFn] = {}
+SOURCE_PARAMS: dict[str, dict] = {}
+LOCAL_PATHS: dict[str, dict] = {}  # source -> {spec key: "file" | "folder"}
+DOWNLOADERS: dict[str, DownloadFn] = {}
 
 # The registry: name -> source function. The built-ins are imported on the first lookup of their
 # name (this module imports none of the dataset modules, which import it to register themselves);
@@ -71,16 +71,19 @@ def _adopt_source(name: str, obj) -> None:
     if reg is None:
         reg = {k: getattr(obj, k, None) for k in ("params", "download", "local_paths")}
     elif reg.get("name") != name:
-        raise PluginError(f"dataset source {name!r}: function {obj.__module__}.{obj.__qualname__} is registered as "
-                          f"{reg.get('name')!r}; name its entry point {reg.get('name')!r}")
+        raise PluginError(
+            f"dataset source {name!r}: function {obj.__module__}.{obj.__qualname__} is registered as "
+            f"{reg.get('name')!r}; name its entry point {reg.get('name')!r}"
+        )
     register_source(name, params=reg["params"], download=reg["download"], local_paths=reg["local_paths"])(obj)
 
 
 SOURCES: Registry = Registry("dataset source", GROUPS["datasets"], BUILTIN_SOURCES, _adopt_source)
 
 
-def register_source(name: str, params: dict | None = None, download: DownloadFn | None = None,
-                    local_paths: dict | None = None):
+def register_source(
+    name: str, params: dict | None = None, download: DownloadFn | None = None, local_paths: dict | None = None
+):
     """Register a source.
 
     ``params`` maps each allowed spec key to its allowed values (or None for any value).
@@ -95,7 +98,9 @@ def register_source(name: str, params: dict | None = None, download: DownloadFn 
         # refused: a name taken, or a built-in's name for a function of another module
         SOURCES.add(name, fn)
         try:
-            setattr(fn, REGISTRATION, {"name": name, "params": params, "download": download, "local_paths": local_paths})
+            setattr(
+                fn, REGISTRATION, {"name": name, "params": params, "download": download, "local_paths": local_paths}
+            )
         except (AttributeError, TypeError):  # a callable that takes no attributes
             pass
         SOURCE_PARAMS[name] = dict(params or {})
@@ -151,8 +156,10 @@ def check_spec(name: str, spec: dict) -> list[str]:
             ok = path.is_file() if kind == "file" else path.is_dir()
             if not ok:
                 what = "no such file" if not path.exists() else f"not a {kind}"
-                problems.append(f"datasets.{name}.{key}: {spec[key]} ({what}); give the {kind} of the dataset "
-                                "(a relative path is from the folder snakemake or mergemix runs in)")
+                problems.append(
+                    f"datasets.{name}.{key}: {spec[key]} ({what}); give the {kind} of the dataset "
+                    "(a relative path is from the folder snakemake or mergemix runs in)"
+                )
     return problems
 
 

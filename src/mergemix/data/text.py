@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +105,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def filter_rows(rows, filters: Optional[dict], first_n: Optional[int]) -> list[dict]:
+def filter_rows(rows, filters: dict | None, first_n: int | None) -> list[dict]:
     """Rows whose columns equal the given values (all of them), then the first ``first_n``."""
     out = []
     filters = filters or {}
@@ -122,7 +122,9 @@ def _chat_dataset(rows, spec: dict, name: str, info: dict, columns: list[str]) -
     """Chats from an iterable of rows (read lazily: filtering stops after ``first_n`` matches)."""
     missing = [k for k in (spec.get("filters") or {}) if k not in columns]
     if missing:
-        raise ValueError(f"{name}: filter column(s) {missing} are not columns of the data; columns: {', '.join(sorted(columns))}")
+        raise ValueError(
+            f"{name}: filter column(s) {missing} are not columns of the data; columns: {', '.join(sorted(columns))}"
+        )
     rows = filter_rows(rows, spec.get("filters"), spec.get("first_n"))
     if not rows:
         raise ValueError(f"{name}: no rows left after filters {spec.get('filters')} and first_n {spec.get('first_n')}")
@@ -135,7 +137,10 @@ def _chat_dataset(rows, spec: dict, name: str, info: dict, columns: list[str]) -
     n = len(chats)
     # all samples are training data; the splitter carves the validation split from train
     return RawDataset(
-        x=chats, y=None, classes=[], splits={"train": np.arange(n), "test": np.zeros(0, dtype=np.int64)},
+        x=chats,
+        y=None,
+        classes=[],
+        splits={"train": np.arange(n), "test": np.zeros(0, dtype=np.int64)},
         info={**info, "n_rows": n},
     )
 
@@ -164,8 +169,12 @@ def download_hf_dataset(spec: dict, out_dir: Path) -> dict:
         origin = {"local": str(src.resolve())}
     else:
         ds = datasets.load_dataset(str(spec["path"]), spec.get("name"), split=split, revision=spec.get("revision"))
-        origin = {"hub": spec["path"], "name": spec.get("name"), "revision": spec.get("revision"),
-                  "resolved_revision": commit_or_none(str(spec["path"]), spec.get("revision"))}
+        origin = {
+            "hub": spec["path"],
+            "name": spec.get("name"),
+            "revision": spec.get("revision"),
+            "resolved_revision": commit_or_none(str(spec["path"]), spec.get("revision")),
+        }
     ds.save_to_disk(str(out_dir / "dataset"))
     return {**origin, "split": split, "n_rows": len(ds), "columns": list(ds.column_names)}
 
@@ -175,7 +184,7 @@ def download_hf_dataset(spec: dict, out_dir: Path) -> dict:
     params={"path": None, "name": None, "revision": None, "split": None, **CHAT_PARAMS},
     download=download_hf_dataset,
 )
-def hf_chat(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
+def hf_chat(spec: dict, seed: int, local_dir: Path | None) -> RawDataset:
     import datasets
 
     if local_dir is None or not (Path(local_dir) / "dataset").exists():
@@ -194,7 +203,9 @@ def hf_chat(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
 def read_jsonl_file(path, what: str) -> list[dict]:
     path = Path(str(path)).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{what}: file {path} does not exist (paths are relative to the directory snakemake runs in)")
+        raise FileNotFoundError(
+            f"{what}: file {path} does not exist (paths are relative to the directory snakemake runs in)"
+        )
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -207,7 +218,7 @@ def read_jsonl_file(path, what: str) -> list[dict]:
 
 
 @register_source("jsonl_chat", params={"path": None, **CHAT_PARAMS}, local_paths={"path": "file"})
-def jsonl_chat(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
+def jsonl_chat(spec: dict, seed: int, local_dir: Path | None) -> RawDataset:
     rows = read_jsonl_file(spec["path"], "jsonl_chat")
     columns = sorted({k for r in rows for k in r})
     return _chat_dataset(rows, spec, str(spec["path"]), {"path": str(spec["path"])}, columns)
@@ -219,7 +230,7 @@ def jsonl_chat(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
 BENCHMARK_KEYS = {"name", "dev", "test", "metric", "max_new_tokens", "system"}
 
 
-def benchmark_records(bench: dict, path, max_n: Optional[int], where: str) -> list[dict]:
+def benchmark_records(bench: dict, path, max_n: int | None, where: str) -> list[dict]:
     """Records of one benchmark file: ``{"prompt": str, "references": [str, ...]}`` per line
     (``"reference": str`` or llm-jp-eval's ``"input"``/``"output"`` are accepted too)."""
     out = []
@@ -251,7 +262,7 @@ def benchmark_records(bench: dict, path, max_n: Optional[int], where: str) -> li
 
 
 @register_source("benchmarks", params={"benchmarks": None, "max_per_benchmark": None})
-def benchmarks(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
+def benchmarks(spec: dict, seed: int, local_dir: Path | None) -> RawDataset:
     from mergemix.text_metrics import get_metric
 
     benches = spec.get("benchmarks")
@@ -275,7 +286,9 @@ def benchmarks(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
             idx.extend(range(len(records), len(records) + len(recs)))
             records.extend(recs)
     return RawDataset(
-        x=records, y=None, classes=[],
+        x=records,
+        y=None,
+        classes=[],
         splits={"train": np.zeros(0, dtype=np.int64), "val": np.asarray(val), "test": np.asarray(test)},
         info={"benchmarks": [b["name"] for b in benches]},
     )
@@ -287,7 +300,7 @@ def benchmarks(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
 @register_source(
     "lm_eval", params={"tasks": None, "num_fewshot": None, "val_limit": None, "test_limit": None, "include_path": None}
 )
-def lm_eval_source(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDataset:
+def lm_eval_source(spec: dict, seed: int, local_dir: Path | None) -> RawDataset:
     """A placeholder record per split; the backend runs lm-evaluation-harness on the live model.
 
     Each task is ``{name: <lm-eval task>, metric: <its metric key, e.g. acc>}``. The validation
@@ -296,16 +309,27 @@ def lm_eval_source(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDatas
     is a folder of extra task YAML files (e.g. tasks over local files).
     """
     tasks = spec.get("tasks")
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) and {"name", "metric"} <= set(t) for t in tasks):
+    if (
+        not isinstance(tasks, list)
+        or not tasks
+        or not all(isinstance(t, dict) and {"name", "metric"} <= set(t) for t in tasks)
+    ):
         raise ValueError("lm_eval: 'tasks' must be a non-empty list of {name: <task>, metric: <metric key>}")
     val_n, test_n = int(spec.get("val_limit") or 100), int(spec.get("test_limit") or 1000)
-    common = {"lm_eval": True, "tasks": tasks, "num_fewshot": spec.get("num_fewshot"), "include_path": spec.get("include_path")}
+    common = {
+        "lm_eval": True,
+        "tasks": tasks,
+        "num_fewshot": spec.get("num_fewshot"),
+        "include_path": spec.get("include_path"),
+    }
     records = [
         {**common, "split": "val", "docs": [0, val_n]},
         {**common, "split": "test", "docs": [val_n, val_n + test_n]},
     ]
     return RawDataset(
-        x=records, y=None, classes=[],
+        x=records,
+        y=None,
+        classes=[],
         splits={"train": np.zeros(0, dtype=np.int64), "val": np.asarray([0]), "test": np.asarray([1])},
         info={"tasks": [t["name"] for t in tasks]},
     )
@@ -314,7 +338,7 @@ def lm_eval_source(spec: dict, seed: int, local_dir: Optional[Path]) -> RawDatas
 # ---------------------------------------------------------------------------------------------
 # converting llm-jp-eval's evaluation datasets
 # ---------------------------------------------------------------------------------------------
-def convert_llm_jp_eval(src, out, max_n: Optional[int] = None) -> dict:
+def convert_llm_jp_eval(src, out, max_n: int | None = None) -> dict:
     """Convert one llm-jp-eval dataset file (``{"instruction", "output_length", "metrics",
     "samples": [{"input", "output"}]}``) to mergemix's benchmark JSONL.
 

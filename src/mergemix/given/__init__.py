@@ -113,8 +113,11 @@ def source_files(path) -> dict[str, str]:
     path = Path(path)
     if path.is_file():
         return {path.name: io.sha256_file(path)}
-    return {str(p.relative_to(path)): io.sha256_file(p) for p in sorted(path.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+    return {
+        str(p.relative_to(path)): io.sha256_file(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    }
 
 
 def relative_distance(state: Mapping, reference: Mapping, backend=None) -> float | None:
@@ -128,7 +131,7 @@ def relative_distance(state: Mapping, reference: Mapping, backend=None) -> float
     num = den = 0.0
     for k, ref in reference.items():
         r = ref.detach().double().cpu()
-        r2 = float(torch.sum(r ** 2))
+        r2 = float(torch.sum(r**2))
         if r2 == 0:
             continue
         num += float(torch.sum((state[k].detach().double().cpu() - r) ** 2))
@@ -148,8 +151,9 @@ def cast_like(state: Mapping, reference: Mapping) -> tuple[dict, dict]:
     return out, cast
 
 
-def import_model(backend_spec: dict, pretrained, spec: Mapping[str, Any], dataset: str, out_path, path=None,
-                 threads: int = 1) -> dict:
+def import_model(
+    backend_spec: dict, pretrained, spec: Mapping[str, Any], dataset: str, out_path, path=None, threads: int = 1
+) -> dict:
     """Load the given model of ``dataset`` (``spec``: its ``models`` entry; ``path``: where its files
     are, default ``spec['path']``; a hub entry's download folder), check it against the pre-trained
     model and save it as a mergemix fine-tuned model at ``out_path``."""
@@ -166,8 +170,10 @@ def import_model(backend_spec: dict, pretrained, spec: Mapping[str, Any], datase
         fmt = detect_format(path, backend_spec["name"])
     allowed = BACKEND_FORMATS.get(backend_spec["name"], tuple(FORMATS))
     if fmt not in allowed:
-        raise GivenModelError(f"models.{dataset}: format {fmt!r} is not read by the {backend_spec['name']!r} backend; "
-                              f"allowed: {', '.join(allowed)}")
+        raise GivenModelError(
+            f"models.{dataset}: format {fmt!r} is not read by the {backend_spec['name']!r} backend; "
+            f"allowed: {', '.join(allowed)}"
+        )
     if not path.exists():
         raise GivenModelError(f"models.{dataset}: {path} does not exist; fix its path")
     loaded = format_module(fmt).load(path, fmt, backend, model, pre)
@@ -175,8 +181,10 @@ def import_model(backend_spec: dict, pretrained, spec: Mapping[str, Any], datase
     try:
         provenance.check_state(state, reference, path=path)
     except provenance.ProvenanceError as e:
-        raise GivenModelError(f"models.{dataset}: {str(e).split('; delete')[0]}: it is not a fine-tune of the "
-                              f"study's pre-trained model ({backend.describe()['name']})") from None
+        raise GivenModelError(
+            f"models.{dataset}: {str(e).split('; delete')[0]}: it is not a fine-tune of the "
+            f"study's pre-trained model ({backend.describe()['name']})"
+        ) from None
     dist = relative_distance(state, reference, backend)
     limit = float(spec.get("max_distance", DEFAULT_MAX_DISTANCE))
     if dist is not None and dist > limit:
@@ -204,6 +212,12 @@ def import_model(backend_spec: dict, pretrained, spec: Mapping[str, Any], datase
         },
     }
     info = io.save_model(out_path, state, manifest)
-    log.info("given model of %s: %s (%s, distance %s) -> %s", dataset, manifest["given"]["source"], fmt,
-             "n/a" if dist is None else f"{dist:.4f}", out_path)
+    log.info(
+        "given model of %s: %s (%s, distance %s) -> %s",
+        dataset,
+        manifest["given"]["source"],
+        fmt,
+        "n/a" if dist is None else f"{dist:.4f}",
+        out_path,
+    )
     return info

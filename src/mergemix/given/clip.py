@@ -39,18 +39,40 @@ HF_MODEL_TYPES = ("clip_vision_model", "clip")
 HF_ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
 # transformers' CLIPVisionConfig defaults (a config.json written by save_pretrained may omit them)
 HF_VISION_DEFAULTS = {
-    "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 512, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
-    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
 }
 # open_clip's CLIPVisionCfg defaults (a model config lists only what differs)
-OC_VISION_DEFAULTS = {"layers": 12, "width": 768, "head_width": 64, "mlp_ratio": 4.0, "patch_size": 16,
-                      "image_size": 224}
+OC_VISION_DEFAULTS = {
+    "layers": 12,
+    "width": 768,
+    "head_width": 64,
+    "mlp_ratio": 4.0,
+    "patch_size": 16,
+    "image_size": 224,
+}
 # open_clip vision features transformers' CLIP vision tower does not have: (field, value of the plain ViT)
 OC_PLAIN_VIT = (
-    ("timm_model_name", None), ("attentional_pool", False), ("no_ln_pre", False), ("pos_embed_type", "learnable"),
-    ("final_ln_after_pool", False), ("pool_type", "tok"), ("ls_init_value", None), ("qk_norm", False),
-    ("scaled_cosine_attn", False), ("scale_heads", False), ("scale_attn_inner", False), ("scale_attn", False),
+    ("timm_model_name", None),
+    ("attentional_pool", False),
+    ("no_ln_pre", False),
+    ("pos_embed_type", "learnable"),
+    ("final_ln_after_pool", False),
+    ("pool_type", "tok"),
+    ("ls_init_value", None),
+    ("qk_norm", False),
+    ("scaled_cosine_attn", False),
+    ("scale_heads", False),
+    ("scale_attn_inner", False),
+    ("scale_attn", False),
     ("scale_fc", False),
 )
 
@@ -85,7 +107,7 @@ def _unwrap(obj, file: Path) -> dict:
         raise GivenModelError(f"{file}: holds a {type(obj).__name__}, not a state dict (name -> tensor)")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if tensors and all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -93,7 +115,7 @@ def _strip(keys) -> dict:
     """{key without DDP's ``module.`` prefix: key in the file} (the prefix removed only if every key has it)."""
     keys = list(keys)
     if keys and all(k.startswith("module.") for k in keys):
-        return {k[len("module."):]: k for k in keys}
+        return {k[len("module.") :]: k for k in keys}
     return {k: k for k in keys}
 
 
@@ -193,8 +215,10 @@ def _study_arch(backend) -> tuple[str, dict]:
         raise GivenModelError(f"open_clip has no architecture {name!r} (the study's backend model)")
     vc = {**OC_VISION_DEFAULTS, **(oc.get("vision_cfg") or {})}
     if isinstance(vc["layers"], (list, tuple)):
-        raise GivenModelError(f"the study's architecture {name} is a ResNet; format clip_hf holds a ViT: "
-                              "give its fine-tunes in format open_clip")
+        raise GivenModelError(
+            f"the study's architecture {name} is a ResNet; format clip_hf holds a ViT: "
+            "give its fine-tunes in format open_clip"
+        )
     for key, plain in OC_PLAIN_VIT:
         if vc.get(key, plain) != plain:
             raise GivenModelError(
@@ -209,8 +233,10 @@ def _study_arch(backend) -> tuple[str, dict]:
     elif act_kwargs == {"approximate": "tanh"}:
         act = "gelu_pytorch_tanh"
     else:
-        raise GivenModelError(f"the study's architecture {name} has vision_cfg.act_kwargs {act_kwargs}, which "
-                              "transformers' CLIP vision tower does not have: give its fine-tunes in format open_clip")
+        raise GivenModelError(
+            f"the study's architecture {name} has vision_cfg.act_kwargs {act_kwargs}, which "
+            "transformers' CLIP vision tower does not have: give its fine-tunes in format open_clip"
+        )
     width = int(vc["width"])
     arch = {
         "hidden_size": width,
@@ -253,8 +279,11 @@ def _open_clip_file(path: Path) -> Path:
         return path
     found = _open_clip_files(path)
     if len(found) != 1:
-        what = "no checkpoint file with visual.* keys" if not found else \
-            f"{len(found)} checkpoint files with visual.* keys ({', '.join(f.name for f in found)})"
+        what = (
+            "no checkpoint file with visual.* keys"
+            if not found
+            else f"{len(found)} checkpoint files with visual.* keys ({', '.join(f.name for f in found)})"
+        )
         raise GivenModelError(f"{path}: {what}; give the path of the one file (format open_clip)")
     return found[0]
 
@@ -289,15 +318,20 @@ def _load_open_clip(path: Path, backend, reference: Mapping) -> Loaded:
         g = got[k]
         if g is not None and w is not None and g != w:
             raise GivenModelError(f"{file}: image encoder {k} {g} but the study's {name} has {w}: another architecture")
-    return Loaded(state, base=None, info={"checkpoint": file.name,
-                                          "architecture": {k: v for k, v in got.items() if v is not None}})
+    return Loaded(
+        state,
+        base=None,
+        info={"checkpoint": file.name, "architecture": {k: v for k, v in got.items() if v is not None}},
+    )
 
 
 # --- transformers CLIP ----------------------------------------------------------------------------------------
 def _hf_weights(folder: Path) -> list:
     """The weight files of a transformers folder: safetensors (single or sharded) preferred."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index).is_file():
@@ -318,8 +352,13 @@ def _read_hf(files) -> dict:
             keep = [k for k in _safetensors_keys(f) if not k.startswith(("text_model.", "text_projection."))]
             out.update(_read_safetensors(f, keep))
         else:
-            out.update({k: v for k, v in _unwrap(_torch_load(f), f).items()
-                        if not k.startswith(("text_model.", "text_projection."))})
+            out.update(
+                {
+                    k: v
+                    for k, v in _unwrap(_torch_load(f), f).items()
+                    if not k.startswith(("text_model.", "text_projection."))
+                }
+            )
     return out
 
 
@@ -363,8 +402,10 @@ def hf_to_open_clip(vision: Mapping, where) -> dict:
         if k not in _IGNORED:
             unknown.append(k)
     if unknown:
-        raise GivenModelError(f"{where}: vision-tower tensors {sorted(unknown)[:5]} have no counterpart in open_clip's "
-                              "CLIP ViT: another architecture")
+        raise GivenModelError(
+            f"{where}: vision-tower tensors {sorted(unknown)[:5]} have no counterpart in open_clip's "
+            "CLIP ViT: another architecture"
+        )
     for (i, kind), parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:
             have = ", ".join(f"{p}_proj.{kind}" for p in sorted(parts))
@@ -383,8 +424,9 @@ def _hf_config(cfg: Mapping, file: Path) -> tuple[dict, str, int]:
     if cfg.get("model_type") == "clip_vision_model" or any(a in HF_ARCHITECTURES for a in archs):
         vc = {**HF_VISION_DEFAULTS, **cfg}
         return vc, "", int(vc["projection_dim"])
-    raise GivenModelError(f"{file}: model_type {cfg.get('model_type')!r} is not a transformers CLIP model "
-                          f"({' or '.join(HF_MODEL_TYPES)})")
+    raise GivenModelError(
+        f"{file}: model_type {cfg.get('model_type')!r} is not a transformers CLIP model ({' or '.join(HF_MODEL_TYPES)})"
+    )
 
 
 def _check_preprocess(folder: Path, pretrained: Mapping, info: dict) -> None:
@@ -400,27 +442,36 @@ def _check_preprocess(folder: Path, pretrained: Mapping, info: dict) -> None:
     for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
         a, b = pp.get(ours), proc.get(theirs)
         if a is not None and b is not None and (len(a) != len(b) or any(abs(x - y) > 1e-3 for x, y in zip(a, b))):
-            log.warning("%s: %s %s but the study's model normalises with %s %s; the study evaluates with its own",
-                        f, theirs, b, ours, a)
+            log.warning(
+                "%s: %s %s but the study's model normalises with %s %s; the study evaluates with its own",
+                f,
+                theirs,
+                b,
+                ours,
+                a,
+            )
             info.setdefault("preprocessor_differs", {})[theirs] = b
 
 
 def _load_clip_hf(path: Path, backend, reference: Mapping, pretrained: Mapping) -> Loaded:
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise GivenModelError(f"{path}: format clip_hf is a folder with config.json and model.safetensors "
-                              "(transformers' save_pretrained)")
+        raise GivenModelError(
+            f"{path}: format clip_hf is a folder with config.json and model.safetensors (transformers' save_pretrained)"
+        )
     cfg_file = path / "config.json"
     cfg = _read_json(cfg_file)
     vc, where, projection_dim = _hf_config(cfg, cfg_file)
     files = _hf_weights(path)
     raw = _read_hf(files)
     if any(k.startswith("vision_model.") for k in raw):
-        vision = {k[len("vision_model."):]: v for k, v in raw.items() if k.startswith("vision_model.")}
+        vision = {k[len("vision_model.") :]: v for k, v in raw.items() if k.startswith("vision_model.")}
     elif "embeddings.patch_embedding.weight" in raw:  # a CLIPVisionModel saved by transformers >= 5
         vision = {k: v for k, v in raw.items() if k != "visual_projection.weight"}
     else:
-        raise GivenModelError(f"{path}: no CLIP vision-tower tensors (vision_model.* or embeddings.*) in "
-                              f"{', '.join(f.name for f in files)}")
+        raise GivenModelError(
+            f"{path}: no CLIP vision-tower tensors (vision_model.* or embeddings.*) in "
+            f"{', '.join(f.name for f in files)}"
+        )
     projection = raw.get("visual_projection.weight")
 
     name, want = _study_arch(backend)
@@ -441,9 +492,11 @@ def _load_clip_hf(path: Path, backend, reference: Mapping, pretrained: Mapping) 
             raise GivenModelError(f"{cfg_file}: {field} {got} but the study's {name} has {exp}")
 
     state = hf_to_open_clip(vision, path)
-    info: dict = {"architecture": {k: vc.get(k) for k in want if k != "projection_dim"},
-                  "hf_architectures": list(cfg.get("architectures") or []),
-                  "checkpoint": [f.name for f in files]}
+    info: dict = {
+        "architecture": {k: vc.get(k) for k in want if k != "projection_dim"},
+        "hf_architectures": list(cfg.get("architectures") or []),
+        "checkpoint": [f.name for f in files],
+    }
     if projection is not None:
         state["visual.proj"] = projection.t().contiguous()
         info["architecture"]["projection_dim"] = projection_dim

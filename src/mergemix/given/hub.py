@@ -31,11 +31,17 @@ def download_model(spec: Mapping, out_dir) -> dict:
     snapshot_download(repo_id=repo, revision=commit, local_dir=str(tmp), allow_patterns=patterns)
     src = tmp / sub if sub else tmp
     if not any(src.glob("*.safetensors")):
-        raise FileNotFoundError(f"models: {repo}@{revision}{'/' + sub if sub else ''} has no .safetensors weights; "
-                                "mergemix reads only safetensors from the hub (no pickles)")
+        raise FileNotFoundError(
+            f"models: {repo}@{revision}{'/' + sub if sub else ''} has no .safetensors weights; "
+            "mergemix reads only safetensors from the hub (no pickles)"
+        )
     if not _SHA.match(str(revision)):
-        log.warning("models: %s revision %r is a branch or tag (resolved to %s); pin it with mergemix pin-revisions",
-                    repo, revision, commit)
+        log.warning(
+            "models: %s revision %r is a branch or tag (resolved to %s); pin it with mergemix pin-revisions",
+            repo,
+            revision,
+            commit,
+        )
     record = {"hub": repo, "revision": revision, "resolved_revision": commit, "subfolder": sub}
     io.write_json(src / "download.json", record)
     src.rename(out_dir)

@@ -44,13 +44,37 @@ ADAPTER_TENSORS = ("ia3_l", "lora_A", "lora_B", "lora_embedding_A", "lora_embedd
 _ADAPTER_NAME = re.compile(r"\.(" + "|".join(ADAPTER_TENSORS) + r")\.default(?=\.|$)")
 # adapter config fields that change which tensors exist or what an update means (besides the
 # checked-by-name ones): the given value must be the study's (missing ones: peft's default)
-LORA_MEANING = ("fan_in_fan_out", "use_rslora", "use_dora", "bias", "lora_bias", "rank_pattern", "alpha_pattern",
-                "modules_to_save", "layers_to_transform", "layers_pattern", "layer_replication", "exclude_modules",
-                "target_parameters", "trainable_token_indices", "use_qalora")
+LORA_MEANING = (
+    "fan_in_fan_out",
+    "use_rslora",
+    "use_dora",
+    "bias",
+    "lora_bias",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "layer_replication",
+    "exclude_modules",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_qalora",
+)
 IA3_MEANING = ("fan_in_fan_out", "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules")
 # config.json fields of the base architecture compared with the study's base model's config
-ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+ARCH_FIELDS = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +172,7 @@ def _adapted_modules(keys) -> list[str]:
         i = next((i for i, p in enumerate(parts) if p in ADAPTER_TENSORS), None)
         if i:
             name = ".".join(parts[:i])
-            out.add(name[len("base_model.model."):] if name.startswith("base_model.model.") else name)
+            out.add(name[len("base_model.model.") :] if name.startswith("base_model.model.") else name)
     return sorted(out)
 
 
@@ -178,8 +202,11 @@ def _same_base(given: str, names: list[str]) -> bool:
     for n in names:
         if g == n.rstrip("/"):
             return True
-        if Path(g).expanduser().is_dir() and Path(n).expanduser().is_dir() and \
-                Path(g).expanduser().resolve() == Path(n).expanduser().resolve():
+        if (
+            Path(g).expanduser().is_dir()
+            and Path(n).expanduser().is_dir()
+            and Path(g).expanduser().resolve() == Path(n).expanduser().resolve()
+        ):
             return True
     return False
 
@@ -196,18 +223,30 @@ def load_peft(path: Path, backend, model, pretrained) -> Loaded:
 
     cfg_path = path / ADAPTER_CONFIG
     if not cfg_path.is_file():
-        raise GivenModelError(f"{path}: no {ADAPTER_CONFIG}; a peft adapter folder is written by peft's save_pretrained")
+        raise GivenModelError(
+            f"{path}: no {ADAPTER_CONFIG}; a peft adapter folder is written by peft's save_pretrained"
+        )
     cfg = _read_json(cfg_path)
     adapter = backend.params.get("adapter")
     ptype = str(cfg.get("peft_type", "")).upper()
     if adapter == "none":
-        raise _refuse(cfg_path, "peft_type", ptype, "adapter: none",
-                      "the study merges full weights (adapter: none); give full causal_lm_hf models, or set "
-                      f"backend.params.adapter: {ptype.lower()!r} to merge adapters")
+        raise _refuse(
+            cfg_path,
+            "peft_type",
+            ptype,
+            "adapter: none",
+            "the study merges full weights (adapter: none); give full causal_lm_hf models, or set "
+            f"backend.params.adapter: {ptype.lower()!r} to merge adapters",
+        )
     if ptype != str(adapter).upper():
-        raise _refuse(cfg_path, "peft_type", ptype, str(adapter).upper(),
-                      f"the study's backend merges {adapter} adapters (backend.params.adapter); give {adapter} "
-                      "adapters or change backend.params.adapter")
+        raise _refuse(
+            cfg_path,
+            "peft_type",
+            ptype,
+            str(adapter).upper(),
+            f"the study's backend merges {adapter} adapters (backend.params.adapter); give {adapter} "
+            "adapters or change backend.params.adapter",
+        )
     live_cfg = model.peft_config["default"]  # the study's adapter config, as peft resolved it
 
     state, fname = _read_adapter_tensors(path)
@@ -232,8 +271,13 @@ def load_peft(path: Path, backend, model, pretrained) -> Loaded:
     study_t = sorted(set(backend.params["target_modules"]))
     if given_t != study_t:
         shown = given_t if isinstance(raw_t, (list, tuple)) else f"{raw_t} (adapting {given_t})"
-        raise _refuse(cfg_path, "target_modules", shown, study_t,
-                      "the adapter adapts other modules; set backend.params.target_modules to the adapter's")
+        raise _refuse(
+            cfg_path,
+            "target_modules",
+            shown,
+            study_t,
+            "the adapter adapts other modules; set backend.params.target_modules to the adapter's",
+        )
     info = {"peft_type": ptype, "target_modules": given_t, "peft_version": cfg.get("peft_version")}
 
     if ptype == "IA3":
@@ -242,20 +286,34 @@ def load_peft(path: Path, backend, model, pretrained) -> Loaded:
         study_ff = sorted(set(live_cfg.feedforward_modules or []))
         if given_ff != study_ff:
             shown = given_ff if not isinstance(raw_ff, str) else f"{raw_ff} (matching {given_ff})"
-            raise _refuse(cfg_path, "feedforward_modules", shown, study_ff,
-                          "IA3 scales the input of feed-forward modules and the output of the others; set "
-                          "backend.params.feedforward_modules to the adapter's")
+            raise _refuse(
+                cfg_path,
+                "feedforward_modules",
+                shown,
+                study_ff,
+                "IA3 scales the input of feed-forward modules and the output of the others; set "
+                "backend.params.feedforward_modules to the adapter's",
+            )
         info["feedforward_modules"] = given_ff
         meaning = IA3_MEANING
     else:
         for field in ("r", "lora_alpha"):
             g, s = cfg.get(field), getattr(live_cfg, field)
             if g != s:
-                hint = ("the factors' shapes differ" if field == "r" else
-                        f"the update is scaling * B @ A with scaling = lora_alpha / r ({g}/{cfg.get('r')} given, "
-                        f"{s}/{live_cfg.r} in the study)")
-                raise _refuse(cfg_path, field, g, s, f"{hint}; set backend.params.lora_{'r' if field == 'r' else 'alpha'}"
-                              " to the adapter's (all given adapters must share it)")
+                hint = (
+                    "the factors' shapes differ"
+                    if field == "r"
+                    else f"the update is scaling * B @ A with scaling = lora_alpha / r ({g}/{cfg.get('r')} given, "
+                    f"{s}/{live_cfg.r} in the study)"
+                )
+                raise _refuse(
+                    cfg_path,
+                    field,
+                    g,
+                    s,
+                    f"{hint}; set backend.params.lora_{'r' if field == 'r' else 'alpha'}"
+                    " to the adapter's (all given adapters must share it)",
+                )
         info.update(r=cfg.get("r"), lora_alpha=cfg.get("lora_alpha"))
         meaning = LORA_MEANING
     for field in meaning:
@@ -263,9 +321,14 @@ def load_peft(path: Path, backend, model, pretrained) -> Loaded:
             continue  # an older peft without the option: its default, which is the study's
         g, s = _norm(cfg.get(field)), _norm(getattr(live_cfg, field, None))
         if g != s:
-            raise _refuse(cfg_path, field, cfg.get(field), getattr(live_cfg, field, None),
-                          "this option changes which tensors the adapter has or what its update means; the study's "
-                          "backend does not support it")
+            raise _refuse(
+                cfg_path,
+                field,
+                cfg.get(field),
+                getattr(live_cfg, field, None),
+                "this option changes which tensors the adapter has or what its update means; the study's "
+                "backend does not support it",
+            )
 
     # peft's saved names -> the backend's merge keys
     reference = {k: v.detach() for k, v in backend.merge_params(model).items()}
@@ -317,8 +380,12 @@ def _hf_weight_files(path: Path) -> list[Path]:
     found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     raise GivenModelError(
         f"{path}: no {HF_SINGLE} or {HF_INDEX}"
-        + (f" (found {found[:3]}: pickled weights are not read; save with save_pretrained(..., "
-           "safe_serialization=True))" if found else "")
+        + (
+            f" (found {found[:3]}: pickled weights are not read; save with save_pretrained(..., "
+            "safe_serialization=True))"
+            if found
+            else ""
+        )
     )
 
 
@@ -373,8 +440,11 @@ def load_causal_lm_hf(path: Path, backend, model, pretrained) -> Loaded:
     # file names -> the backend's merge keys (tied weights: merge_params has each once, by its first name)
     reference = backend.merge_params(model)
     canonical = {id(p): k for k, p in reference.items()}
-    alias = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
-             if id(p) in canonical and n not in reference}
+    alias = {
+        n: canonical[id(p)]
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if id(p) in canonical and n not in reference
+    }
     out, dropped = {}, []
     for k, v in raw.items():
         if k in reference:

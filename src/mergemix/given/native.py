@@ -32,7 +32,9 @@ def load(path, fmt, backend, model, pretrained) -> Loaded:
         raise GivenModelError(str(e)) from None
     if manifest.get("kind") != "finetuned":
         raise GivenModelError(f"{io.manifest_path(f)}: kind is {manifest.get('kind')!r}, expected 'finetuned'")
-    diff = provenance._backend_diff(manifest.get("backend") or {}, backend.describe(), getattr(backend, "merge_only_params", ()))
+    diff = provenance._backend_diff(
+        manifest.get("backend") or {}, backend.describe(), getattr(backend, "merge_only_params", ())
+    )
     if diff:
         key, got, want = diff
         raise GivenModelError(f"{io.manifest_path(f)}: {key} is {got!r} in the given model but {want!r} in the study")
@@ -41,5 +43,8 @@ def load(path, fmt, backend, model, pretrained) -> Loaded:
             f"{io.manifest_path(f)}: fine-tuned from the pre-trained model with sha256 {manifest.get('pretrained_sha256')} "
             f"but the study's pre-trained model has sha256 {pretrained.get('sha256')}: it derives from another base"
         )
-    return Loaded(state, base=manifest.get("pretrained_sha256"),
-                  info={"data": manifest.get("data"), "hyperparameters": manifest.get("hyperparameters")})
+    return Loaded(
+        state,
+        base=manifest.get("pretrained_sha256"),
+        info={"data": manifest.get("data"), "hyperparameters": manifest.get("hyperparameters")},
+    )

@@ -29,14 +29,18 @@ def _pretrained(backend_spec: dict, pretrained, work: Path, threads: int) -> Pat
         return p / "model.safetensors"
     backend = stages.get_backend(backend_spec, threads=threads)
     if getattr(backend, "can_pretrain", False):
-        raise ValueError(f"--pretrained {pretrained}: no mergemix model there (model.safetensors with its model.json); "
-                         f"the {backend_spec['name']!r} backend is pre-trained by a study: give that study's "
-                         "models/pretrained/model.safetensors")
+        raise ValueError(
+            f"--pretrained {pretrained}: no mergemix model there (model.safetensors with its model.json); "
+            f"the {backend_spec['name']!r} backend is pre-trained by a study: give that study's "
+            "models/pretrained/model.safetensors"
+        )
     out = (p if p.suffix != ".safetensors" else p.parent) / "model.safetensors"
     if out.exists():  # e.g. the base model's own weights (a transformers folder): never overwritten
-        raise ValueError(f"--pretrained {pretrained}: {out} is not a mergemix model (no {io.manifest_path(out).name} "
-                         "beside it) and is not overwritten; give a mergemix pre-trained model, or a new folder to "
-                         f"fetch the {backend_spec['name']!r} backend's pre-trained model into")
+        raise ValueError(
+            f"--pretrained {pretrained}: {out} is not a mergemix model (no {io.manifest_path(out).name} "
+            "beside it) and is not overwritten; give a mergemix pre-trained model, or a new folder to "
+            f"fetch the {backend_spec['name']!r} backend's pre-trained model into"
+        )
     stages.fetch_pretrained(backend_spec, out, threads=threads)
     return out
 
@@ -50,8 +54,10 @@ def _target(spec_or_dir: str, split: dict, work: Path) -> Path:
     try:
         spec = json.loads(spec_or_dir)
     except json.JSONDecodeError:
-        raise ValueError(f"--target {spec_or_dir!r}: neither a prepared dataset folder (with splits.json) nor a "
-                         "JSON dataset spec such as '{\"name\": \"rotate\", \"source\": \"digits\", \"domain\": \"rotate\"}'") from None
+        raise ValueError(
+            f"--target {spec_or_dir!r}: neither a prepared dataset folder (with splits.json) nor a "
+            'JSON dataset spec such as \'{"name": "rotate", "source": "digits", "domain": "rotate"}\''
+        ) from None
     if not isinstance(spec, dict) or "source" not in spec:
         raise ValueError(f"--target: the JSON spec needs a source (and a name), got {spec_or_dir!r}")
     spec = dict(spec)
@@ -66,9 +72,21 @@ def _target(spec_or_dir: str, split: dict, work: Path) -> Path:
 
 
 def select(
-    backend_spec: dict, pretrained, models: Mapping[str, str], target, out_csv, *, split: dict | None = None,
-    strategy: str = "auto", budget=None, seed: int = 0, method: str = "uniform", options: dict | None = None,
-    work_dir=None, threads: int = 1, specs: Mapping[str, dict] | None = None,
+    backend_spec: dict,
+    pretrained,
+    models: Mapping[str, str],
+    target,
+    out_csv,
+    *,
+    split: dict | None = None,
+    strategy: str = "auto",
+    budget=None,
+    seed: int = 0,
+    method: str = "uniform",
+    options: dict | None = None,
+    work_dir=None,
+    threads: int = 1,
+    specs: Mapping[str, dict] | None = None,
 ):
     """Rank the subsets of ``models`` (``{name: path}``) for ``target``; writes ``out_csv`` and
     returns the ranking (rank 1 = the chosen mixture). ``specs``: extra ``models`` entry keys per
@@ -98,8 +116,9 @@ def select(
         if name == tname:
             raise ValueError(f"--models {name}: the target {tname!r} is among its own candidates; remove it")
         paths[name] = str(work / "models" / name / "model.safetensors")
-        import_model(backend_spec, pre, {"path": src, **((specs or {}).get(name) or {})}, name, paths[name],
-                     threads=threads)
+        import_model(
+            backend_spec, pre, {"path": src, **((specs or {}).get(name) or {})}, name, paths[name], threads=threads
+        )
     n = len(paths)
     cfg = {"merge_eval": {"strategy": strategy, "budget": budget}}
     resolved = resolve_strategy(cfg, n)
@@ -110,9 +129,15 @@ def select(
     else:
         from mergemix.config import DEFAULT_BUDGET
 
-        search = {"strategy": resolved, "budget": DEFAULT_BUDGET if budget is None else budget, "seed": seed, "options": {}}
-        stages.search(backend_spec, merge, search, pre, paths, target_dir, raw, work / f"search.{tname}.json",
-                      threads=threads)
+        search = {
+            "strategy": resolved,
+            "budget": DEFAULT_BUDGET if budget is None else budget,
+            "seed": seed,
+            "options": {},
+        }
+        stages.search(
+            backend_spec, merge, search, pre, paths, target_dir, raw, work / f"search.{tname}.json", threads=threads
+        )
     table = rankings({tname: read_result_table(raw, "merge_eval")})
     table.insert(2, "search", resolved)
     io.write_csv(out_csv, table)

@@ -67,10 +67,14 @@ class MergeMethod:
 
 
 METHODS: dict[str, MergeMethod] = {
-    "uniform": MergeMethod(weighted.uniform_average, weighted.UNIFORM_OPTIONS, weighted.__doc__, weighted.uniform_linear),
+    "uniform": MergeMethod(
+        weighted.uniform_average, weighted.UNIFORM_OPTIONS, weighted.__doc__, weighted.uniform_linear
+    ),
     "weighted": MergeMethod(weighted.weighted_average, weighted.OPTIONS, weighted.__doc__, weighted.weighted_linear),
     "task_arithmetic": MergeMethod(
-        task_arithmetic.task_arithmetic, task_arithmetic.OPTIONS, task_arithmetic.__doc__,
+        task_arithmetic.task_arithmetic,
+        task_arithmetic.OPTIONS,
+        task_arithmetic.__doc__,
         task_arithmetic.task_arithmetic_linear,
     ),
     "ties": MergeMethod(ties.ties_merge, ties.OPTIONS, ties.__doc__),
@@ -111,8 +115,13 @@ def resolve_options(method: str, options: dict, *, n_models: int | None = None) 
 
 
 def apply(
-    method: str, thetas: torch.Tensor, theta0: torch.Tensor | None = None, *,
-    segments: Sequence[int] | None = None, rows: Sequence[int] | None = None, **options,
+    method: str,
+    thetas: torch.Tensor,
+    theta0: torch.Tensor | None = None,
+    *,
+    segments: Sequence[int] | None = None,
+    rows: Sequence[int] | None = None,
+    **options,
 ) -> torch.Tensor:
     """Merge the rows of ``thetas`` with ``method`` and its (checked) options."""
     if thetas.ndim != 2 or thetas.shape[0] == 0:
@@ -139,7 +148,9 @@ def tunable_kinds(method: str) -> dict[str, str]:
     return {k: kinds[o.kind] for k, o in METHODS[method].options.items() if o.kind in kinds}
 
 
-def check_tune_space(method: str, space: Any, fixed: dict | None = None, prefix: str = "merge_eval.tune.space") -> list[str]:
+def check_tune_space(
+    method: str, space: Any, fixed: dict | None = None, prefix: str = "merge_eval.tune.space"
+) -> list[str]:
     """Problems with the tuning ``space`` of ``method`` (``{option: [low, high] | {choices: [...]}}``):
     unknown or untunable options, empty ranges, ends or choices the option does not allow, and an
     option tuned under two spellings or also fixed in ``fixed`` (``merge_eval.method_options``)."""
@@ -155,18 +166,24 @@ def check_tune_space(method: str, space: Any, fixed: dict | None = None, prefix:
         values = list(d.choices) if d.kind == "choice" else [d.low, d.high]
         bad = [v for v in values if not opt.accepts(v)]
         if bad:
-            problems.append(f"{where}.{d.name}: {bad[0]!r} is not allowed for {d.name} of merge method {method!r}; "
-                            f"allowed: {opt.allowed}")
+            problems.append(
+                f"{where}.{d.name}: {bad[0]!r} is not allowed for {d.name} of merge method {method!r}; "
+                f"allowed: {opt.allowed}"
+            )
     if not problems:
         sample = {**(fixed or {}), **{d.name: (d.choices[0] if d.kind == "choice" else d.low) for d in dims}}
         for key in sample:
             target = declared[key].alias_of if key in declared else None
             if target and target in sample:
-                problems.append(f"{where}: {key} and {target} are two spellings of one option of merge method {method!r} "
-                                f"(tuned or fixed together); keep one of them")
+                problems.append(
+                    f"{where}: {key} and {target} are two spellings of one option of merge method {method!r} "
+                    f"(tuned or fixed together); keep one of them"
+                )
         for d in dims:
             if fixed and d.name in fixed:
-                problems.append(f"{where}.{d.name}: also fixed in merge_eval.method_options.{method}; tune it or fix it, not both")
+                problems.append(
+                    f"{where}.{d.name}: also fixed in merge_eval.method_options.{method}; tune it or fix it, not both"
+                )
     return problems
 
 
@@ -208,6 +225,15 @@ def register_all() -> list[str]:
 
 
 __all__ = [
-    "METHODS", "MergeMethod", "Option", "apply", "check_options", "check_tune_space", "linear_coefficients",
-    "method_names", "register_all", "resolve_options", "tunable_kinds",
+    "METHODS",
+    "MergeMethod",
+    "Option",
+    "apply",
+    "check_options",
+    "check_tune_space",
+    "linear_coefficients",
+    "method_names",
+    "register_all",
+    "resolve_options",
+    "tunable_kinds",
 ]

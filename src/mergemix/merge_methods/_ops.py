@@ -21,7 +21,9 @@ L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 no
 def task_vectors(thetas: torch.Tensor, theta0: torch.Tensor | None, method: str) -> torch.Tensor:
     """``thetas - theta0`` (a new tensor), after checking that ``theta0`` fits."""
     if theta0 is None:
-        raise ValueError(f"merge method {method!r} needs the pre-trained state theta0 (task vectors are theta_i - theta0)")
+        raise ValueError(
+            f"merge method {method!r} needs the pre-trained state theta0 (task vectors are theta_i - theta0)"
+        )
     if theta0.shape != thetas.shape[1:]:
         raise ValueError(f"theta0 has shape {tuple(theta0.shape)}, thetas rows have {tuple(thetas.shape[1:])}")
     return thetas - theta0
@@ -86,8 +88,12 @@ def row_seed(seed: int, row: int) -> int:
 
 
 def drop_random(
-    deltas: torch.Tensor, density: float, seed: int, rows: Sequence[int] | None = None,
-    rescale: str = "inverse", segments: Sequence[int] | None = None,
+    deltas: torch.Tensor,
+    density: float,
+    seed: int,
+    rows: Sequence[int] | None = None,
+    rescale: str = "inverse",
+    segments: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` (drop with p = 1 - density) and rescale.
 

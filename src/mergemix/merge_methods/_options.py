@@ -72,9 +72,12 @@ def lambda_option() -> Option:
 
 def weights_option() -> Option:
     return Option(
-        None, list, "a list of numbers >= 0, one per merged model, not all 0",
+        None,
+        list,
+        "a list of numbers >= 0, one per merged model, not all 0",
         lambda v: all(x >= 0 for x in v) and sum(v) > 0,
-        "weight of each merged model, in the order of the rows of thetas", default_doc="equal weights",
+        "weight of each merged model, in the order of the rows of thetas",
+        default_doc="equal weights",
     )
 
 
@@ -88,30 +91,44 @@ def density_option(default: float, what: str) -> Option:
 
 def p_option() -> Option:
     return Option(
-        None, float, "a number in [0, 1)", lambda v: 0 <= v < 1,
+        None,
+        float,
+        "a number in [0, 1)",
+        lambda v: 0 <= v < 1,
         "drop probability, another spelling of density = 1 - p (give one of them)",
-        alias_of="density", to_target=lambda p: round(1.0 - p, 12), from_target=lambda d: round(1.0 - d, 12),
+        alias_of="density",
+        to_target=lambda p: round(1.0 - p, 12),
+        from_target=lambda d: round(1.0 - d, 12),
         default_doc="that of density",
     )
 
 
 def seed_option() -> Option:
     return Option(
-        0, int, f"an integer in [0, {SEED_LIMIT - 1}]", lambda v: 0 <= v < SEED_LIMIT,
+        0,
+        int,
+        f"an integer in [0, {SEED_LIMIT - 1}]",
+        lambda v: 0 <= v < SEED_LIMIT,
         "seed of the random drop (the same seed gives the same merged model)",
     )
 
 
 def scope_option(what: str) -> Option:
     return Option(
-        "global", str, " or ".join(SCOPES), lambda v: v in SCOPES,
+        "global",
+        str,
+        " or ".join(SCOPES),
+        lambda v: v in SCOPES,
         f"{what} over the whole task vector (global, the papers) or per parameter tensor (tensor, mergekit)",
     )
 
 
 def rescale_option() -> Option:
     return Option(
-        "inverse", str, ", ".join(RESCALES), lambda v: v in RESCALES,
+        "inverse",
+        str,
+        ", ".join(RESCALES),
+        lambda v: v in RESCALES,
         "rescaling of the kept entries: inverse = 1/density = 1/(1-p) (the DARE paper), l1 = match "
         "the L1 norm of the task vector per scope (mergekit >= 0.1 rescale: true), none",
     )

@@ -17,7 +17,14 @@ import torch
 
 from ._ops import combine, drop_random, model_weights, scope_segments, task_vectors
 from ._options import (
-    Option, density_option, lambda_option, normalize_option, p_option, rescale_option, scope_option, seed_option,
+    Option,
+    density_option,
+    lambda_option,
+    normalize_option,
+    p_option,
+    rescale_option,
+    scope_option,
+    seed_option,
     weights_option,
 )
 
@@ -40,9 +47,18 @@ OPTIONS: dict[str, Option] = dare_options("the sum of the weights")
 
 
 def dare_merge(
-    thetas: torch.Tensor, theta0: torch.Tensor, *, density: float = 0.5, seed: int = 0, lambda_: float = 1.0,
-    weights: Sequence[float] | None = None, normalize: bool = True, rescale: str = "inverse",
-    scope: str = "global", segments: Sequence[int] | None = None, rows: Sequence[int] | None = None,
+    thetas: torch.Tensor,
+    theta0: torch.Tensor,
+    *,
+    density: float = 0.5,
+    seed: int = 0,
+    lambda_: float = 1.0,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+    rescale: str = "inverse",
+    scope: str = "global",
+    segments: Sequence[int] | None = None,
+    rows: Sequence[int] | None = None,
     sign_election: bool = False,
 ) -> torch.Tensor:
     """DARE; with ``sign_election`` (not a user option: see ``dare_ties``), DARE-TIES."""

@@ -16,19 +16,33 @@ from ._options import Option, lambda_option, normalize_option, weights_option
 
 OPTIONS: dict[str, Option] = {
     "lambda": lambda_option(),
-    "scale": Option(None, float, "a number > 0", lambda v: v > 0, "another spelling of lambda",
-                    alias_of="lambda", from_target=lambda v: v, default_doc="that of lambda, 1.0"),
+    "scale": Option(
+        None,
+        float,
+        "a number > 0",
+        lambda v: v > 0,
+        "another spelling of lambda",
+        alias_of="lambda",
+        from_target=lambda v: v,
+        default_doc="that of lambda, 1.0",
+    ),
     "weights": weights_option(),
     "normalize": normalize_option(False, "the sum of the weights"),
 }
 
 
 def task_arithmetic(
-    thetas: torch.Tensor, theta0: torch.Tensor, *, lambda_: float = 1.0,
-    weights: Sequence[float] | None = None, normalize: bool = False,
+    thetas: torch.Tensor,
+    theta0: torch.Tensor,
+    *,
+    lambda_: float = 1.0,
+    weights: Sequence[float] | None = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
     deltas = task_vectors(thetas, theta0, "task_arithmetic")
-    return theta0 + combine(deltas, model_weights(weights, thetas), consensus=False, normalize=normalize, lambda_=lambda_)
+    return theta0 + combine(
+        deltas, model_weights(weights, thetas), consensus=False, normalize=normalize, lambda_=lambda_
+    )
 
 
 def task_arithmetic_linear(

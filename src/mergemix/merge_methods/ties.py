@@ -32,9 +32,17 @@ OPTIONS: dict[str, Option] = {
 
 
 def ties_merge(
-    thetas: torch.Tensor, theta0: torch.Tensor, *, density: float = 0.2, lambda_: float = 1.0,
-    weights: Sequence[float] | None = None, normalize: bool = True, scope: str = "global",
+    thetas: torch.Tensor,
+    theta0: torch.Tensor,
+    *,
+    density: float = 0.2,
+    lambda_: float = 1.0,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+    scope: str = "global",
     segments: Sequence[int] | None = None,
 ) -> torch.Tensor:
     deltas = trim_magnitude(task_vectors(thetas, theta0, "ties"), density, scope_segments(scope, segments, "ties"))
-    return theta0 + combine(deltas, model_weights(weights, thetas), consensus=True, normalize=normalize, lambda_=lambda_)
+    return theta0 + combine(
+        deltas, model_weights(weights, thetas), consensus=True, normalize=normalize, lambda_=lambda_
+    )

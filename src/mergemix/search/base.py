@@ -12,9 +12,9 @@ import abc
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, ClassVar, TypeVar
 
-Score = Callable[[int, Optional[int]], Union[float, Tuple[float, dict]]]
+Score = Callable[[int, int | None], float | tuple[float, dict]]
 """``score(mask, examples)``: validation accuracy of subset ``mask`` on the first ``examples``
 examples of the fixed validation permutation (``None``: all of them), optionally with a
 JSON-serialisable info dict: ``(accuracy, info)``."""
@@ -288,9 +288,7 @@ class SearchResult:
 def run_search(strategy: SearchStrategy, objective: Objective) -> SearchResult:
     """Run ``strategy`` on ``objective`` and collect what it evaluated."""
     if strategy.n_candidates != objective.n_candidates:
-        raise ValueError(
-            f"strategy is for {strategy.n_candidates} candidates, objective for {objective.n_candidates}"
-        )
+        raise ValueError(f"strategy is for {strategy.n_candidates} candidates, objective for {objective.n_candidates}")
     stop_reason = strategy.run(objective)
     return SearchResult(
         list(objective.records), objective.best(), stop_reason, objective.evaluations, objective.examples_used

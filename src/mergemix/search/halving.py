@@ -5,9 +5,7 @@ from __future__ import annotations
 from .base import BudgetExhausted, Objective, Option, SearchStrategy, rank_key, register_strategy
 
 
-def plan_rungs(
-    population: int, eta: int, n_examples: int, min_examples: int, examples: int
-) -> list[tuple[int, int]]:
+def plan_rungs(population: int, eta: int, n_examples: int, min_examples: int, examples: int) -> list[tuple[int, int]]:
     """``(subsets, slice size)`` per rung for a population of ``population`` subsets.
 
     Rung r keeps ``ceil(population / eta**r)`` subsets, down to the first rung of at most ``eta``;

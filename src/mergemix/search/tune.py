@@ -65,16 +65,26 @@ def parse_space(space: Mapping[str, Any], kinds: Mapping[str, str], prefix: str)
         if kind is None:
             problems.append(f"{where}: not a tunable option; tunable: {', '.join(kinds) or 'none'}")
             continue
-        if isinstance(spec, Mapping) and set(spec) == {"choices"} and isinstance(spec["choices"], (list, tuple)) \
-                and len(spec["choices"]) >= 1:
+        if (
+            isinstance(spec, Mapping)
+            and set(spec) == {"choices"}
+            and isinstance(spec["choices"], (list, tuple))
+            and len(spec["choices"]) >= 1
+        ):
             dims.append(Dimension(name, "choice", choices=tuple(spec["choices"])))
-        elif kind != "choice" and isinstance(spec, (list, tuple)) and len(spec) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in spec):
+        elif (
+            kind != "choice"
+            and isinstance(spec, (list, tuple))
+            and len(spec) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in spec)
+        ):
             low, high = spec
             if not low < high:
                 problems.append(f"{where}: range {list(spec)} is empty; give [low, high] with low < high")
             elif kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
-                problems.append(f"{where}: {name} is an integer option; give integer ends, e.g. [{math.ceil(low)}, {math.floor(high)}]")
+                problems.append(
+                    f"{where}: {name} is an integer option; give integer ends, e.g. [{math.ceil(low)}, {math.floor(high)}]"
+                )
             else:
                 dims.append(Dimension(name, kind, low, high))
         else:
@@ -102,8 +112,17 @@ class OptionTuner:
     """TPE over ``dims`` for ``budget`` trials, the first one at ``start`` (the options of ``start``
     outside the space are left to the sampler)."""
 
-    def __init__(self, dims: list[Dimension], budget: int, seed: int = 0, start: Mapping[str, Any] | None = None, *,
-                 n_startup_trials: int = 4, journal: str | os.PathLike | None = None, study_name: str = "mergemix-tune"):
+    def __init__(
+        self,
+        dims: list[Dimension],
+        budget: int,
+        seed: int = 0,
+        start: Mapping[str, Any] | None = None,
+        *,
+        n_startup_trials: int = 4,
+        journal: str | os.PathLike | None = None,
+        study_name: str = "mergemix-tune",
+    ):
         if not dims:
             raise ValueError("nothing to tune: give at least one option range")
         if not isinstance(budget, int) or budget < 1:
@@ -121,8 +140,9 @@ class OptionTuner:
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            study = optuna.create_study(storage=_storage(self.journal), study_name=self.study_name,
-                                        direction="maximize", load_if_exists=True)
+            study = optuna.create_study(
+                storage=_storage(self.journal), study_name=self.study_name, direction="maximize", load_if_exists=True
+            )
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 study.tell(t.number, state=TrialState.FAIL)  # left running by a kill
             space = {d.name: d.distribution() for d in self.dims}
@@ -134,8 +154,9 @@ class OptionTuner:
                 if done >= self.budget:
                     break
                 t_index = sum(t.state != TrialState.FAIL for t in trials)
-                study.sampler = optuna.samplers.TPESampler(seed=self.seed + t_index, multivariate=True,
-                                                           n_startup_trials=self.n_startup_trials)
+                study.sampler = optuna.samplers.TPESampler(
+                    seed=self.seed + t_index, multivariate=True, n_startup_trials=self.n_startup_trials
+                )
                 trial = study.ask(space)
                 options = {d.name: trial.params[d.name] for d in self.dims}
                 out = score(dict(options))
@@ -144,8 +165,15 @@ class OptionTuner:
                 study.tell(trial, float(value))
                 if on_trial is not None:
                     on_trial(Trial(trial.number, options, float(value), dict(info)), done + 1, self.budget)
-            records = [Trial(t.number, {d.name: t.params[d.name] for d in self.dims}, float(t.value), t.user_attrs.get("info", {}))
-                       for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+            records = [
+                Trial(
+                    t.number,
+                    {d.name: t.params[d.name] for d in self.dims},
+                    float(t.value),
+                    t.user_attrs.get("info", {}),
+                )
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            ]
         finally:
             optuna.logging.set_verbosity(verbosity)
         start = min(records, key=lambda r: r.order) if records else None

@@ -82,8 +82,13 @@ class WeightSearch:
     """Search mixture weights over ``n_candidates`` datasets, starting from ``start_mask``."""
 
     def __init__(
-        self, n_candidates: int, start_mask: int, *, journal: str | os.PathLike | None = None,
-        study_name: str = "mergemix-weights", **options: Any,
+        self,
+        n_candidates: int,
+        start_mask: int,
+        *,
+        journal: str | os.PathLike | None = None,
+        study_name: str = "mergemix-weights",
+        **options: Any,
     ):
         problems = check_options(options)
         if problems:
@@ -99,17 +104,26 @@ class WeightSearch:
 
         seed = self.opts["seed"] + t_index
         if self.opts["sampler"] == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.opts["n_startup_trials"], multivariate=True)
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=self.opts["n_startup_trials"], multivariate=True
+            )
         x0 = {f"w{i}": float(self.start_mask >> i & 1) for i in range(self.n)}
         # CMA-ES keeps its generation state in the study; the seed only matters for its first ask.
         # x0 and sigma0 are deprecated since optuna 4.9 (removal in 6.0; we pin < 6): without them
         # the search would centre on (0.5, ..., 0.5) instead of the binary choice it should refine.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return optuna.samplers.CmaEsSampler(x0=x0, sigma0=float(self.opts["sigma0"]), seed=self.opts["seed"],
-                                                n_startup_trials=0, warn_independent_sampling=False)
+            return optuna.samplers.CmaEsSampler(
+                x0=x0,
+                sigma0=float(self.opts["sigma0"]),
+                seed=self.opts["seed"],
+                n_startup_trials=0,
+                warn_independent_sampling=False,
+            )
 
-    def run(self, score: WeightScore, on_evaluation: Callable[[WeightEvaluation, int, int], None] | None = None) -> WeightResult:
+    def run(
+        self, score: WeightScore, on_evaluation: Callable[[WeightEvaluation, int, int], None] | None = None
+    ) -> WeightResult:
         import optuna
         from optuna.distributions import FloatDistribution
         from optuna.trial import TrialState
@@ -117,8 +131,9 @@ class WeightSearch:
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            study = optuna.create_study(storage=_storage(self.journal), study_name=self.study_name,
-                                        direction="maximize", load_if_exists=True)
+            study = optuna.create_study(
+                storage=_storage(self.journal), study_name=self.study_name, direction="maximize", load_if_exists=True
+            )
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 study.tell(t.number, state=TrialState.FAIL)  # left running by a kill
             space = {f"w{i}": FloatDistribution(0.0, 1.0) for i in range(self.n)}
@@ -145,7 +160,9 @@ class WeightSearch:
                 trial.set_user_attr("info", dict(info))
                 study.tell(trial, float(value))
                 if on_evaluation is not None:
-                    on_evaluation(WeightEvaluation(trial.number, weights, float(value), dict(info)), len(done) + 1, budget)
+                    on_evaluation(
+                        WeightEvaluation(trial.number, weights, float(value), dict(info)), len(done) + 1, budget
+                    )
             records = weight_records(study)
         finally:
             optuna.logging.set_verbosity(verbosity)
