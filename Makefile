@@ -24,7 +24,20 @@ run: $(STAMP)
 dry-run: $(STAMP)
 	$(VENV)/bin/snakemake --profile workflow/profiles/default --cores $(CORES) --configfile $(CONFIG) -n
 
-test: $(STAMP)
+# lint first: snakemake --lint (tools/snakemake_lint.py allows only the lints that are design
+# decisions), snakefmt, ruff check and ruff format
+lint: $(STAMP)
+	$(PY) tools/snakemake_lint.py
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
+
+format: $(STAMP)
+	$(VENV)/bin/snakefmt Snakefile workflow/rules
+	$(VENV)/bin/ruff check --fix src tests benchmarks tools
+	$(VENV)/bin/ruff format src tests benchmarks tools
+
+test: $(STAMP) lint
 	$(PY) -m pytest
 
 # the unit tests only (every test not marked workflow, slurm or slow), two workers: under 2 minutes

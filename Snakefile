@@ -23,11 +23,11 @@ include: "workflow/rules/analysis.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.analyze.output,
         STUDY_FILES,  # every result (analysis.smk): deleting one and rerunning rebuilds it
         methods_files(),  # merge_eval.methods and strategy: weights (methods.smk)
-    default_target: True
 
 
 onstart:

@@ -12,15 +12,15 @@ if PACK["embed"] == 1:
             data=lambda wc: prepared_files(wc.dataset),
         output:
             f"{R}/embeddings/{{dataset}}.safetensors",
-        params:
-            backend=BACKEND,
-            data=lambda wc: data_dir(wc.dataset),
-            split=config["analysis"]["similarity_split"],
         log:
             f"{R}/logs/embed/{{dataset}}.log",
         threads: GPU_THREADS
         resources:
             **GPU_RES,
+        params:
+            backend=BACKEND,
+            data=lambda wc: data_dir(wc.dataset),
+            split=config["analysis"]["similarity_split"],
         shell:
             "{MERGEMIX} embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
             "--data {params.data:q} --split {params.split:q} --out {output:q} 2> {log:q}"
@@ -39,15 +39,15 @@ else:
                 data=prepared_files(*_pack),
             output:
                 [f"{R}/embeddings/{n}.safetensors" for n in _pack],
-            params:
-                backend=BACKEND,
-                data=[data_dir(n) for n in _pack],
-                split=config["analysis"]["similarity_split"],
             log:
                 f"{R}/logs/embed/pack{_k}.log",
             threads: GPU_THREADS
             resources:
                 **pack_resources(GPU_RES, len(_pack)),
+            params:
+                backend=BACKEND,
+                data=[data_dir(n) for n in _pack],
+                split=config["analysis"]["similarity_split"],
             shell:
                 "{MERGEMIX} embed-pack --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
                 "--data {params.data:q} --split {params.split:q} --out {output:q} 2> {log:q}"
@@ -60,9 +60,6 @@ rule similarity:
         candidates=lambda wc: [f"{R}/embeddings/{c}.safetensors" for c in CANDIDATES[wc.target]],
     output:
         f"{R}/similarity/{{target}}.csv",
-    params:
-        candidates=lambda wc: [f"{c}={R}/embeddings/{c}.safetensors" for c in CANDIDATES[wc.target]],
-        subsets=lambda wc: [] if similarity_subsets(wc.target) is None else ["--subsets", *similarity_subsets(wc.target)],
     log:
         f"{R}/logs/similarity/{{target}}.log",
     group:
@@ -70,6 +67,11 @@ rule similarity:
     threads: 1
     resources:
         **CPU_RES,
+    params:
+        candidates=lambda wc: [f"{c}={R}/embeddings/{c}.safetensors" for c in CANDIDATES[wc.target]],
+        subsets=lambda wc: (
+            [] if similarity_subsets(wc.target) is None else ["--subsets", *similarity_subsets(wc.target)]
+        ),
     shell:
         "{MERGEMIX} similarity --target {input.target:q} --candidates {params.candidates:q} {params.subsets:q} "
         "--out {output:q} 2> {log:q}"
@@ -106,7 +108,9 @@ rule analyze:
         ),
         # the report's front page and inline tables: HTML versions of the CSVs above, and an overview figure
         overview=report(
-            expand(f"{R}/figures/overview.{{fmt}}", fmt=FIG_FORMATS), caption="../report/overview.rst", category="Figures"
+            expand(f"{R}/figures/overview.{{fmt}}", fmt=FIG_FORMATS),
+            caption="../report/overview.rst",
+            category="Figures",
         ),
         selection_html=report(f"{R}/report/selection.html", caption="../report/selection.rst", category="Tables"),
         correlation_html=report(f"{R}/report/correlation.html", caption="../report/correlation.rst", category="Tables"),
@@ -114,7 +118,13 @@ rule analyze:
             f"{R}/report/similarity_selection.html", caption="../report/similarity_selection.rst", category="Tables"
         ),
         front_page=f"{R}/report/front_page.html",  # included by workflow/report/workflow.rst
+    log:
+        f"{R}/logs/analyze.log",
+    threads: 1
+    resources:
+        **CPU_RES,
     params:
+        out_dir=lambda wc, output: str(Path(output.correlation).parent),  # the study folder R
         targets=js(CANDIDATES),
         options=js({**config["analysis"], "mixtures": "off" if not MIXTURE_ON else "sampled" if SAMPLE else "all"}),
         merge_eval=[f"{t}={R}/merge_eval/{t}.csv" for t in TARGETS],
@@ -124,16 +134,11 @@ rule analyze:
         similarity=[f"{t}={R}/similarity/{t}.csv" for t in TARGETS],
         final=[f"{t}={R}/final/{t}.json" for t in TARGETS] if FINAL_ON else [],
         weighted=[f"{t}={R}/final/{t}.weighted.json" for t in TARGETS] if WEIGHTS_ON else [],
-    log:
-        f"{R}/logs/analyze.log",
-    threads: 1
-    resources:
-        **CPU_RES,
     shell:
         "{MERGEMIX} analyze --targets {params.targets:q} --options {params.options:q} "
         "--pretrained-csv {input.pretrained:q} --merge-eval {params.merge_eval:q} --search {params.search:q} "
         "--merge-eval-sampled {params.sampled:q} --mixture {params.mixture:q} "
-        "--similarity {params.similarity:q} --final {params.final:q} --weighted {params.weighted:q} --out-dir {R:q} 2> {log:q}"
+        "--similarity {params.similarity:q} --final {params.final:q} --weighted {params.weighted:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 def study_files():

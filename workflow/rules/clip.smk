@@ -13,15 +13,15 @@ if getattr(BACKEND_CLASS, "has_heads", False):
         output:
             head=f"{HEADS}/{{dataset}}.safetensors",
             manifest=f"{HEADS}/{{dataset}}.json",
-        params:
-            backend=BACKEND,
-            data=lambda wc: data_dir(wc.dataset),
-            templates=lambda wc: js(DATA_SPECS[wc.dataset].get("templates")),
         log:
             f"{R}/logs/zeroshot_head/{{dataset}}.log",
         threads: RES["threads"]
         resources:
             **CPU_RES_THREADED,  # a few thousand prompts through the text tower: minutes on CPU, no GPU queue
+        params:
+            backend=BACKEND,
+            data=lambda wc: data_dir(wc.dataset),
+            templates=lambda wc: js(DATA_SPECS[wc.dataset].get("templates")),
         shell:
             "{MERGEMIX} head --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
             "--data {params.data:q} --templates {params.templates:q} --out {output.head:q} 2> {log:q}"

@@ -24,7 +24,9 @@ if not config:
 try:
     _checked = validate_config(config)  # the package's schema (mergemix/schemas/config.schema.yaml)
 except ConfigError as e:
-    raise ValueError(f"{e}\n(config file(s): {', '.join(map(str, workflow.configfiles)) or 'config/config.yaml'})") from None
+    raise ValueError(
+        f"{e}\n(config file(s): {', '.join(map(str, workflow.configfiles)) or 'config/config.yaml'})"
+    ) from None
 config.clear()
 config.update(_checked)
 
@@ -56,8 +58,10 @@ TRAIN_NOTHING = not MIXTURE_ON and not FINAL_ON
 GIVEN = config["models"]
 # fine-tune checkpoints (preemption): the flags of every fine-tune stage; not params, so changing
 # how often a job saves never reruns a finished fine-tune
-CHECKPOINT_ARGS = (f"--checkpoint-every-seconds {SETTINGS.checkpoint.every_seconds:g} "
-                   f"--checkpoint-every-steps {int(SETTINGS.checkpoint.every_steps or 0)}")
+CHECKPOINT_ARGS = (
+    f"--checkpoint-every-seconds {SETTINGS.checkpoint.every_seconds:g} "
+    f"--checkpoint-every-steps {int(SETTINGS.checkpoint.every_steps or 0)}"
+)
 CHUNKS = config["merge_eval"]["chunks"]
 # Search: each target's strategy (`auto` resolved: exhaustive while 2^N-1 fits the budget). The
 # exhaustive strategy fans out into CHUNKS jobs per target; a budgeted one runs WORKERS jobs
@@ -155,7 +159,6 @@ EVAL_GROUP = None if GPUS else "eval"
 def pack_resources(res, n):
     """A pack of ``n`` jobs asks for ``n`` times a job's runtime (resources.runtime is per job)."""
     return {**res, "runtime": res["runtime"] * n}
-
 
 
 def data_dir(name):

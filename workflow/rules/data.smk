@@ -7,14 +7,14 @@ rule download_data:
     internet, compute nodes often do not; every later job reads only these local files."""
     output:
         f"{R}/downloads/{{dataset}}/download.json",
-    params:
-        spec=lambda wc: js(data_spec(wc.dataset)),
-        out=lambda wc: download_dir(wc.dataset),
     log:
         f"{R}/logs/download_data/{{dataset}}.log",
     threads: 1
     resources:
         **CPU_RES,
+    params:
+        spec=lambda wc: js(data_spec(wc.dataset)),
+        out=lambda wc: download_dir(wc.dataset),
     shell:
         "{MERGEMIX} download --name {wildcards.dataset:q} --spec {params.spec:q} --out {params.out:q} 2> {log:q}"
 
@@ -36,18 +36,18 @@ rule prepare_data:
     output:
         splits=f"{R}/data/{{dataset}}/splits.json",
         data=f"{R}/data/{{dataset}}/{PREPARED_FILE}",
+    log:
+        f"{R}/logs/prepare_data/{{dataset}}.log",
     wildcard_constraints:
         dataset="|".join(PREPARED_KINDS[PREPARED_FILE]),
+    threads: 1
+    resources:
+        **CPU_RES,
     params:
         spec=lambda wc: js(data_spec(wc.dataset)),
         split=js(config["split"]),
         out=lambda wc: data_dir(wc.dataset),
         local=lambda wc: ["--local", download_dir(wc.dataset)] if wc.dataset in DOWNLOADED else [],
-    log:
-        f"{R}/logs/prepare_data/{{dataset}}.log",
-    threads: 1
-    resources:
-        **CPU_RES,
     shell:
         "{MERGEMIX} prepare --name {wildcards.dataset:q} --spec {params.spec:q} --split {params.split:q} "
         "{params.local:q} --out {params.out:q} 2> {log:q}"

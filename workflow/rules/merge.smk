@@ -37,6 +37,13 @@ rule merge_eval:
         heads=lambda wc: head_files([wc.target]),
     output:
         f"{R}/merge_eval/chunks/{{target}}/{{chunk}}.csv",
+    log:
+        f"{R}/logs/merge_eval/{{target}}/{{chunk}}.log",
+    # ahead of the mixture fine-tunes (priority 0): the selection and final fine-tunes are not left for last
+    priority: 1
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
     params:
         backend=BACKEND,
         merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
@@ -45,13 +52,6 @@ rule merge_eval:
         chunks=CHUNKS,
         eval=EVAL_SPEC,
         test=lambda wc: merge_test_args(wc.target),
-    log:
-        f"{R}/logs/merge_eval/{{target}}/{{chunk}}.log",
-    # ahead of the mixture fine-tunes (priority 0): the selection and final fine-tunes are not left for last
-    priority: 1
-    threads: GPU_THREADS
-    resources:
-        **GPU_RES,
     shell:
         "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
@@ -71,6 +71,11 @@ rule merge_search:
     output:
         csv=f"{R}/merge_eval/search/{{target}}/worker{{worker}}.csv",
         summary=f"{R}/merge_eval/search/{{target}}/worker{{worker}}.json",
+    log:
+        f"{R}/logs/merge_search/{{target}}/{{worker}}.log",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
     params:
         backend=BACKEND,
         merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
@@ -83,11 +88,6 @@ rule merge_search:
         eval=EVAL_SPEC,
         # the correlation study's mixtures get their test split from merge_eval_sampled
         test=config["merge_eval"]["test"],
-    log:
-        f"{R}/logs/merge_search/{{target}}/{{worker}}.log",
-    threads: GPU_THREADS
-    resources:
-        **GPU_RES,
     shell:
         "{MERGEMIX} search --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--search {params.search:q} --pretrained {input.pretrained:q} --models {params.models:q} "
@@ -108,6 +108,11 @@ rule merge_eval_sampled:
         heads=lambda wc: head_files([wc.target]),
     output:
         f"{R}/merge_eval/sampled/{{target}}.csv",
+    log:
+        f"{R}/logs/merge_eval_sampled/{{target}}.log",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
     params:
         backend=BACKEND,
         merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
@@ -115,11 +120,6 @@ rule merge_eval_sampled:
         target=lambda wc: data_dir(wc.target),
         subsets=lambda wc: mixtures_of(wc.target),
         eval=EVAL_SPEC,
-    log:
-        f"{R}/logs/merge_eval_sampled/{{target}}.log",
-    threads: GPU_THREADS
-    resources:
-        **GPU_RES,
     shell:
         "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
@@ -135,17 +135,17 @@ rule gather_merge_eval:
     output:
         csv=f"{R}/merge_eval/{{target}}.csv",
         summary=f"{R}/merge_eval/{{target}}.json",
-    params:
-        candidates=lambda wc: CANDIDATES[wc.target],
     log:
         f"{R}/logs/gather_merge_eval/{{target}}.log",
-    group:
-        SHORT_GROUP
     # ahead of the mixture fine-tunes (priority 0): the selection and final fine-tunes are not left for last
     priority: 1
+    group:
+        SHORT_GROUP
     threads: 1
     resources:
         **CPU_RES,
+    params:
+        candidates=lambda wc: CANDIDATES[wc.target],
     shell:
         "{MERGEMIX} gather --candidates {params.candidates:q} --chunks {input.parts:q} --summaries {input.summaries:q} "
         "--out {output.csv:q} --summary {output.summary:q} 2> {log:q}"

@@ -27,6 +27,13 @@ rule tune_method:
     output:
         json=f"{R}/tune/{{method}}/{{target}}.json",
         table=f"{R}/tune/{{method}}/{{target}}.csv",
+    log:
+        f"{R}/logs/tune_method/{{method}}/{{target}}.log",
+    wildcard_constraints:
+        method="|".join(TUNED) if TUNED else "no-method",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
     params:
         backend=BACKEND,
         fixed=lambda wc: js(METHOD_OPTIONS.get(wc.method) or {}),
@@ -37,18 +44,13 @@ rule tune_method:
         target=lambda wc: data_dir(wc.target),
         eval=EVAL_SPEC,
         journal=lambda wc: f"{R}/tune/journal/{wc.method}/{wc.target}.log",
-    log:
-        f"{R}/logs/tune_method/{{method}}/{{target}}.log",
-    wildcard_constraints:
-        method="|".join(TUNED) if TUNED else "no-method",
-    threads: GPU_THREADS
-    resources:
-        **GPU_RES,
     shell:
         "{MERGEMIX} tune-method --threads {threads} --backend {params.backend:q} --method {wildcards.method:q} "
         "--fixed {params.fixed:q} --space {params.space:q} --tune {params.tune:q} --search {params.search:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} --eval {params.eval:q} "
         "--journal {params.journal:q} --out {output.json:q} --out-csv {output.table:q} 2> {log:q}"
+
+
 WEIGHTS_ON = ME["strategy"] == "weights"
 # the search's settings (check_samples is the check's: changing it does not rerun the search)
 WEIGHTS_SPEC = js({k: v for k, v in (ME.get("weights") or {}).items() if k != "check_samples"})
@@ -68,12 +70,6 @@ rule merge_eval_method:
         tuned=lambda wc: [tuned_json(wc.method, wc.target)] if wc.method in TUNED else [],
     output:
         f"{R}/merge_eval/methods/{{method}}/{{target}}.csv",
-    params:
-        backend=BACKEND,
-        merge=lambda wc: js({"method": wc.method, "options": METHOD_OPTIONS.get(wc.method) or {}}),
-        models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
-        target=lambda wc: data_dir(wc.target),
-        eval=EVAL_SPEC,
     log:
         f"{R}/logs/merge_eval/methods/{{method}}/{{target}}.log",
     wildcard_constraints:
@@ -81,6 +77,12 @@ rule merge_eval_method:
     threads: GPU_THREADS
     resources:
         **GPU_RES,
+    params:
+        backend=BACKEND,
+        merge=lambda wc: js({"method": wc.method, "options": METHOD_OPTIONS.get(wc.method) or {}}),
+        models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
+        target=lambda wc: data_dir(wc.target),
+        eval=EVAL_SPEC,
     shell:
         "{MERGEMIX} merge-eval --threads {threads} --backend {params.backend:q} --merge {params.merge:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
@@ -96,22 +98,26 @@ rule compare_methods:
         tuned=[tuned_json(m, t) for m in TUNED for t in TARGETS],
     output:
         table=report(f"{R}/methods.csv", caption="../report/methods.rst", category="Tables"),
-        figures=report(expand(f"{R}/figures/methods.{{fmt}}", fmt=config["analysis"]["figure_formats"]),
-                       caption="../report/methods.rst", category="Figures"),
-    params:
-        merge_eval=[f"{m}:{t}={R}/merge_eval/methods/{m}/{t}.csv" for m in METHODS for t in TARGETS],
-        mixture=[f"{t}={R}/mixture/{t}.csv" for t in TARGETS] if MIXTURE_ON else [],
-        options=js(METHOD_OPTIONS),
-        tuned=[f"{m}:{t}={tuned_json(m, t)}" for m in TUNED for t in TARGETS],
-        formats=config["analysis"]["figure_formats"],
+        figures=report(
+            expand(f"{R}/figures/methods.{{fmt}}", fmt=config["analysis"]["figure_formats"]),
+            caption="../report/methods.rst",
+            category="Figures",
+        ),
     log:
         f"{R}/logs/compare_methods.log",
     threads: 1
     resources:
         **CPU_RES,
+    params:
+        figure=lambda wc, output: str(Path(output.figures[0]).with_suffix("")),  # figures/methods, no extension
+        merge_eval=[f"{m}:{t}={R}/merge_eval/methods/{m}/{t}.csv" for m in METHODS for t in TARGETS],
+        mixture=[f"{t}={R}/mixture/{t}.csv" for t in TARGETS] if MIXTURE_ON else [],
+        options=js(METHOD_OPTIONS),
+        tuned=[f"{m}:{t}={tuned_json(m, t)}" for m in TUNED for t in TARGETS],
+        formats=config["analysis"]["figure_formats"],
     shell:
         "{MERGEMIX} compare-methods --pretrained-csv {input.pretrained:q} --merge-eval {params.merge_eval:q} "
-        "--mixture {params.mixture:q} --options {params.options:q} --tuned {params.tuned:q} --out {output.table:q} --figure {R:q}/figures/methods --formats {params.formats:q} 2> {log:q}"
+        "--mixture {params.mixture:q} --options {params.options:q} --tuned {params.tuned:q} --out {output.table:q} --figure {params.figure:q} --formats {params.formats:q} 2> {log:q}"
 
 
 rule weights_search:
@@ -128,6 +134,11 @@ rule weights_search:
     output:
         weights=f"{R}/weights/{{target}}.json",
         table=f"{R}/weights/{{target}}.csv",
+    log:
+        f"{R}/logs/weights_search/{{target}}.log",
+    threads: GPU_THREADS
+    resources:
+        **GPU_RES,
     params:
         backend=BACKEND,
         weights=WEIGHTS_SPEC,
@@ -135,11 +146,6 @@ rule weights_search:
         target=lambda wc: data_dir(wc.target),
         eval=EVAL_SPEC,
         journal=lambda wc: f"{R}/weights/journal/{wc.target}.log",
-    log:
-        f"{R}/logs/weights_search/{{target}}.log",
-    threads: GPU_THREADS
-    resources:
-        **GPU_RES,
     shell:
         "{MERGEMIX} weights-search --threads {threads} --backend {params.backend:q} --weights {params.weights:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --target {params.target:q} "
@@ -159,16 +165,16 @@ rule weighted_finetune:
         model=f"{R}/models/weighted/{{target}}/model.safetensors",
         manifest=f"{R}/models/weighted/{{target}}/model.json",
         result=f"{R}/final/{{target}}.weighted.json",
-    params:
-        backend=BACKEND,
-        hp=FINETUNE_HP,
-        data=lambda wc: [f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]],
-        target=lambda wc: data_dir(wc.target),
     log:
         f"{R}/logs/weighted_finetune/{{target}}.log",
     threads: GPU_THREADS
     resources:
         **GPU_RES,
+    params:
+        backend=BACKEND,
+        hp=FINETUNE_HP,
+        data=lambda wc: [f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]],
+        target=lambda wc: data_dir(wc.target),
     shell:
         "{MERGEMIX} weighted-finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained:q} --weights {input.weights:q} --data {params.data:q} "
@@ -187,6 +193,11 @@ rule weights_check:
         heads=lambda wc: head_files(CANDIDATES[wc.target] + [wc.target]),
     output:
         f"{R}/weights/check/{{target}}.csv",
+    log:
+        f"{R}/logs/weights_check/{{target}}.log",
+    threads: GPU_THREADS
+    resources:
+        **pack_resources(GPU_RES, max(1, CHECK_SAMPLES)),
     params:
         backend=BACKEND,
         hp=FINETUNE_HP,
@@ -196,11 +207,6 @@ rule weights_check:
         samples=CHECK_SAMPLES,
         seed=(ME.get("weights") or {}).get("seed", 0),
         eval=EVAL_SPEC,
-    log:
-        f"{R}/logs/weights_check/{{target}}.log",
-    threads: GPU_THREADS
-    resources:
-        **pack_resources(GPU_RES, max(1, CHECK_SAMPLES)),
     shell:
         "{MERGEMIX} weights-check --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained:q} --models {params.models:q} --data {params.data:q} --target {params.target:q} "
@@ -214,13 +220,13 @@ rule weights_check_table:
         checks=[f"{R}/weights/check/{t}.csv" for t in TARGETS],
     output:
         report(f"{R}/weights_check.csv", caption="../report/weights_check.rst", category="Tables"),
-    params:
-        checks=[f"{t}={R}/weights/check/{t}.csv" for t in TARGETS],
     log:
         f"{R}/logs/weights_check_table.log",
     threads: 1
     resources:
         **CPU_RES,
+    params:
+        checks=[f"{t}={R}/weights/check/{t}.csv" for t in TARGETS],
     shell:
         "{MERGEMIX} weights-check-table --checks {params.checks:q} --pretrained-csv {input.pretrained:q} "
         "--out {output:q} 2> {log:q}"
@@ -234,8 +240,13 @@ def methods_files():
         files += [f"{R}/tune/{m}/{t}.{ext}" for m in TUNED for t in TARGETS for ext in ("json", "csv")]
     if WEIGHTS_ON:
         for t in TARGETS:
-            files += [f"{R}/weights/{t}.json", f"{R}/weights/{t}.csv", f"{R}/final/{t}.weighted.json",
-                      f"{R}/models/weighted/{t}/model.safetensors", f"{R}/models/weighted/{t}/model.json"]
+            files += [
+                f"{R}/weights/{t}.json",
+                f"{R}/weights/{t}.csv",
+                f"{R}/final/{t}.weighted.json",
+                f"{R}/models/weighted/{t}/model.safetensors",
+                f"{R}/models/weighted/{t}/model.json",
+            ]
     if CHECK_SAMPLES:
         files += list(rules.weights_check_table.input.checks) + [f"{R}/weights_check.csv"]
     return files

@@ -16,15 +16,15 @@ if PACK["finetune"] == 1:
         output:
             model=f"{R}/models/mixture/{{subset}}/model.safetensors",
             manifest=f"{R}/models/mixture/{{subset}}/model.json",
-        params:
-            backend=BACKEND,
-            hp=FINETUNE_HP,
-            data=lambda wc: [data_dir(n) for n in parse_subset(wc.subset)],
         log:
             f"{R}/logs/mixture_finetune/{{subset}}.log",
         threads: GPU_THREADS
         resources:
             **GPU_RES,
+        params:
+            backend=BACKEND,
+            hp=FINETUNE_HP,
+            data=lambda wc: [data_dir(n) for n in parse_subset(wc.subset)],
         shell:
             "{MERGEMIX} finetune --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
             "--pretrained {input.pretrained:q} --data {params.data:q} --out {output.model:q} 2> {log:q}"
@@ -47,16 +47,16 @@ else:
             output:
                 models=[f"{R}/models/mixture/{s}/model.safetensors" for s in _pack],
                 manifests=[f"{R}/models/mixture/{s}/model.json" for s in _pack],
-            params:
-                backend=BACKEND,
-                hp=FINETUNE_HP,
-                data=[f"{n}={data_dir(n)}" for n in _names],
-                subsets=_pack,
             log:
                 f"{R}/logs/mixture_finetune/pack{_k}.log",
             threads: GPU_THREADS
             resources:
                 **pack_resources(GPU_RES, len(_pack)),
+            params:
+                backend=BACKEND,
+                hp=FINETUNE_HP,
+                data=[f"{n}={data_dir(n)}" for n in _names],
+                subsets=_pack,
             shell:
                 "{MERGEMIX} finetune-pack --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
                 "--pretrained {input.pretrained:q} --data {params.data:q} --subsets {params.subsets:q} "
@@ -74,10 +74,6 @@ rule mixture_eval:
         heads=lambda wc: head_files([wc.target]),
     output:
         f"{R}/mixture/{{target}}.csv",
-    params:
-        backend=BACKEND,
-        models=lambda wc: [f"{s}={mixture_model(s)}" for s in mixtures_of(wc.target)],
-        target=lambda wc: data_dir(wc.target),
     log:
         f"{R}/logs/mixture_eval/{{target}}.log",
     group:
@@ -85,6 +81,10 @@ rule mixture_eval:
     threads: GPU_THREADS
     resources:
         **GPU_RES,
+    params:
+        backend=BACKEND,
+        models=lambda wc: [f"{s}={mixture_model(s)}" for s in mixtures_of(wc.target)],
+        target=lambda wc: data_dir(wc.target),
     shell:
         "{MERGEMIX} eval-models --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
         "--models {params.models:q} --target {params.target:q} --out {output:q} 2> {log:q}"

@@ -7,19 +7,18 @@ if BACKEND_CLASS.can_pretrain:
         output:
             model=PRETRAINED,
             manifest=PRETRAINED_MANIFEST,
-        params:
-            backend=BACKEND,
-            hp=js(config.get("pretrain", {}).get("hparams", {})),
-            data=data_dir(PRETRAIN),
         log:
             f"{R}/logs/pretrain.log",
         threads: GPU_THREADS
         resources:
             **GPU_RES,
+        params:
+            backend=BACKEND,
+            hp=js(config.get("pretrain", {}).get("hparams", {})),
+            data=lambda wc, input: str(Path(input[0]).parent),  # the prepared folder of the input files
         shell:
             "{MERGEMIX} pretrain --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
             "--data {params.data:q} --out {output.model:q} 2> {log:q}"
-
 
 else:
 
@@ -32,13 +31,13 @@ else:
         output:
             model=PRETRAINED,
             manifest=PRETRAINED_MANIFEST,
-        params:
-            backend=BACKEND,
         log:
             f"{R}/logs/fetch_pretrained.log",
         threads: 1
         resources:
             **CPU_RES,
+        params:
+            backend=BACKEND,
         shell:
             "{MERGEMIX} fetch-pretrained --backend {params.backend:q} --out {output.model:q} 2> {log:q}"
 
@@ -64,8 +63,6 @@ if HUB_MODELS:
         that downloads given models; jobs on compute nodes read the folder)."""
         output:
             directory(f"{R}/given/{{name}}"),
-        params:
-            spec=lambda wc: js(GIVEN[wc.name]),
         log:
             f"{R}/logs/download_model/{{name}}.log",
         wildcard_constraints:
@@ -73,6 +70,8 @@ if HUB_MODELS:
         threads: 1
         resources:
             **CPU_RES,
+        params:
+            spec=lambda wc: js(GIVEN[wc.name]),
         shell:
             "{MERGEMIX} download-model --spec {params.spec:q} --out {output:q} 2> {log:q}"
 
@@ -89,9 +88,6 @@ if GIVEN:
         output:
             model=f"{R}/models/finetuned/{{dataset}}/model.safetensors",
             manifest=f"{R}/models/finetuned/{{dataset}}/model.json",
-        params:
-            backend=BACKEND,
-            spec=lambda wc: js(GIVEN[wc.dataset]),
         log:
             f"{R}/logs/import_model/{{dataset}}.log",
         wildcard_constraints:
@@ -99,6 +95,9 @@ if GIVEN:
         threads: GPU_THREADS
         resources:
             **GPU_RES,
+        params:
+            backend=BACKEND,
+            spec=lambda wc: js(GIVEN[wc.dataset]),
         shell:
             "{MERGEMIX} import-model --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
             "--spec {params.spec:q} --dataset {wildcards.dataset:q} --path {input.given:q} --out {output.model:q} 2> {log:q}"
@@ -118,15 +117,15 @@ elif PACK["finetune"] == 1:
         output:
             model=f"{R}/models/finetuned/{{dataset}}/model.safetensors",
             manifest=f"{R}/models/finetuned/{{dataset}}/model.json",
-        params:
-            backend=BACKEND,
-            hp=FINETUNE_HP,
-            data=lambda wc: data_dir(wc.dataset),
         log:
             f"{R}/logs/finetune/{{dataset}}.log",
         threads: GPU_THREADS
         resources:
             **GPU_RES,
+        params:
+            backend=BACKEND,
+            hp=FINETUNE_HP,
+            data=lambda wc: data_dir(wc.dataset),
         shell:
             "{MERGEMIX} finetune --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
             "--pretrained {input.pretrained:q} --data {params.data:q} --out {output.model:q} 2> {log:q}"
@@ -148,11 +147,6 @@ else:
             output:
                 models=[finetuned(n) for n in _pack],
                 manifests=[manifest(finetuned(n)) for n in _pack],
-            params:
-                backend=BACKEND,
-                hp=FINETUNE_HP,
-                data=[f"{n}={data_dir(n)}" for n in _pack],
-                subsets=_pack,
             log:
                 f"{R}/logs/finetune/pack{_k}.log",
             # first after pretrain: merge-eval waits for these, the mixtures (priority 0) for nothing
@@ -160,6 +154,11 @@ else:
             threads: GPU_THREADS
             resources:
                 **pack_resources(GPU_RES, len(_pack)),
+            params:
+                backend=BACKEND,
+                hp=FINETUNE_HP,
+                data=[f"{n}={data_dir(n)}" for n in _pack],
+                subsets=_pack,
             shell:
                 "{MERGEMIX} finetune-pack --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
                 "--pretrained {input.pretrained:q} --data {params.data:q} --subsets {params.subsets:q} "
@@ -175,9 +174,6 @@ rule eval_pretrained:
         heads=head_files(TARGETS),
     output:
         f"{R}/pretrained.csv",
-    params:
-        backend=BACKEND,
-        targets=[f"{t}={data_dir(t)}" for t in TARGETS],
     log:
         f"{R}/logs/eval_pretrained.log",
     group:
@@ -185,6 +181,9 @@ rule eval_pretrained:
     threads: GPU_THREADS
     resources:
         **GPU_RES,
+    params:
+        backend=BACKEND,
+        targets=[f"{t}={data_dir(t)}" for t in TARGETS],
     shell:
         "{MERGEMIX} eval-pretrained --threads {threads} --backend {params.backend:q} "
         "--pretrained {input.pretrained:q} --targets {params.targets:q} --out {output:q} 2> {log:q}"
@@ -206,16 +205,16 @@ elif PACK["finetune"] == 1:
             model=f"{R}/models/final/{{target}}/model.safetensors",
             manifest=f"{R}/models/final/{{target}}/model.json",
             result=f"{R}/final/{{target}}.json",
-        params:
-            backend=BACKEND,
-            hp=FINETUNE_HP,
-            data=lambda wc: [f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]],
-            target=lambda wc: data_dir(wc.target),
         log:
             f"{R}/logs/final_finetune/{{target}}.log",
         threads: GPU_THREADS
         resources:
             **GPU_RES,
+        params:
+            backend=BACKEND,
+            hp=FINETUNE_HP,
+            data=lambda wc: [f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]],
+            target=lambda wc: data_dir(wc.target),
         shell:
             "{MERGEMIX} final-finetune --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
             "--pretrained {input.pretrained:q} --merge-eval {input.merge_eval:q} --data {params.data:q} "
@@ -240,6 +239,12 @@ else:
                 models=[f"{R}/models/final/{t}/model.safetensors" for t in _pack],
                 manifests=[f"{R}/models/final/{t}/model.json" for t in _pack],
                 results=[f"{R}/final/{t}.json" for t in _pack],
+            log:
+                f"{R}/logs/final_finetune/pack{_k}.log",
+            priority: 1
+            threads: GPU_THREADS
+            resources:
+                **pack_resources(GPU_RES, len(_pack)),
             params:
                 backend=BACKEND,
                 hp=FINETUNE_HP,
@@ -248,12 +253,6 @@ else:
                 merge_eval=[f"{t}={R}/merge_eval/{t}.csv" for t in _pack],
                 models=[f"{t}={R}/models/final/{t}/model.safetensors" for t in _pack],
                 results=[f"{t}={R}/final/{t}.json" for t in _pack],
-            log:
-                f"{R}/logs/final_finetune/pack{_k}.log",
-            priority: 1
-            threads: GPU_THREADS
-            resources:
-                **pack_resources(GPU_RES, len(_pack)),
             shell:
                 "{MERGEMIX} final-finetune-pack --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
                 "--pretrained {input.pretrained:q} --candidates {params.candidates:q} --data {params.data:q} "
