@@ -54,3 +54,19 @@ def test_a_terminal_gets_a_bar_and_a_log_does_not(monkeypatch):
         bar.update(4)
         bar.refresh()  # tqdm redraws at most every 0.1 s by itself
     assert "merge-eval" in tty.getvalue() and "4/10" in tty.getvalue()
+
+
+def test_log_every_is_due_at_most_every_period_and_at_the_end(monkeypatch):
+    from mergemix import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    every = progress.LogEvery(30.0)
+    assert every.due(1, 10)  # the first item logs
+    now[0] += 10
+    assert not every.due(2, 10)
+    now[0] += 25
+    assert every.due(3, 10)
+    assert every.due(10, 10)  # the last item always logs
+    rate, eta = every.rate_eta(5, 10)
+    assert rate == 5 / 35 and eta == 5 / rate

@@ -5,6 +5,29 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
+
+
+class LogEvery:
+    """When a long step should log its next line: at most every ``seconds`` (30: ``tail -f`` on a
+    job log answers "how long still"), and always at the last item; with the rate and the ETA."""
+
+    def __init__(self, seconds: float = 30.0):
+        self.seconds = seconds
+        self.t0 = time.time()
+        self.last = 0.0
+
+    def due(self, done: int, total: int) -> bool:
+        now = time.time()
+        if now - self.last >= self.seconds or done >= total:
+            self.last = now
+            return True
+        return False
+
+    def rate_eta(self, done: int, total: int) -> tuple[float, float]:
+        """Items per second so far, and the seconds the rest will take at that rate."""
+        rate = done / max(time.time() - self.t0, 1e-9)
+        return rate, (total - done) / rate if rate > 0 else float("nan")
 
 
 def progress_bar(stack: contextlib.ExitStack, total: int, done: int = 0, name: str = "", unit: str = "it"):

@@ -97,13 +97,13 @@ def tune_method(
         journal=journal,
         study_name=f"tune-{method}-{target.name}-{fp}",
     )
-    t0, last = time.time(), [0.0]
+    from mergemix.progress import LogEvery
+
+    t0, every = time.time(), LogEvery()
 
     def progress(trial, done, total):
-        now = time.time()
-        if now - last[0] >= 30 or done == total:
-            last[0] = now
-            rate = done / max(now - t0, 1e-9)
+        if every.due(done, total):
+            rate, eta = every.rate_eta(done, total)
             log.info(
                 "tuning %s on %s: %d/%d settings (%.2f/s, ETA %.0fs), %s -> val_acc %.4f (%s)",
                 method,
@@ -111,7 +111,7 @@ def tune_method(
                 done,
                 total,
                 rate,
-                (total - done) / rate,
+                eta,
                 trial.options,
                 trial.value,
                 trial.info.get("subset"),

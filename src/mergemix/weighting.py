@@ -72,18 +72,20 @@ def weights_search(
         study_name=f"weights-{target.name}-{fp}",
         **{k: spec[k] for k in WEIGHTS_DEFAULTS},
     )
-    t0, last = time.time(), [0.0]
+    from mergemix.progress import LogEvery
+
+    t0, every = time.time(), LogEvery()
 
     def progress(evaluation, done, budget):
-        now = time.time()
-        if now - last[0] >= 30 or done == budget:
-            last[0] = now
+        if every.due(done, budget):
+            rate, eta = every.rate_eta(done, budget)
             log.info(
-                "weights search on %s: %d/%d evaluations (%.1fs), val_acc %.4f",
+                "weights search on %s: %d/%d evaluations (%.2f/s, ETA %.0fs), val_acc %.4f",
                 target.name,
                 done,
                 budget,
-                now - t0,
+                rate,
+                eta,
                 evaluation.value,
             )
 

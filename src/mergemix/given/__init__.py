@@ -79,6 +79,19 @@ class Loaded:
     info: dict = field(default_factory=dict)
 
 
+def read_json_object(path) -> dict:
+    """A checkpoint's JSON file (config.json, adapter_config.json) as a dict, or a clear refusal."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GivenModelError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GivenModelError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def format_module(fmt: str):
     if fmt not in FORMATS:
         raise GivenModelError(f"unknown model format {fmt!r}; allowed: auto, {', '.join(FORMATS)}")

@@ -23,14 +23,13 @@ values; the core then checks keys, shapes and the distance to the pre-trained we
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from pathlib import Path
 from typing import Mapping
 
-from . import GivenModelError, Loaded
+from . import GivenModelError, Loaded, read_json_object
 
 log = logging.getLogger("mergemix")
 
@@ -162,13 +161,7 @@ def _open_clip_files(folder: Path) -> list:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        obj = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GivenModelError(f"{file}: not readable JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise GivenModelError(f"{file}: not a JSON object")
-    return obj
+    return read_json_object(file)
 
 
 def _is_clip_config(cfg: Mapping) -> bool:

@@ -32,7 +32,7 @@ import math
 import re
 from pathlib import Path
 
-from . import DEFAULT_MAX_DISTANCE, GivenModelError, Loaded
+from . import DEFAULT_MAX_DISTANCE, GivenModelError, Loaded, read_json_object
 
 log = logging.getLogger("mergemix")
 
@@ -81,13 +81,7 @@ ARCH_FIELDS = (
 # detection
 # ---------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GivenModelError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise GivenModelError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 def _is_causal_lm_config(path: Path) -> bool:
