@@ -86,3 +86,14 @@ def train_digits(folder, candidates, pretrain_epochs: int = 8) -> dict:
             DIGITS_BACKEND, DIGITS_HP, folder / "pre/model.safetensors", [folder / "data" / name], models[name]
         )
     return models
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """One run of the tiny study (4 digits domains, every mixture), shared by every test module that
+    reads it (test_workflow, test_report): (config, config file, results folder, snakemake output).
+    Tests that change its files must leave them as a finished run left them."""
+    from test_workflow import run_study
+
+    tmp = tmp_path_factory.mktemp("wf")
+    return run_study(tiny_config(tmp / "results"), tmp)

@@ -27,11 +27,11 @@ REPORT_TABLES = ["selection.html", "correlation.html", "similarity_selection.htm
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """The tiny study (4 digits domains, every mixture fine-tuned) and its report."""
+def report(tiny_study, tmp_path_factory):
+    """The tiny study (4 digits domains, every mixture fine-tuned; the session's one run) and its report."""
     pytest.importorskip("pygments", reason="snakemake --report needs pygments: pip install 'snakemake[reports]'")
     tmp = tmp_path_factory.mktemp("report")
-    cfg, path, out, _ = run_study(tiny_config(tmp / "results", study="tinyreport", chunks=1), tmp)
+    cfg, path, out, _ = tiny_study
     html = tmp / "report.html"
     snakemake(path, "--report", str(html))
     return cfg, out, html
@@ -115,7 +115,7 @@ def test_report_front_page_tables_and_captions(report):
     desc = parse(script_var(html, "workflow_desc"))
     text = " ".join("".join(desc.text).split())
     for phrase in [
-        "Merge to Mix: study tinyreport",
+        f"Merge to Mix: study {cfg['study']}",
         "What this study ran",
         "How to read the report",
         "Validation and test",

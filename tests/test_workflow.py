@@ -55,9 +55,8 @@ def run_study(cfg, folder):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("wf")
-    return run_study(tiny_config(tmp / "results"), tmp)
+def study(tiny_study):
+    return tiny_study  # one run for the whole session (conftest.tiny_study)
 
 
 def test_output_contract(study):
