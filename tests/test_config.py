@@ -223,6 +223,7 @@ def test_missing_local_inputs_stop_the_dag_build(default_config, tmp_path):
 def test_checkpoint_settings_reach_every_fine_tune_job(default_config, tmp_path):
     assert validate_config(dict(default_config))["checkpoint"] == {"every_minutes": 10, "every_steps": None}
     default_config["checkpoint"] = {"every_minutes": 2.5, "every_steps": 50}
+    default_config["merge_eval"] = {**default_config["merge_eval"], "strategy": "weights"}  # weighted fine-tunes too
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**default_config, "results_dir": str(tmp_path / "r")}))
     r = subprocess.run(
@@ -238,6 +239,7 @@ def test_checkpoint_settings_reach_every_fine_tune_job(default_config, tmp_path)
         if " -m mergemix " in line and "finetune" in line.split(" -m mergemix ")[1][:24]
     ]
     assert cmds and all("--checkpoint-every-seconds 150 --checkpoint-every-steps 50" in c for c in cmds)
+    assert any(" weighted-finetune " in c for c in cmds)
 
 
 def test_schema_defaults_are_the_one_source(default_config):

@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--eval-out", required=True)
+    checkpoint_args(s)
 
     s = stage(
         "weights-check",
@@ -612,6 +613,8 @@ def run(args) -> None:
             args.out,
             args.eval_out,
             t,
+            checkpoint_every_steps=args.checkpoint_every_steps,
+            checkpoint_every_seconds=args.checkpoint_every_seconds,
         )
         logging.getLogger("mergemix").info("weighted model: %s", r)
     elif args.stage == "weights-check":

@@ -137,9 +137,12 @@ def weighted_finetune(
     out_path,
     eval_out,
     threads: int = 1,
+    checkpoint_every_steps: int | None = None,
+    checkpoint_every_seconds: float | None = None,
 ) -> dict:
     """Fine-tune on the candidates in the proportions ``weights_json`` chose (datasets of weight 0
-    are left out), and score the model on the target's val and test splits."""
+    are left out), and score the model on the target's val and test splits (checkpointed and
+    resumed as :func:`mergemix.stages._finetune` says)."""
     from mergemix.backends import get_backend
     from mergemix.data.prepared import load_prepared
     from mergemix.stages import _finetune
@@ -155,7 +158,13 @@ def weighted_finetune(
     backend = get_backend(backend_spec, threads=threads)
     names = sorted(weights)
     model, manifest = _finetune(
-        backend, {**hp, "mixture_weights": weights}, pretrained, [data_dirs[n] for n in names], out_path
+        backend,
+        {**hp, "mixture_weights": weights},
+        pretrained,
+        [data_dirs[n] for n in names],
+        out_path,
+        checkpoint_every_steps=checkpoint_every_steps,
+        checkpoint_every_seconds=checkpoint_every_seconds,
     )
     target = load_prepared(target_dir)
     result = {

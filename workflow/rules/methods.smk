@@ -176,7 +176,7 @@ rule weighted_finetune:
         data=lambda wc: [f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
     shell:
-        "{MERGEMIX} weighted-finetune --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "
+        "{MERGEMIX} weighted-finetune --threads {threads} {CHECKPOINT_ARGS} --backend {params.backend:q} --hparams {params.hp:q} "
         "--pretrained {input.pretrained:q} --weights {input.weights:q} --data {params.data:q} "
         "--target {params.target:q} --out {output.model:q} --eval-out {output.result:q} 2> {log:q}"
 
