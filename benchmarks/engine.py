@@ -49,11 +49,13 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+# the synthetic prepared image dataset of the CLIP throughput benchmark (this folder is on sys.path)
+from clip_throughput import write_prepared  # noqa: E402
 
 from mergemix import io, stages, subsets  # noqa: E402
 from mergemix.backends import get_backend  # noqa: E402
@@ -229,38 +231,6 @@ def digits_study(tmp: Path, n_cands: int, threads: int, quick: bool) -> tuple[di
     return spec, pre, paths, tmp / "data" / "rotate"
 
 
-def write_images(folder: Path, name: str, sizes: dict, size: int, classes: int, seed: int) -> Path:
-    """A prepared image dataset in the pipeline's format: random uint8 images [N, 3, S, S]."""
-    rng = np.random.default_rng(seed)
-    n = sum(sizes.values())
-    arrays = {
-        "x": rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8),
-        "y": rng.integers(0, classes, n).astype(np.int64),
-    }
-    sha = io.save_arrays(folder / "arrays.safetensors", arrays)
-    bounds = np.cumsum([0, *sizes.values()])
-    indices = {k: list(range(int(a), int(b))) for k, a, b in zip(sizes, bounds[:-1], bounds[1:])}
-    io.write_json(
-        folder / "splits.json",
-        {
-            "name": name,
-            "spec": {"source": "synthetic", "templates": ["a photo of a {}."]},
-            "split": {"seed": seed},
-            "classes": [f"class {i}" for i in range(classes)],
-            "sizes": {k: len(v) for k, v in indices.items()},
-            "indices": indices,
-            "info": {},
-            "data": {
-                "file": "arrays.safetensors",
-                "sha256": sha,
-                "bytes": (folder / "arrays.safetensors").stat().st_size,
-                "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
-            },
-        },
-    )
-    return folder
-
-
 TINY_CLIP = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 16, "layers": 2, "width": 64, "patch_size": 8},
@@ -304,10 +274,10 @@ def clip_study(
     stages.fetch_pretrained(spec, pre, threads=threads)
     names = [f"c{i}" for i in range(n_cands)]
     dirs = {
-        n: write_images(root / "data" / n, n, {"train": train, "val": 8, "test": 8}, size, 10, i + 1)
+        n: write_prepared(root / "data" / n, n, {"train": train, "val": 8, "test": 8}, size, 10, i + 1)
         for i, n in enumerate(names)
     }
-    dirs["target"] = write_images(
+    dirs["target"] = write_prepared(
         root / "data" / "target", "target", {"train": 8, "val": val, "test": test}, size, 10, 99
     )
     for n, d in dirs.items():

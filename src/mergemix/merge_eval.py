@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import torch
@@ -207,63 +206,61 @@ class MergeEvaluator:
             raise ValueError(f"{len(orders)} orders for {len(masks)} masks")
         wanted = set(test_masks)
         rows = []
-        t0 = last = time.time()
         n_val = len(target.indices["val"])
         k = max(1, int(getattr(self.backend, "merges_per_forward", 1)))
         pairs = list(zip(masks, orders))
         import contextlib
 
-        from mergemix.progress import progress_bar
+        from mergemix.progress import LogEvery, progress_bar
 
-        stack = contextlib.ExitStack()
-        bar = progress_bar(stack, len(pairs), 0, "merge-eval", unit="model")
-        for start in range(0, len(pairs), k):  # k merged models per forward pass (batched adapters)
-            group = pairs[start : start + k]
-            if k == 1:
-                mask, order = group[0]
-                val = self.evaluate(target, "val", mask)
-                tst = self.evaluate(target, "test") if test == "all" or mask in wanted else float("nan")
-                rows.append(self.row(mask, val, tst, order, n_val))
-            else:
-                states = self.merged_states([m for m, _ in group])
-                with self.backend.eval_context():
-                    vals = self.backend.evaluate_many(self.model, target, "val", states)
-                    scored = [i for i, (m, _) in enumerate(group) if test == "all" or m in wanted]
-                    tests = dict(
-                        zip(
-                            scored,
-                            self.backend.evaluate_many(self.model, target, "test", [states[i] for i in scored])
-                            if scored
-                            else [],
-                        )
+        every = LogEvery(PROGRESS_SECONDS, first=False)
+        with contextlib.ExitStack() as stack:
+            bar = progress_bar(stack, len(pairs), 0, "merge-eval", unit="model")
+            for start in range(0, len(pairs), k):  # k merged models per forward pass (batched adapters)
+                group = pairs[start : start + k]
+                rows += self._score_group(target, group, test, wanted, n_val, batched=k > 1)
+                done = start + len(group)
+                if bar is not None:
+                    bar.update(len(group))
+                if every.due(done, len(pairs)):
+                    rate, eta = every.rate_eta(done, len(pairs))
+                    best = max(rows, key=lambda r: r["val_acc"])
+                    log.info(
+                        "merge-eval: %d/%d merged models (%.1f/s, ETA %.0fs), best val_acc so far %.4f (%s)",
+                        done,
+                        len(pairs),
+                        rate,
+                        eta,
+                        best["val_acc"],
+                        best["subset"],
                     )
-                self.mask = None  # evaluate_many leaves the live weights undefined
-                rows += [
-                    self.row(m, v, tests.get(i, float("nan")), o, n_val)
-                    for i, ((m, o), v) in enumerate(zip(group, vals))
-                ]
-            done = start + len(group)
-            if bar is not None:
-                bar.update(len(group))
-            now = time.time()
-            if now - last >= PROGRESS_SECONDS or done == len(pairs):
-                last = now
-                rate = done / max(now - t0, 1e-9)
-                best = max(rows, key=lambda r: r["val_acc"])
-                log.info(
-                    "merge-eval: %d/%d merged models (%.1f/s, ETA %.0fs), best val_acc so far %.4f (%s)",
-                    done,
-                    len(pairs),
-                    rate,
-                    (len(pairs) - done) / rate,
-                    best["val_acc"],
-                    best["subset"],
-                )
-        stack.close()
         df = pd.DataFrame(rows, columns=COLUMNS)
         if test == "selected" and len(df):
             self.fill_best_test(df, target)
         return df
+
+    def _score_group(self, target: PreparedDataset, group, test: str, wanted, n_val: int, batched: bool) -> list[dict]:
+        """Rows of ``group`` ((mask, order) pairs): its one merged model, or (``batched``) all of
+        them in one forward pass of a backend that evaluates several merges at once (batched adapters)."""
+        if not batched:
+            ((mask, order),) = group
+            val = self.evaluate(target, "val", mask)
+            tst = self.evaluate(target, "test") if test == "all" or mask in wanted else float("nan")
+            return [self.row(mask, val, tst, order, n_val)]
+        states = self.merged_states([m for m, _ in group])
+        with self.backend.eval_context():
+            vals = self.backend.evaluate_many(self.model, target, "val", states)
+            scored = [i for i, (m, _) in enumerate(group) if test == "all" or m in wanted]
+            tests = dict(
+                zip(
+                    scored,
+                    self.backend.evaluate_many(self.model, target, "test", [states[i] for i in scored])
+                    if scored
+                    else [],
+                )
+            )
+        self.mask = None  # evaluate_many leaves the live weights undefined
+        return [self.row(m, v, tests.get(i, float("nan")), o, n_val) for i, ((m, o), v) in enumerate(zip(group, vals))]
 
     def fill_best_test(self, df: pd.DataFrame, target: PreparedDataset) -> None:
         """Score the test split of ``df``'s best row on val (the selection rule, among rows scored

@@ -10,12 +10,13 @@ import time
 
 class LogEvery:
     """When a long step should log its next line: at most every ``seconds`` (30: ``tail -f`` on a
-    job log answers "how long still"), and always at the last item; with the rate and the ETA."""
+    job log answers "how long still"), and always at the last item; with the rate and the ETA.
+    ``first``: whether the first item logs at once (else the first line comes after ``seconds``)."""
 
-    def __init__(self, seconds: float = 30.0):
+    def __init__(self, seconds: float = 30.0, first: bool = True):
         self.seconds = seconds
         self.t0 = time.time()
-        self.last = 0.0
+        self.last = 0.0 if first else self.t0
 
     def due(self, done: int, total: int) -> bool:
         now = time.time()
@@ -27,7 +28,7 @@ class LogEvery:
     def rate_eta(self, done: int, total: int) -> tuple[float, float]:
         """Items per second so far, and the seconds the rest will take at that rate."""
         rate = done / max(time.time() - self.t0, 1e-9)
-        return rate, (total - done) / rate if rate > 0 else float("nan")
+        return rate, (total - done) / rate if total and rate > 0 else float("nan")
 
 
 def progress_bar(stack: contextlib.ExitStack, total: int, done: int = 0, name: str = "", unit: str = "it"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -471,19 +472,17 @@ class _Progress:
     """A job-log line at least every ``every`` seconds: evaluations done / budget, rate, ETA, best so far."""
 
     def __init__(self, label: str, every: float = 30.0):
-        self.label, self.every = label, every
-        self.t0 = self.last = time.time()
+        from mergemix.progress import LogEvery
+
+        self.label, self.every = label, LogEvery(every)
 
     def __call__(self, evaluation, objective) -> None:
-        now = time.time()
-        if now - self.last < self.every and objective.evaluations > 1:
-            return
-        self.last = now
         b = objective.budget
         total, done = (b.examples, objective.examples_used) if b.examples else (b.evaluations, objective.evaluations)
+        if not self.every.due(done, math.inf):  # the first evaluation, then every `every` seconds
+            return
         unit = "val examples" if b.examples else "evaluations"
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (total - done) / rate if total and rate > 0 else float("nan")
+        rate, eta = self.every.rate_eta(done, total)
         best = objective.best()
         log.info(
             "%s: %d/%s %s (%.1f/s, ETA %.0fs), best val_acc so far %s",
