@@ -181,10 +181,11 @@ def analyze(
 
     pre = read_result_table(pretrained_csv, "pretrained").set_index("target")
     search, merge_eval_sampled = search or {}, merge_eval_sampled or {}
-    data = {}
+    data, merged_tables = {}, {}
     corr_rows, sel_rows, simsel_rows = [], [], []
     for t, cands in targets.items():
         merged = read_result_table(merge_eval[t], "merge_eval")
+        merged_tables[t] = merged
         sampled = read_result_table(merge_eval_sampled[t], "merge_eval") if t in merge_eval_sampled else None
         mix = read_result_table(mixture[t], "mixture") if t in mixture else None
         sim = read_result_table(similarity[t], "similarity")
@@ -248,7 +249,7 @@ def analyze(
 
     io.write_csv(out_dir / "correlation.csv", corr_df)
     io.write_csv(
-        out_dir / "rankings.csv", rankings({t: read_result_table(merge_eval[t], "merge_eval") for t in targets})
+        out_dir / "rankings.csv", rankings(merged_tables)
     )
     io.write_csv(out_dir / "selection.csv", sel_df)
     io.write_csv(out_dir / "similarity_selection.csv", simsel_df)
