@@ -248,9 +248,7 @@ def analyze(
     corr_df = with_average(pd.DataFrame(corr_rows))
 
     io.write_csv(out_dir / "correlation.csv", corr_df)
-    io.write_csv(
-        out_dir / "rankings.csv", rankings(merged_tables)
-    )
+    io.write_csv(out_dir / "rankings.csv", rankings(merged_tables))
     io.write_csv(out_dir / "selection.csv", sel_df)
     io.write_csv(out_dir / "similarity_selection.csv", simsel_df)
     from mergemix.figures import plot_all

@@ -164,20 +164,46 @@ def cast_like(state: Mapping, reference: Mapping) -> tuple[dict, dict]:
     return out, cast
 
 
-def import_model(
-    backend_spec: dict, pretrained, spec: Mapping[str, Any], dataset: str, out_path, path=None, threads: int = 1
-) -> dict:
-    """Load the given model of ``dataset`` (``spec``: its ``models`` entry; ``path``: where its files
-    are, default ``spec['path']``; a hub entry's download folder), check it against the pre-trained
-    model and save it as a mergemix fine-tuned model at ``out_path``."""
-    from mergemix import io, provenance
+@dataclass
+class Base:
+    """The study's pre-trained model as the given models are checked against it: loaded once for
+    all of them (``mergemix select`` imports several in one process)."""
+
+    backend: Any
+    model: Any
+    pretrained: dict  # its checked manifest
+    reference: dict  # its merge params (name -> tensor): the keys, shapes and dtypes a given model must have
+
+
+def load_base(backend_spec: dict, pretrained, threads: int = 1) -> Base:
+    from mergemix import provenance
     from mergemix.stages import get_backend
 
-    path = Path(path if path is not None else spec["path"])
     backend = get_backend(backend_spec, threads=threads)
     model = backend.load_pretrained(pretrained)
     pre = provenance.pretrained_manifest(pretrained, backend)
-    reference = {k: v.detach() for k, v in backend.merge_params(model).items()}
+    return Base(backend, model, pre, {k: v.detach() for k, v in backend.merge_params(model).items()})
+
+
+def import_model(
+    backend_spec: dict,
+    pretrained,
+    spec: Mapping[str, Any],
+    dataset: str,
+    out_path,
+    path=None,
+    threads: int = 1,
+    base: Base | None = None,
+) -> dict:
+    """Load the given model of ``dataset`` (``spec``: its ``models`` entry; ``path``: where its files
+    are, default ``spec['path']``; a hub entry's download folder), check it against the pre-trained
+    model and save it as a mergemix fine-tuned model at ``out_path``. ``base``: the pre-trained
+    model already loaded by :func:`load_base` (default: loaded here)."""
+    from mergemix import io, provenance
+
+    path = Path(path if path is not None else spec["path"])
+    base = base or load_base(backend_spec, pretrained, threads)
+    backend, model, pre, reference = base.backend, base.model, base.pretrained, base.reference
     fmt = spec.get("format", "auto")
     if fmt == "auto":
         fmt = detect_format(path, backend_spec["name"])

@@ -19,7 +19,7 @@ from typing import Mapping
 log = logging.getLogger("mergemix")
 
 
-def _pretrained(backend_spec: dict, pretrained, work: Path, threads: int) -> Path:
+def _pretrained(backend_spec: dict, pretrained, threads: int) -> Path:
     from mergemix import io, stages
 
     p = Path(pretrained)
@@ -94,31 +94,31 @@ def select(
     from mergemix import io, stages
     from mergemix.analysis import rankings
     from mergemix.config import resolve_strategy
-    from mergemix.given import import_model
+    from mergemix.given import import_model, load_base
     from mergemix.tables import read_result_table
 
     if len(models) < 1:
         raise ValueError("--models: give at least one NAME=PATH")
     work = Path(work_dir) if work_dir else Path(out_csv).parent / f"{Path(out_csv).stem}.work"
     work.mkdir(parents=True, exist_ok=True)
-    pre = _pretrained(backend_spec, pretrained, work, threads)
+    pre = _pretrained(backend_spec, pretrained, threads)
     target_dir = _target(str(target), dict(split or {}), work)
     from mergemix.data.prepared import load_prepared
 
     tname = load_prepared(target_dir).name
-    backend = stages.get_backend(backend_spec, threads=threads)
-    if getattr(backend, "has_heads", False):
+    for name in models:
+        if name == tname:
+            raise ValueError(f"--models {name}: the target {tname!r} is among its own candidates; remove it")
+    base = load_base(backend_spec, pre, threads)  # once for every given model's checks
+    if getattr(base.backend, "has_heads", False):
         head = pre.parent / "heads" / f"{tname}.safetensors"
         if not head.exists():
             stages.head(backend_spec, pre, target_dir, head, threads=threads)
     paths = {}
     for name, src in sorted(models.items()):
-        if name == tname:
-            raise ValueError(f"--models {name}: the target {tname!r} is among its own candidates; remove it")
         paths[name] = str(work / "models" / name / "model.safetensors")
-        import_model(
-            backend_spec, pre, {"path": src, **((specs or {}).get(name) or {})}, name, paths[name], threads=threads
-        )
+        spec = {"path": src, **((specs or {}).get(name) or {})}
+        import_model(backend_spec, pre, spec, name, paths[name], threads=threads, base=base)
     n = len(paths)
     cfg = {"merge_eval": {"strategy": strategy, "budget": budget}}
     resolved = resolve_strategy(cfg, n)
