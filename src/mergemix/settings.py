@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 
 def _frozen(value: Any) -> Any:
-    """Lists become tuples and mappings read-only dicts' copies, so a section cannot be mutated."""
+    """Lists become tuples and mappings are copied: a section's fields cannot be reassigned, and
+    changing a mapping field's copy never reaches the validated config it came from."""
     if isinstance(value, list):
         return tuple(_frozen(v) for v in value)
     if isinstance(value, dict):
