@@ -1,4 +1,5 @@
-"""Plugins: other packages add backends, dataset sources and merge methods through entry points.
+"""Plugins: other packages add backends, dataset sources, merge methods and search strategies
+through entry points.
 
 A tiny plugin distribution is written into a temporary folder without pip (a package plus a
 ``*.dist-info`` folder with ``METADATA`` and ``entry_points.txt``); ``importlib.metadata`` finds it
@@ -7,6 +8,7 @@ check-config`` and by a real tiny study run through Snakemake.
 """
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -18,9 +20,10 @@ import torch
 import yaml
 
 from conftest import ROOT, tiny_config
-from mergemix import merging, plugins
+from mergemix import merging, plugins, search
 from mergemix.backends import base as backends_base
 from mergemix.data import registry as data_registry
+from mergemix.search import base as search_base
 
 PLUGIN_FILES = {
     "mm_plugin/__init__.py": '"""A tiny mergemix plugin for the tests."""\n',
@@ -61,6 +64,27 @@ PLUGIN_FILES = {
         def median(thetas, theta0=None):
             return thetas.median(dim=0).values
     """,
+    # a search strategy (not registered on import: the entry point names the class): every subset,
+    # the largest mask first, until the budget or its option stop_after is spent
+    "mm_plugin/search.py": """
+        from mergemix.search import BudgetExhausted, Option, SearchStrategy
+
+
+        class Descending(SearchStrategy):
+            name = "descending"
+            options = {"stop_after": Option(None, (int, type(None)), lambda v: v >= 1, "null or an integer >= 1")}
+
+            def run(self, objective):
+                stop = self.opts["stop_after"]
+                try:
+                    for i, mask in enumerate(range((1 << self.n_candidates) - 1, 0, -1)):
+                        if stop is not None and i == stop:
+                            return "stopped"
+                        objective(mask)
+                except BudgetExhausted:
+                    return "budget exhausted"
+                return "all subsets evaluated"
+    """,
 }
 ENTRY_POINTS = """
     [mergemix.backends]
@@ -72,6 +96,9 @@ ENTRY_POINTS = """
 
     [mergemix.merge_methods]
     median = mm_plugin.merge:median
+
+    [mergemix.search_strategies]
+    descending = mm_plugin.search:Descending
 """
 
 
@@ -118,11 +145,13 @@ def env_with(*folders) -> dict:
 
 
 def plugin_study(results_dir, study="plugged"):
-    """tiny_config's study (3 datasets, one chunk, no mixtures) on the plugin's backend, source and method."""
+    """tiny_config's study (3 datasets, no mixtures) on the plugin's backend, source, merge method
+    and search strategy (which scores every subset of a target's 2 candidates)."""
     cfg = tiny_config(results_dir, study=study, n=3, mixture=False, chunks=1)
     cfg["backend"]["name"] = "plugin_cnn"
     cfg["datasets"] = {d: {"source": "plus_one", "domain": d} for d in cfg["datasets"]}
     cfg["merge_eval"]["method"] = "median"
+    cfg["merge_eval"]["strategy"] = "descending"
     return cfg
 
 
@@ -142,6 +171,12 @@ def test_builtin_tables_match_what_the_modules_register():
     assert set(merging.BUILTIN_METHODS) == set(merge_methods.METHODS)
     assert merging.get_merge_method("ties").options is merge_methods.METHODS["ties"].options
     assert merging.linear_coefficients("uniform", 4) == (0.25, 0.0)
+    mods = {importlib.import_module(t.partition(":")[0]) for t in search_base.BUILTIN_STRATEGIES.values()}
+    from_mods = {n for n, c in search_base.STRATEGIES.loaded().items() if c.__module__ in {m.__name__ for m in mods}}
+    assert from_mods == set(search_base.BUILTIN_STRATEGIES)
+    for name, target in search_base.BUILTIN_STRATEGIES.items():
+        cls = search.get_strategy(name)
+        assert cls is plugins.import_target(target) and cls.name == name
 
 
 def test_a_config_check_imports_only_what_the_study_uses(tmp_path):
@@ -156,8 +191,11 @@ def test_a_config_check_imports_only_what_the_study_uses(tmp_path):
         validate_config(load_yaml({str(cfg)!r}))
         assert plugins.names("backends") == ["causal_lm", "clip", "smallcnn"], plugins.names("backends")
         assert "digits" in plugins.names("datasets") and "ties" in plugins.names("merge_methods")
+        assert "optuna" in plugins.names("search_strategies")
         heavy = [m for m in ("mergemix.backends.clip", "mergemix.backends.causal_lm", "mergemix.data.text",
-                             "mergemix.data.images", "open_clip", "transformers", "peft", "datasets") if m in sys.modules]
+                             "mergemix.data.images", "open_clip", "transformers", "peft", "datasets",
+                             "mergemix.search.optuna_tpe", "mergemix.search.surrogate", "optuna", "sklearn")
+                 if m in sys.modules]
         assert not heavy, heavy
         assert "mergemix.backends.smallcnn" in sys.modules and "mergemix.data.digits" in sys.modules
     """)
@@ -174,6 +212,8 @@ def test_unknown_names_list_the_available_ones():
     assert problems[0].startswith("datasets.x.source: unknown source 'nope'; allowed: benchmarks, digits")
     with pytest.raises(KeyError, match="unknown merge method 'nope'; registered: dare, dare_ties"):
         merging.get_merge_method("nope")
+    with pytest.raises(KeyError, match="unknown search strategy 'nope'; registered: beam, exhaustive, greedy"):
+        search.get_strategy("nope")
 
 
 def test_run_time_registration_cannot_take_a_builtin_name():
@@ -194,6 +234,24 @@ def test_run_time_registration_cannot_take_a_builtin_name():
     with pytest.raises(plugins.PluginError, match="built-in dataset source 'digits'"):
         data_registry.register_source("digits")(lambda spec, seed, local_dir=None: None)
     assert data_registry.get_source("digits").__module__ == "mergemix.data.digits"
+
+    class Greedier(search.SearchStrategy):
+        name = "greedy"
+
+        def run(self, objective):
+            return "done"
+
+    with pytest.raises(
+        plugins.PluginError,
+        match=r"search strategy 'greedy' of .*Greedier clashes with mergemix's built-in search strategy "
+        r"'greedy' \(mergemix.search.greedy:Greedy\)",
+    ):
+        search.register_strategy(Greedier)
+    assert search.get_strategy("greedy").__module__ == "mergemix.search.greedy"
+    Greedier.name = "weights"  # merge_eval.strategy: weights is not a registry name
+    with pytest.raises(plugins.PluginError, match="clashes with mergemix's reserved name 'weights'"):
+        search.register_strategy(Greedier)
+    assert "weights" not in search.strategy_names()
 
 
 # --- a plugin distribution ------------------------------------------------------------------------------
@@ -231,6 +289,55 @@ def test_plugin_names_resolve_in_process(plugin_root, on_path):
     assert merging.linear_coefficients("median", 3) is None  # not linear: merged from scratch per subset
 
 
+def test_plugin_search_strategy_in_process(plugin_root, on_path, tmp_path):
+    assert "descending" not in search.strategy_names()
+    on_path(plugin_root)
+    # listed without importing the plugin
+    assert "descending" in search.strategy_names() and "descending" in plugins.names("search_strategies")
+    assert "mm_plugin" not in sys.modules
+    assert "mm-plugin 0.1" in search_base.STRATEGIES.origin("descending")
+    cls = search.get_strategy("descending")
+    assert cls.__module__ == "mm_plugin.search" and issubclass(cls, search.SearchStrategy)
+
+    # its options are checked like a built-in's (merge_eval.strategy_options)
+    assert search.check_options("descending", {"stop_after": 2}) == []
+    assert search.check_options("descending", {"stop_after": 0, "width": 3}) == [
+        "merge_eval.strategy_options.stop_after: must be null or an integer >= 1, got 0",
+        "merge_eval.strategy_options.width: unknown option for strategy 'descending'; allowed: stop_after",
+    ]
+
+    # run_search drives it through the cached, budget-charging objective like any strategy
+    def run(budget, **options):
+        objective = search.Objective(
+            lambda mask, examples: mask / 7, 3, 10, search.make_budget(budget, 3, 10, cls.cost)
+        )
+        return search.run_search(cls(3, seed=0, **options), objective)
+
+    result = run(None)
+    assert [r.mask for r in result.records] == [7, 6, 5, 4, 3, 2, 1] and result.stop_reason == "all subsets evaluated"
+    assert result.best.mask == 7 and result.evaluations == 7
+    result = run(3)
+    assert [r.mask for r in result.records] == [7, 6, 5] and result.stop_reason == "budget exhausted"
+    assert run(None, stop_after=2).stop_reason == "stopped"
+
+    # a study config may name it and its options are checked; a name no registry has is refused
+    from mergemix.config import ConfigError, validate_config
+
+    def check(strategy, **options):
+        cfg = plugin_study(tmp_path / "results")
+        cfg["merge_eval"].update(strategy=strategy, strategy_options=options)
+        return validate_config(cfg)
+
+    assert check("descending", stop_after=3)["merge_eval"]["strategy"] == "descending"
+    with pytest.raises(ConfigError, match="strategy_options.stop_after: must be null or an integer >= 1, got True"):
+        check("descending", stop_after=True)
+    with pytest.raises(
+        ConfigError,
+        match="merge_eval.strategy: unknown search strategy 'ascending'; allowed: auto, weights, beam, descending, ",
+    ):
+        check("ascending")
+
+
 @pytest.mark.slow
 def test_check_config_accepts_a_study_on_the_plugin(plugin_root, tmp_path):
     cfg = tmp_path / "plugged.yaml"
@@ -238,13 +345,43 @@ def test_check_config_accepts_a_study_on_the_plugin(plugin_root, tmp_path):
     cmd = [sys.executable, "-m", "mergemix", "check-config", str(cfg)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env_with(plugin_root))
     assert r.returncode == 0, r.stderr
-    assert "rotate: 2 candidates, 3 subsets" in r.stdout
+    assert "rotate: 2 candidates, 3 subsets; descending search" in r.stdout
     # without the plugin on the path, the same config names what is missing and what is allowed
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env_with())
     assert r.returncode != 0
     assert "backend.name: unknown backend 'plugin_cnn'; allowed: causal_lm, clip, smallcnn" in r.stderr
     assert "datasets.rotate.source: unknown source 'plus_one'" in r.stderr
     assert "merge_eval.method: unknown merge method 'median'" in r.stderr
+    assert "merge_eval.strategy: unknown search strategy 'descending'; allowed: auto, weights, beam," in r.stderr
+
+
+@pytest.mark.slow
+def test_the_search_stage_runs_the_plugin_strategy(plugin_root, tmp_path):
+    """``mergemix search`` (a Snakemake job's command) in a new process finds the strategy by its entry point."""
+    from conftest import DIGITS_BACKEND, train_digits
+
+    models = train_digits(tmp_path, ["mirror", "noise"], pretrain_epochs=2)
+    cmd = [sys.executable, "-m", "mergemix", "search", "--backend", json.dumps(DIGITS_BACKEND)]
+    cmd += ["--pretrained", str(tmp_path / "pre/model.safetensors"), "--target", str(tmp_path / "data/shift")]
+    cmd += ["--merge", json.dumps({"method": "uniform", "options": {}}), "--models"]
+    cmd += [f"{name}={path}" for name, path in models.items()]
+    search_spec = {"strategy": "descending", "budget": 2, "seed": 0, "options": {}}
+    cmd += ["--search", json.dumps(search_spec), "--out", "w0.csv", "--summary", "w0.json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env_with(plugin_root))
+    assert r.returncode == 0, r.stderr
+    import pandas as pd
+
+    from mergemix import io
+
+    summary = io.read_json(tmp_path / "w0.json")
+    assert summary["strategy"] == "descending" and summary["options"] == {"stop_after": None}
+    assert summary["evaluations"] == 2 and summary["stop_reason"] == "budget exhausted"
+    rows = pd.read_csv(tmp_path / "w0.csv")
+    assert rows["subset"].tolist() == ["mirror+noise", "noise"]  # the largest mask first
+    assert rows["val_acc"].between(0, 1).all()
+    # without the plugin the job names the strategies it knows
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env_with())
+    assert r.returncode != 0 and "unknown search strategy 'descending'; registered: beam," in r.stderr
 
 
 @pytest.mark.workflow
@@ -268,6 +405,9 @@ def test_a_study_runs_on_the_plugin_through_snakemake(plugin_root, tmp_path, on_
         assert io.read_json(out / "data" / target / "splits.json")["info"]["plugin"] == "plus_one"
         me = pd.read_csv(out / "merge_eval" / f"{target}.csv")
         assert len(me) == 3 and me[["val_acc", "test_acc"]].stack().between(0, 1).all()
+        # searched by the plugin's strategy, in its order: the largest mask first
+        assert io.read_json(out / "merge_eval" / f"{target}.json")["strategy"] == "descending"
+        assert me.sort_values("order")["size"].tolist() == [2, 1, 1]
     # the pair was merged by the plugin's median: the same score in-process
     on_path(plugin_root)
     me = pd.read_csv(out / "merge_eval/rotate.csv").set_index("subset")
@@ -325,6 +465,54 @@ def test_a_plugin_cannot_replace_a_builtin(tmp_path, on_path):
     assert r.returncode != 0 and "clashes with mergemix's built-in backend 'smallcnn'" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize(
+    "name, taken",
+    [
+        ("greedy", r"mergemix's built-in search strategy 'greedy' \(mergemix.search.greedy:Greedy\)"),
+        ("weights", r"mergemix's reserved name 'weights' \(merge_eval.strategy: weights searches mixture weights"),
+    ],
+)
+def test_a_plugin_strategy_cannot_replace_a_builtin(tmp_path, on_path, name, taken):
+    files = {
+        "mm_clash/__init__.py": "",
+        "mm_clash/search.py": """
+            from mergemix.search.greedy import Greedy
+
+
+            class Fake(Greedy):
+                pass
+        """,
+    }
+    root = write_distribution(
+        tmp_path / "site", "mm-clash", files, f"[mergemix.search_strategies]\n{name} = mm_clash.search:Fake\n"
+    )
+    on_path(root)
+    message = (
+        rf"search strategy '{name}' of plugin mm-clash 0.1 \(entry point {name} = 'mm_clash.search:Fake' in group "
+        rf"'mergemix.search_strategies'\) clashes with {taken}"
+    )
+    with pytest.raises(plugins.PluginError, match=message):
+        search.get_strategy("greedy")
+    with pytest.raises(plugins.PluginError, match=message):
+        search.strategy_names()
+    assert "mm_clash" not in sys.modules  # refused before anything of it ran
+    assert "ties" in merging.method_names() and "smallcnn" in backends_base.backend_names()  # the others work
+    # a study config that searches is refused with the same message
+    cfg = tiny_config(tmp_path / "results", n=3)
+    cfg["merge_eval"]["strategy"] = "beam"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run(
+        [sys.executable, "-m", "mergemix", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env_with(root),
+    )
+    assert r.returncode != 0 and f"search strategy '{name}' of plugin mm-clash 0.1" in r.stderr, r.stderr
+    assert "clashes with " + taken.replace("\\", "") in r.stderr
+
+
 def test_two_plugins_with_one_name_are_refused_naming_both(tmp_path, plugin_root, on_path):
     other = write_distribution(
         tmp_path / "other",
@@ -351,6 +539,7 @@ def test_an_entry_point_must_give_what_its_group_registers(tmp_path, on_path):
         {
             "mm_other/__init__.py": """
             from mergemix.backends.smallcnn import SmallCNNBackend
+            from mergemix.search import SearchStrategy
 
 
             class Unnamed(SmallCNNBackend):
@@ -358,11 +547,19 @@ def test_an_entry_point_must_give_what_its_group_registers(tmp_path, on_path):
 
 
             NOT_A_FUNCTION = 3
+
+
+            class Misnamed(SearchStrategy):
+                name = "something_else"
+
+                def run(self, objective):
+                    return "done"
         """
         },
         "[mergemix.backends]\nbad_cnn = mm_other:Unnamed\nmissing = mm_other:Nowhere\n"
         "[mergemix.merge_methods]\nthree = mm_other:NOT_A_FUNCTION\n"
-        "[mergemix.datasets]\nsilent = mm_other\n",
+        "[mergemix.datasets]\nsilent = mm_other\n"
+        "[mergemix.search_strategies]\nthree_again = mm_other:NOT_A_FUNCTION\nmisnamed = mm_other:Misnamed\n",
     )
     on_path(root)
     with pytest.raises(
@@ -379,3 +576,14 @@ def test_an_entry_point_must_give_what_its_group_registers(tmp_path, on_path):
         plugins.PluginError, match="dataset source 'silent': .* gave module mm_other, which registered no"
     ):
         data_registry.get_source("silent")
+    with pytest.raises(
+        plugins.PluginError,
+        match="search strategy 'three_again': 3 is not a subclass of mergemix.search.SearchStrategy",
+    ):
+        search.get_strategy("three_again")
+    with pytest.raises(
+        plugins.PluginError,
+        match=r"search strategy 'misnamed': class mm_other.Misnamed has name 'something_else'; "
+        r"set its class attribute name = 'misnamed'",
+    ):
+        search.get_strategy("misnamed")

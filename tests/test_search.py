@@ -21,6 +21,7 @@ from mergemix.search import (
     run_search,
     strategy_names,
 )
+from mergemix.search import base as search_base
 
 STRATEGIES = ["beam", "exhaustive", "greedy", "halving", "optuna", "surrogate"]
 
@@ -205,8 +206,18 @@ def test_registry_and_check_options():
         def run(self, objective):
             return "done"
 
-    with pytest.raises(ValueError, match="already registered"):
-        register_strategy(Duplicate)
+    with pytest.raises(ValueError, match="clashes with mergemix's built-in search strategy 'greedy'"):
+        register_strategy(Duplicate)  # a built-in's name, from another module
+    Duplicate.name = "greedy_twin"
+    try:
+        assert register_strategy(Duplicate) is Duplicate and get_strategy("greedy_twin") is Duplicate
+        assert "greedy_twin" in strategy_names()
+        Twin = type("Twin", (Duplicate,), {})
+        with pytest.raises(ValueError, match="'greedy_twin' is already registered"):
+            register_strategy(Twin)
+    finally:
+        del search_base.STRATEGIES["greedy_twin"]
+    assert strategy_names() == STRATEGIES
 
 
 def test_import_is_light():

@@ -1,9 +1,10 @@
 """Registries of names, filled lazily from built-in tables and from other packages' entry points.
 
-mergemix has three registries: backends (:data:`mergemix.backends.base.BACKENDS`), dataset
-sources (:data:`mergemix.data.registry.SOURCES`) and merge methods
-(:data:`mergemix.merging.MERGE_METHODS`). Each maps a name to its object (a backend class, a source
-function, a merge function) and is a :class:`Registry`:
+mergemix has four registries: backends (:data:`mergemix.backends.base.BACKENDS`), dataset
+sources (:data:`mergemix.data.registry.SOURCES`), merge methods
+(:data:`mergemix.merging.MERGE_METHODS`) and search strategies
+(:data:`mergemix.search.base.STRATEGIES`). Each maps a name to its object (a backend class, a
+source function, a merge function, a strategy class) and is a :class:`Registry`:
 
 * the **built-ins** are a table ``name -> "module:attr"``; the module is imported on the first
   lookup of one of its names, never when the registry module itself is imported. The registry
@@ -17,13 +18,16 @@ function, a merge function) and is a :class:`Registry`:
       my_data = "my_pkg.data:my_data"          # a source function (or a module registering it)
       [project.entry-points."mergemix.merge_methods"]
       median = "my_pkg.merge:median"           # fn(thetas [k, P], theta0 [P], **options) -> [P]
+      [project.entry-points."mergemix.search_strategies"]
+      my_search = "my_pkg.search:MySearch"     # a SearchStrategy subclass whose ``name`` is "my_search"
 
   The entry point's name is the registered name. An entry point is loaded (its module imported)
   on the first lookup of its name; listing the names (:meth:`Registry.names`, ``in``, iteration,
   the allowed values in config messages) reads only the distributions' metadata. A plugin name that
   is also a built-in's, or another plugin's, is refused with an error naming both;
-* objects registered at run time with ``register_backend``, ``register_source`` or
-  ``register_merge_method`` (a module of a plugin registering itself on import, a test).
+* objects registered at run time with ``register_backend``, ``register_source``,
+  ``register_merge_method`` or ``register_strategy`` (a module of a plugin registering itself on
+  import, a test).
 
 Entry points are discovered from ``sys.path`` (``importlib.metadata``): an installed distribution,
 or a ``*.dist-info`` folder with ``METADATA`` and ``entry_points.txt`` on ``PYTHONPATH``. The
@@ -46,12 +50,14 @@ GROUPS = {
     "backends": "mergemix.backends",
     "datasets": "mergemix.datasets",
     "merge_methods": "mergemix.merge_methods",
+    "search_strategies": "mergemix.search_strategies",
 }
 # kind -> the registry object, imported on first use (this module imports no other of mergemix's)
 REGISTRY_OBJECTS = {
     "backends": "mergemix.backends.base:BACKENDS",
     "datasets": "mergemix.data.registry:SOURCES",
     "merge_methods": "mergemix.merging:MERGE_METHODS",
+    "search_strategies": "mergemix.search.base:STRATEGIES",
 }
 
 _REGISTRIES: list[Registry] = []
@@ -94,7 +100,7 @@ class Registry(MutableMapping):
     """
 
     def __init__(self, what: str, group: str, builtins: dict[str, str], adopt: Callable[[str, Any], None]):
-        self.what = what  # "backend", "dataset source", "merge method": for messages
+        self.what = what  # "backend", "dataset source", "merge method", "search strategy": for messages
         self.group = group
         self.builtins = dict(builtins)
         # registers an object a target gave that did not register itself on import (a class or

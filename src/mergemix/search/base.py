@@ -1,5 +1,9 @@
 """The search contract: budgets, the cached objective, the strategy base class and its registry.
 
+The registry (:data:`STRATEGIES`, a :class:`mergemix.plugins.Registry`) lists the built-ins of
+:data:`BUILTIN_STRATEGIES`, imported on the first lookup of their name, and the strategies other
+packages declare in the entry-point group ``mergemix.search_strategies``.
+
 A strategy searches the non-empty subsets of ``n_candidates`` datasets (bitmasks ``1 .. 2**N - 1``)
 for the one with the highest merged-model validation accuracy. It sees only an :class:`Objective`:
 a caching, budget-charging wrapper around the expensive ``score(mask, examples)`` callable. Pure
@@ -9,10 +13,12 @@ Python: no models, files or torch here.
 from __future__ import annotations
 
 import abc
-import importlib
 import math
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Callable, ClassVar, TypeVar
+
+from mergemix.plugins import GROUPS, PluginError, Registry, describe_entry_point
 
 Score = Callable[[int, int | None], float | tuple[float, dict]]
 """``score(mask, examples)``: validation accuracy of subset ``mask`` on the first ``examples``
@@ -20,7 +26,6 @@ examples of the fixed validation permutation (``None``: all of them), optionally
 JSON-serialisable info dict: ``(accuracy, info)``."""
 
 OPTION_PREFIX = "merge_eval.strategy_options"
-BUILTIN_MODULES = ("exhaustive", "greedy", "beam", "optuna_tpe", "halving", "surrogate")
 
 
 class BudgetExhausted(Exception):
@@ -194,7 +199,9 @@ class SearchStrategy(abc.ABC):
     the score function propagates. The same seed, options and objective give the same calls in the
     same order. Subclasses set ``name`` (registry key), ``cost`` (``"evaluations"`` or
     ``"examples"``: which :class:`Budget` field :func:`make_budget` fills), ``supports_workers`` and
-    ``options``, and are registered with :func:`register_strategy`.
+    ``options``, and are registered with :func:`register_strategy` (a built-in: also named in
+    :data:`BUILTIN_STRATEGIES`) or named by an entry point of another package in the group
+    ``mergemix.search_strategies``.
     """
 
     name: ClassVar[str]
@@ -218,37 +225,93 @@ class SearchStrategy(abc.ABC):
 
 
 S = TypeVar("S", bound=type[SearchStrategy])
-_REGISTRY: dict[str, type[SearchStrategy]] = {}
-_loaded = False
+
+# The registry: name -> strategy class. The built-ins are imported on the first lookup of their name
+# (this module imports none of the strategy modules, which import it to register themselves; so
+# listing the names imports neither optuna nor scikit-learn); other packages add strategies through
+# the entry-point group "mergemix.search_strategies" (see mergemix.plugins).
+BUILTIN_STRATEGIES = {
+    "exhaustive": "mergemix.search.exhaustive:Exhaustive",
+    "greedy": "mergemix.search.greedy:Greedy",
+    "beam": "mergemix.search.beam:Beam",
+    "optuna": "mergemix.search.optuna_tpe:OptunaTPE",  # optuna is imported only when used
+    "halving": "mergemix.search.halving:Halving",
+    "surrogate": "mergemix.search.surrogate:Surrogate",  # scikit-learn too
+}
+# the built-ins' modules (in mergemix.search), kept for older callers
+BUILTIN_MODULES = tuple(dict.fromkeys(t.partition(":")[0].rpartition(".")[2] for t in BUILTIN_STRATEGIES.values()))
+# values of merge_eval.strategy that are not registry names: no strategy may take them
+RESERVED_NAMES = {
+    "auto": "merge_eval.strategy: auto picks exhaustive or the recommended budgeted strategy",
+    "weights": "merge_eval.strategy: weights searches mixture weights (mergemix.search.weights)",
+}
+
+
+def _adopt_strategy(name: str, obj: Any) -> None:
+    """Register a strategy class named by an entry point (one that did not register itself)."""
+    if isinstance(obj, ModuleType):
+        return  # a module must register the name itself on import
+    if not (isinstance(obj, type) and issubclass(obj, SearchStrategy)):
+        raise PluginError(f"search strategy {name!r}: {obj!r} is not a subclass of mergemix.search.SearchStrategy")
+    if getattr(obj, "name", None) != name:
+        raise PluginError(
+            f"search strategy {name!r}: class {obj.__module__}.{obj.__qualname__} has name "
+            f"{getattr(obj, 'name', None)!r}; set its class attribute name = {name!r} (the entry point's name)"
+        )
+    register_strategy(obj)
+
+
+class StrategyRegistry(Registry):
+    """The strategies' :class:`~mergemix.plugins.Registry`, which also refuses a plugin taking one of
+    :data:`RESERVED_NAMES` (a study could never select it)."""
+
+    def plugins(self) -> dict:
+        found = super().plugins()
+        for name in RESERVED_NAMES.keys() & found.keys():
+            raise PluginError(
+                f"search strategy {name!r} of {describe_entry_point(found[name])} clashes with mergemix's "
+                f"reserved name {name!r} ({RESERVED_NAMES[name]}); rename the entry point"
+            )
+        return found
+
+
+STRATEGIES: Registry = StrategyRegistry(
+    "search strategy", GROUPS["search_strategies"], BUILTIN_STRATEGIES, _adopt_strategy
+)
 
 
 def register_strategy(cls: S) -> S:
-    """Class decorator adding a strategy to the registry under ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"search strategy {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
+    """Class decorator adding a strategy to the registry under ``cls.name`` (refused: a name taken,
+    a reserved one, or a built-in's name for a class from another module)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"search strategy class {cls.__module__}.{cls.__qualname__} needs a non-empty name")
+    if name in RESERVED_NAMES:
+        raise PluginError(
+            f"search strategy {name!r} of {cls.__module__}.{cls.__qualname__} clashes with mergemix's reserved "
+            f"name {name!r} ({RESERVED_NAMES[name]}); give it another name"
+        )
+    STRATEGIES.add(name, cls)
     return cls
 
 
 def _load_builtin() -> None:
-    """Import the built-in strategy modules once; each registers its strategy."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(f"{__package__}.{module}")
+    """Import every built-in strategy (kept for older callers: each is imported on the first lookup
+    of its name now)."""
+    for name in BUILTIN_STRATEGIES:
+        STRATEGIES[name]
 
 
 def strategy_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    """The strategies' names (built-ins, plugins, registered), importing none of them."""
+    return STRATEGIES.names()
 
 
 def get_strategy(name: str) -> type[SearchStrategy]:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown search strategy {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    """The strategy class ``name`` (a built-in or plugin is imported on first use)."""
+    if name not in STRATEGIES:
+        raise KeyError(f"unknown search strategy {name!r}; registered: {', '.join(STRATEGIES.names())}")
+    return STRATEGIES[name]
 
 
 def _option_problems(name: str, declared: dict[str, Option], options: dict) -> list[str]:
@@ -269,11 +332,10 @@ def _option_problems(name: str, declared: dict[str, Option], options: dict) -> l
 
 def check_options(name: str, options: dict) -> list[str]:
     """Problems with ``options`` for strategy ``name``, each naming its key; empty if all is well."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        registered = ", ".join(sorted(_REGISTRY))
+    if name not in STRATEGIES:
+        registered = ", ".join(STRATEGIES.names())
         return [f"merge_eval.strategy: unknown search strategy {name!r}; registered: {registered}"]
-    return _option_problems(name, _REGISTRY[name].options, options)
+    return _option_problems(name, STRATEGIES[name].options, options)
 
 
 @dataclass
