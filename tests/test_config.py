@@ -135,7 +135,8 @@ def test_snakemake_refuses_a_bad_config_at_start(tmp_path):
         ({"methods": ["ties"], "tune": {"spaces": {}}}, ["merge_eval.tune", "spaces"]),
         # weighted mixtures
         ({"strategy": "weights", "weights": {"sampler": "nelder"}}, ["merge_eval.weights.sampler", "cmaes, tpe"]),
-        ({"strategy": "weights", "weights": {"budget": 0}}, ["merge_eval.weights.budget", "integer >= 1"]),
+        ({"strategy": "weights", "weights": {"budget": 0}}, ["merge_eval.weights.budget", ">= 1"]),
+        ({"strategy": "weights", "weights": {"sampling": "tpe"}}, ["merge_eval.weights", "sampling"]),
         ({"weights": {"budget": 10}}, ["merge_eval.weights", "strategy: weights"]),
     ],
 )

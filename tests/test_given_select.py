@@ -32,6 +32,7 @@ from mergemix.analysis import rankings  # noqa: E402
 from mergemix.backends import get_backend  # noqa: E402
 from mergemix.given import GivenModelError, import_model  # noqa: E402
 from mergemix.given.select import select  # noqa: E402
+from mergemix.settings import Merge  # noqa: E402
 from mergemix.subsets import all_subsets, subset_id  # noqa: E402
 from mergemix.tables import read_result_table  # noqa: E402
 
@@ -137,7 +138,7 @@ def test_clip_select_from_transformers_folders(clip_study, tmp_path):
     # (as the workflow reads it: from the stage's CSV, 10 significant digits)
     stages.merge_eval(
         s["spec"],
-        {"method": "uniform", "options": {}},
+        Merge("uniform", {}),
         s["pre"],
         {n: str(p) for n, p in paths.items()},
         s["target"],
@@ -221,7 +222,7 @@ def check_lm_selection(spec, pre, folders, target, out, peft_type):
         g = io.read_json(io.manifest_path(paths[name]))["given"]
         assert g["format"] == "peft" and g["peft_type"] == peft_type and g["source"] == str(folder.resolve())
         assert g["files"] == folder_hashes(folder) and "adapter_model.safetensors" in g["files"]
-    stages.merge_eval(spec, {"method": "uniform", "options": {}}, pre, paths, target, 0, 1, out.parent / "direct.csv")
+    stages.merge_eval(spec, Merge("uniform", {}), pre, paths, target, 0, 1, out.parent / "direct.csv")
     assert_same_numbers(rankings({"skill": read_result_table(out.parent / "direct.csv", "merge_eval")}), table)
     return table
 

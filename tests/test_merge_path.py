@@ -15,9 +15,10 @@ from mergemix import merging, stages, subsets
 from mergemix.backends import get_backend
 from mergemix.data.prepared import load_prepared
 from mergemix.merge_eval import MergeEvaluator
+from mergemix.settings import Merge, Search
 
 BACKEND, SPLIT, HP = DIGITS_BACKEND, DIGITS_SPLIT, DIGITS_HP  # conftest.train_digits trains with these
-MERGE = {"method": "uniform", "options": {}}
+MERGE = Merge("uniform", {})
 CANDS = ["mirror", "noise", "rotate", "squeeze"]
 
 
@@ -352,7 +353,7 @@ def test_merge_eval_cli_passes_the_evaluation_settings(trained, tmp_path):
         "--backend",
         json.dumps(BACKEND),
         "--merge",
-        json.dumps(MERGE),
+        json.dumps(MERGE.to_dict()),
         "--pretrained",
         str(trained / "pre/model.safetensors"),
         "--models",
@@ -396,7 +397,7 @@ def test_merge_eval_cli_passes_the_evaluation_settings(trained, tmp_path):
 
 
 def test_selected_search_scores_its_best_subset_only(trained, tmp_path):
-    spec = {"strategy": "greedy", "budget": 12, "seed": 0, "options": {}}
+    spec = Search("greedy", 12, 0, {})
     args = (BACKEND, MERGE, spec, trained / "pre/model.safetensors", _models(trained), trained / "data/shift")
     a = stages.search(*args, tmp_path / "a.csv", tmp_path / "a.json")
     s = stages.search(*args, tmp_path / "s.csv", tmp_path / "s.json", test="selected")

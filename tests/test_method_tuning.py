@@ -7,6 +7,7 @@ from conftest import DIGITS_BACKEND, train_digits
 from mergemix import io, stages
 from mergemix.merge_methods import check_tune_space, tunable_kinds
 from mergemix.search.tune import OptionTuner, parse_space
+from mergemix.settings import Merge, Search, Tuner
 from mergemix.tuning import tune_method, tuned_options
 
 DIMS, _ = parse_space({"density": [0.05, 1.0], "lambda": [0.2, 2.0]}, tunable_kinds("ties"), "space")
@@ -118,14 +119,14 @@ def digits(tmp_path_factory):
 )
 def test_tuned_options_on_real_models_match_the_merge_eval_that_uses_them(digits, method, space, fixed):
     tmp, models = digits
-    search = {"strategy": "exhaustive", "budget": 1023, "seed": 0, "options": {}}
+    search = Search("exhaustive", 1023, 0, {})
     out = tmp / method
     summary = tune_method(
         DIGITS_BACKEND,
         method,
         fixed,
         space,
-        {"budget": 5, "seed": 0},
+        Tuner.from_cli({"budget": 5, "seed": 0}),  # n_startup_trials: the schema's
         search,
         tmp / "pre/model.safetensors",
         models,
@@ -145,7 +146,7 @@ def test_tuned_options_on_real_models_match_the_merge_eval_that_uses_them(digits
     # the method's merge-eval with the tuned options finds exactly the tuned best subset and val accuracy
     df = stages.merge_eval(
         DIGITS_BACKEND,
-        {"method": method, "options": options},
+        Merge(method, options),
         tmp / "pre/model.safetensors",
         models,
         tmp / "data/shift",
@@ -158,7 +159,7 @@ def test_tuned_options_on_real_models_match_the_merge_eval_that_uses_them(digits
     # and with the untuned options, the start trial's
     start = stages.merge_eval(
         DIGITS_BACKEND,
-        {"method": method, "options": fixed},
+        Merge(method, fixed),
         tmp / "pre/model.safetensors",
         models,
         tmp / "data/shift",

@@ -11,9 +11,10 @@ import pytest
 from conftest import ROOT
 from mergemix import io, stages
 from mergemix.config import pack_sizes, validate_config
+from mergemix.settings import Split
 
 BACKEND = {"name": "smallcnn", "params": {"channels": 4, "hidden": 16}}
-SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 120, "max_val": 60, "max_test": 60}
+SPLIT = Split.from_cli({"seed": 0, "val": 0.2, "test": 0.3, "max_train": 120, "max_val": 60, "max_test": 60})
 HP = {"epochs": 2, "lr": 0.005, "batch_size": 32, "schedule": "cosine", "seed": 0}
 NAMES = ["mirror", "rotate", "thin"]
 # deliberately not sorted, and a mixture before the single datasets: order must not matter

@@ -15,8 +15,9 @@ import pytest
 from conftest import DIGITS_BACKEND, ROOT
 from mergemix import io, stages
 from mergemix.backends import training
+from mergemix.settings import Split
 
-SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 200, "max_val": 60, "max_test": 60}
+SPLIT = Split.from_cli({"seed": 0, "val": 0.2, "test": 0.3, "max_train": 200, "max_val": 60, "max_test": 60})
 HP = {
     "epochs": 4,
     "lr": 0.005,

@@ -12,9 +12,10 @@ from mergemix import io, stages, subsets
 from mergemix.backends import get_backend
 from mergemix.data.prepared import load_prepared
 from mergemix.merge_eval import MergeEvaluator
+from mergemix.settings import Merge, Search
 
 BACKEND, SPLIT, HP = DIGITS_BACKEND, DIGITS_SPLIT, DIGITS_HP  # conftest.train_digits trains with these
-MERGE = {"method": "uniform", "options": {}}
+MERGE = Merge("uniform", {})
 CANDS = ["mirror", "noise", "rotate", "squeeze", "thin"]
 
 
@@ -30,7 +31,7 @@ def _models(d):
 
 
 def _search(d, out, strategy, budget, options=None, seed=0, **kw):
-    spec = {"strategy": strategy, "budget": budget, "seed": seed, "options": options or {}}
+    spec = Search(strategy, budget, seed, options or {})
     out.mkdir(parents=True, exist_ok=True)
     summary = stages.search(
         BACKEND,

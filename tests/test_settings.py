@@ -1,33 +1,70 @@
-"""Typed settings: built from a validated config, frozen, and with exactly the schema's keys."""
+"""Typed settings: built from a validated config, frozen, and with exactly the schema's keys; the
+stages' JSON arguments read as sections, with the schema's defaults."""
 
 import dataclasses
+import json
 
 import pytest
 
-from mergemix.config import DEFAULT_SCHEMA, load_yaml, validate_config
-from mergemix.settings import SUBSECTIONS, Checkpoint, MergeEval, Split, Study, Tune
-
-
-def schema_keys(*path):
-    node = load_yaml(DEFAULT_SCHEMA)
-    for key in path:
-        node = node["properties"][key]
-    return set(node["properties"])
-
-
-@pytest.mark.parametrize(
-    "cls,path",
-    [(Split, ("split",)), (MergeEval, ("merge_eval",)), (Tune, ("merge_eval", "tune")), (Checkpoint, ("checkpoint",))],
+from mergemix.config import DEFAULT_SCHEMA, ConfigError, load_yaml, schema_defaults, validate_config
+from mergemix.settings import (
+    SECTIONS,
+    SUBSECTIONS,
+    Analysis,
+    Checkpoint,
+    Eval,
+    Final,
+    Merge,
+    MergeEval,
+    Search,
+    Split,
+    Study,
+    Tune,
+    Tuner,
+    Weights,
+    WeightsSearch,
 )
-def test_each_section_has_exactly_the_schema_keys(cls, path):
-    assert {f.name for f in dataclasses.fields(cls)} == schema_keys(*path)
+
+# whole sections: exactly the schema section's keys
+WHOLE = [Split, MergeEval, Tune, Weights, Checkpoint, Final, Analysis]
+
+
+def schema_props(path: str) -> dict:
+    node = load_yaml(DEFAULT_SCHEMA)
+    for key in path.split("."):
+        node = node["properties"][key]
+    return node["properties"]
+
+
+def schema_keys(cls) -> set:
+    return {cls.KEYS.get(f.name, f.name) for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("cls", SECTIONS, ids=lambda c: c.__name__)
+def test_each_section_is_keys_of_its_schema_section_with_their_defaults_there(cls):
+    props = schema_props(cls.SCHEMA)
+    assert schema_keys(cls) <= set(props)
+    if cls in WHOLE:
+        assert schema_keys(cls) == set(props)
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(cls))  # defaults only in the schema
+    assert all("default" in props[k] for k in schema_keys(cls))  # so every key may be left out of a stage's JSON
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+
+
+def test_the_stage_sections_are_the_parts_of_their_section():
+    assert {f.name for f in dataclasses.fields(Eval)} == {"eval_batch_size", "precision"}
+    assert {f.name for f in dataclasses.fields(Merge)} == {"method", "options"}
+    assert schema_keys(Search) == {"strategy", "budget", "seed", "strategy_options"}
+    assert schema_keys(Tuner) == set(schema_props("merge_eval.tune")) - {"space"}
+    assert schema_keys(WeightsSearch) == set(schema_props("merge_eval.weights")) - {"check_samples"}
 
 
 def test_built_from_a_validated_config_and_frozen(default_config):
     cfg = validate_config(default_config)
     s = Study.from_config(cfg)
     assert s.split.to_dict() == cfg["split"] and s.merge_eval.tune.to_dict() == cfg["merge_eval"]["tune"]
+    assert s.merge_eval.weights.to_dict() == cfg["merge_eval"]["weights"] == schema_defaults("merge_eval.weights")
+    assert s.analysis.to_dict() == cfg["analysis"]
     assert s.checkpoint.every_seconds == cfg["checkpoint"]["every_minutes"] * 60
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.split.seed = 3
@@ -38,3 +75,140 @@ def test_built_from_a_validated_config_and_frozen(default_config):
 def test_an_unvalidated_section_is_refused(default_config):
     with pytest.raises(ValueError, match="split: not a validated section"):
         Study.from_config({**validate_config(default_config), "split": {"seed": 0}})
+
+
+def test_the_parts_a_rule_passes_are_the_slices_it_passed_before(default_config):
+    """The rules' params (sorted JSON) are unchanged for an unchanged config: no needless reruns."""
+    default_config["merge_eval"].update(budget=None, strategy_options={}, eval_batch_size=64)
+    cfg = validate_config(default_config)
+    me, s = cfg["merge_eval"], Study.from_config(cfg).merge_eval
+    assert s.eval().to_dict() == {k: me[k] for k in ("eval_batch_size", "precision")}
+    assert s.merge().to_dict() == {k: me[k] for k in ("method", "options")}
+    assert s.tune.tuner().to_dict() == {k: v for k, v in me["tune"].items() if k != "space"}
+    assert s.weights.search().to_dict() == {k: v for k, v in me["weights"].items() if k != "check_samples"}
+    search = s.search().resolved(4).to_dict()
+    assert search == {"strategy": "exhaustive", "budget": 1023, "seed": me["seed"], "options": {}}
+    assert Search.coerce(search).resolved(4).to_dict() == search  # a resolved search is its own resolution
+    assert s.merge("ties").to_dict() == {"method": "ties", "options": {}}
+
+
+def test_a_stage_argument_takes_the_schema_defaults_for_missing_keys():
+    assert Eval.from_cli({}) == Eval(None, schema_defaults("merge_eval")["precision"])
+    assert Eval.from_cli({"precision": "bf16"}).precision == "bf16"
+    split = Split.from_cli({"seed": 4, "max_train": 100})
+    assert split.to_dict() == {**schema_defaults("split"), "seed": 4, "max_train": 100}
+    search = Search.from_cli({"strategy": "greedy"})
+    assert (search.budget, search.seed, search.options) == (None, 0, {})
+    assert search.resolved(5).budget == 1023  # null: 1023 merged evaluations, as in a study
+    assert Search.from_cli({}).resolved(12).strategy == "surrogate"  # auto: the budgeted strategy past 1023
+    assert Weights.from_cli(None).to_dict() == schema_defaults("merge_eval.weights")
+    assert Tuner.from_cli({"budget": 3}).n_startup_trials == schema_defaults("merge_eval.tune")["n_startup_trials"]
+
+
+@pytest.mark.parametrize(
+    "cls,data,expected",
+    [
+        (Eval, {"precision": "fp32", "batch": 8}, ["--x: merge_eval: unknown key 'batch'", "eval_batch_size"]),
+        (Search, {"strategy_options": {}}, ["unknown key 'strategy_options'", "options"]),  # the JSON says options
+        (WeightsSearch, {"check_samples": 2}, ["unknown key 'check_samples'"]),
+        (Eval, {"precision": "fp16"}, ["merge_eval.precision", "auto, fp32, bf16"]),
+        (Split, {"val": 1.5}, ["split.val", "< 1"]),
+        (Search, {"budget": 0}, ["merge_eval.budget", "not a budget"]),
+        (Weights, {"sampler": "nelder"}, ["merge_eval.weights.sampler", "cmaes, tpe"]),
+        (Tuner, {"seed": "1"}, ["merge_eval.tune.seed"]),
+        (Merge, ["uniform"], ["expected a JSON object"]),
+    ],
+)
+def test_a_bad_stage_argument_is_refused_naming_the_key(cls, data, expected):
+    with pytest.raises(ConfigError) as e:
+        cls.from_cli(data, "--x")
+    for part in expected:
+        assert part in str(e.value), (part, str(e.value))
+
+
+def test_a_stage_takes_a_section_a_mapping_or_none_and_nothing_else():
+    merge = Merge("ties", {"density": 0.3})
+    assert Merge.coerce(merge) is merge
+    assert Merge.coerce({"method": "ties"}) == Merge("ties", {})
+    assert Eval.coerce(None) == Eval.from_cli({})
+    with pytest.raises(TypeError, match="expected mergemix.settings.Eval"):
+        Eval.coerce(Merge.from_cli({}))  # a section of another kind
+    with pytest.raises(TypeError, match="expected mergemix.settings.Split"):
+        Split.coerce(json.dumps({"seed": 0}))  # JSON text: parse it first
+    with pytest.raises(ConfigError, match="unknown key 'seeds'"):
+        Split.coerce({"seeds": 0})
+
+
+# --- the stages' command lines --------------------------------------------------------------------
+
+
+def test_the_cli_fills_a_stage_argument_with_the_schema_defaults(tmp_path):
+    from mergemix import io
+    from mergemix.cli import main
+
+    spec = json.dumps({"source": "digits", "domain": "rotate"})
+    argv = ["prepare", "--name", "rotate", "--spec", spec, "--split", json.dumps({"seed": 1, "max_train": 50})]
+    assert main([*argv, "--out", str(tmp_path / "d")]) == 0
+    recorded = io.read_json(tmp_path / "d" / "splits.json")
+    assert recorded["split"] == {**schema_defaults("split"), "seed": 1, "max_train": 50}
+    assert recorded["sizes"]["train"] == 50
+
+
+# each stage's required arguments (dummies: its JSON is read before anything else is)
+STAGE_ARGS = {
+    "prepare": {"--name": "x", "--spec": "{}", "--split": "{}", "--out": "o"},
+    "merge-eval": {"--backend": "{}", "--merge": "{}", "--pretrained": "p", "--models": "a=m", "--target": "t"},
+    "search": {"--backend": "{}", "--merge": "{}", "--search": "{}", "--pretrained": "p", "--models": "a=m"},
+    "tune-method": {"--backend": "{}", "--method": "ties", "--space": "{}", "--search": "{}", "--pretrained": "p"},
+    "weights-search": {"--backend": "{}", "--weights": "{}", "--pretrained": "p", "--models": "a=m"},
+    "analyze": {"--targets": "{}", "--pretrained-csv": "p", "--merge-eval": "t=m", "--similarity": "t=s"},
+    "select": {"--backend": "{}", "--pretrained": "p", "--models": "a=m", "--target": "t", "--out": "o"},
+}
+MORE = {  # the other required arguments, the same for every stage that takes them
+    "--target": "t",
+    "--models": "a=m",
+    "--out": "o",
+    "--summary": "s",
+    "--out-csv": "c",
+    "--merge-eval": "me.csv",
+    "--out-dir": "o",
+}
+TAKES = {
+    "merge-eval": ["--out"],
+    "search": ["--target", "--out", "--summary"],
+    "tune-method": ["--models", "--target", "--out", "--out-csv"],
+    "weights-search": ["--target", "--merge-eval", "--out", "--out-csv"],
+    "analyze": ["--out-dir"],
+}
+
+
+@pytest.mark.parametrize(
+    "stage,flag,value,key",
+    [
+        ("prepare", "--split", {"seed": 0, "val_fraction": 0.2}, "val_fraction"),
+        ("merge-eval", "--merge", {"method": "ties", "option": {}}, "option"),
+        ("merge-eval", "--eval", {"batch_size": 8}, "batch_size"),
+        ("search", "--search", {"strategy": "greedy", "strategy_options": {}}, "strategy_options"),
+        ("search", "--eval", {"precison": "bf16"}, "precison"),
+        ("tune-method", "--tune", {"space": {}}, "space"),
+        ("weights-search", "--weights", {"check_samples": 4}, "check_samples"),
+        ("analyze", "--options", {"logit_epsilon": 0.01}, "logit_epsilon"),
+        ("select", "--split", {"seeds": 1}, "seeds"),
+    ],
+)
+def test_the_cli_refuses_an_unknown_key_naming_it(stage, flag, value, key, capsys):
+    from mergemix.cli import main
+
+    args = {**STAGE_ARGS[stage], **{k: MORE[k] for k in TAKES.get(stage, [])}, flag: json.dumps(value)}
+    assert main([stage, *(x for kv in args.items() for x in kv)]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: " in err and f"unknown key {key!r}" in err, err
+
+
+def test_a_stage_called_with_a_bad_mapping_fails_before_any_work(tmp_path):
+    from mergemix import stages
+
+    with pytest.raises(ConfigError, match="unknown key 'optoins'"):
+        stages.merge_eval({}, {"method": "uniform", "optoins": {}}, "p", {"a": "m"}, tmp_path, 0, 1, tmp_path / "o.csv")
+    with pytest.raises(TypeError, match="expected mergemix.settings.Search"):
+        stages.search({}, Merge.from_cli({}), Eval.from_cli({}), "p", {"a": "m"}, tmp_path, "o.csv", "o.json")

@@ -8,9 +8,10 @@ from mergemix import io, stages
 from mergemix.backends import get_backend
 from mergemix.data.prepared import load_prepared
 from mergemix.merge_eval import MergeEvaluator
+from mergemix.settings import Merge, Split
 
 BACKEND = {"name": "smallcnn", "params": {"channels": 4, "hidden": 16}}
-SPLIT = {"seed": 0, "val": 0.2, "test": 0.3, "max_train": 300}
+SPLIT = Split.from_cli({"seed": 0, "val": 0.2, "test": 0.3, "max_train": 300})
 HP = {"epochs": 4, "lr": 0.005, "batch_size": 32, "schedule": "cosine", "seed": 0}
 
 
@@ -73,7 +74,7 @@ def test_gather_rejects_incomplete_or_duplicated_chunks(trained, tmp_path):
     for k in range(2):
         stages.merge_eval(
             BACKEND,
-            {"method": "uniform"},
+            Merge("uniform", {}),
             trained / "pre/model.safetensors",
             paths,
             trained / "data/rotate",

@@ -9,6 +9,7 @@ from mergemix import io, stages
 from mergemix.backends import get_backend
 from mergemix.data.prepared import load_prepared
 from mergemix.merge_eval import MergeEvaluator
+from mergemix.settings import Merge, WeightsSearch
 from mergemix.weighting import weighted_finetune, weights_search
 
 BACKEND, SPLIT, HP = DIGITS_BACKEND, DIGITS_SPLIT, DIGITS_HP  # conftest.train_digits trains with these
@@ -20,7 +21,7 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("weights")
     models = train_digits(d, CANDS, pretrain_epochs=6)
     stages.merge_eval(
-        BACKEND, {"method": "uniform"}, d / "pre/model.safetensors", models, d / "data/shift", 0, 1, d / "me.csv"
+        BACKEND, Merge("uniform", {}), d / "pre/model.safetensors", models, d / "data/shift", 0, 1, d / "me.csv"
     )
     return d, models
 
@@ -42,7 +43,7 @@ def test_weights_search_starts_at_the_best_subset_and_resumes(trained, tmp_path)
     best = stages.select_best(pd.read_csv(d / "me.csv"))
     args = (
         BACKEND,
-        {"sampler": "tpe", "budget": 8, "seed": 0},
+        WeightsSearch.from_cli({"sampler": "tpe", "budget": 8, "seed": 0}),  # the rest: the schema's defaults
         d / "pre/model.safetensors",
         models,
         d / "data/shift",

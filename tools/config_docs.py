@@ -7,7 +7,7 @@
 Types, defaults, allowed values and descriptions come from ``src/mergemix/schemas/config.schema.yaml``
 (``$ref`` definitions resolved, nested sections expanded). The keys the schema leaves open and the
 code declares (``backend.params`` of each built-in backend, the spec keys of each built-in dataset
-source, merge-method options, search-strategy options, ``merge_eval.weights``) come from the
+source, merge-method options, search-strategy options) come from the
 package's own tables, built-ins only, so the output does not depend on which plugins are installed.
 
 Where the schema has no description for a key, the row shows the key's type, default and allowed
@@ -380,7 +380,6 @@ def code_sections() -> list[str]:
     from mergemix.data import registry as sources
     from mergemix.merge_methods import METHODS
     from mergemix.search import base as search
-    from mergemix.search import weights
 
     out: list[str] = []
 
@@ -466,9 +465,8 @@ def code_sections() -> list[str]:
         "| strategy | budget counts | `workers` > 1 | option | default | allowed |",
         "|---|---|---|---|---|---|",
     ]
-    search._load_builtin()
-    for module in search.BUILTIN_MODULES:
-        cls = next(c for c in search._REGISTRY.values() if c.__module__.rsplit(".", 1)[-1] == module)
+    for name in search.BUILTIN_STRATEGIES:  # a plugin's strategies are not listed
+        cls = search.get_strategy(name)
         head = [f"`{cls.name}`", cls.cost, "yes" if cls.supports_workers else "no"]
         if not cls.options:
             out.append("| " + " | ".join(head + ["-", "", "no options"]) + " |")
@@ -476,20 +474,6 @@ def code_sections() -> list[str]:
             out.append("| " + " | ".join(head + [f"`{key}`", cell(fmt_value(opt.default)), cell(opt.help)]) + " |")
     out += [""]
 
-    out += [
-        "## `merge_eval.weights`",
-        "",
-        "With `merge_eval.strategy: weights`: the search of mixture proportions (`mergemix.search.weights`; "
-        f"[docs/search-and-merge-methods.md]({DOCS}/search-and-merge-methods.md#weighted-mixtures)).",
-        "",
-        "| key | default | allowed |",
-        "|---|---|---|",
-    ]
-    out += [
-        f"| `merge_eval.weights.{k}` | {cell(fmt_value(o.default))} | {cell(o.help)} |"
-        for k, o in weights.OPTIONS.items()
-    ]
-    out += [""]
     return out
 
 

@@ -1,7 +1,10 @@
 """``mergemix <stage>``: one subcommand per pipeline stage, each with explicit paths and specs.
 
 Specs (backend, hyperparameters, split settings) are JSON strings, exactly the slices of the
-study config the stage depends on, so Snakemake sees them as params and reruns on change.
+study config the stage depends on, so Snakemake sees them as params and reruns on change. The
+config sections among them (--split, --merge, --eval, --search, --tune, --weights, analyze's
+--options) become typed sections of :mod:`mergemix.settings`: checked against the schema (an unknown
+key is refused, naming it) and the keys left out take the schema's defaults, as in a study.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("prepare", "build one dataset and its deterministic splits")
     s.add_argument("--name", required=True)
     s.add_argument("--spec", type=_json, required=True)
-    s.add_argument("--split", type=_json, required=True)
+    s.add_argument("--split", type=_json, required=True, help="JSON: the split section (missing keys: its defaults)")
     s.add_argument("--local", default=None, help="folder written by the download stage, if any")
     s.add_argument("--out", required=True, help="output folder")
 
@@ -101,14 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=None,
             help="save the training state to OUT.ckpt/ every N steps (0: not by steps; default: "
-            "$MERGEMIX_CHECKPOINT_EVERY_STEPS, else not by steps)",
+            "$MERGEMIX_CHECKPOINT_EVERY_STEPS, else the schema's checkpoint.every_steps)",
         )
         s.add_argument(
             "--checkpoint-every-seconds",
             type=float,
             default=None,
             help="save the training state to OUT.ckpt/ every N seconds (0: not by time; default: "
-            "$MERGEMIX_CHECKPOINT_EVERY_SECONDS, else 600)",
+            "$MERGEMIX_CHECKPOINT_EVERY_SECONDS, else the schema's checkpoint.every_minutes x 60)",
         )
 
     s = stage(
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_args(s)
 
     s = stage("merge-eval", "evaluate the merged models of one chunk of subsets", backend=True, pretrained=True)
-    s.add_argument("--merge", type=_json, required=True)
+    s.add_argument("--merge", type=_json, required=True, help="JSON: merge_eval's method and options")
     s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
     s.add_argument("--target", required=True)
     s.add_argument("--chunk", type=int, default=0)
@@ -212,13 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", nargs="+", required=True, help="NAME=PATH of each candidate's given model (any format)")
     s.add_argument("--target", required=True, help="the target: a prepared dataset folder, or a JSON dataset spec")
     s.add_argument("--split", type=_json, default={}, help="JSON: split settings when --target is a spec")
+    # left out, each takes the schema's merge_eval default (as a study does)
     s.add_argument(
-        "--strategy", default="auto", help="subset search: auto, exhaustive, greedy, beam, optuna, halving, surrogate"
+        "--strategy",
+        default=None,
+        help="subset search: auto, exhaustive, greedy, beam, optuna, halving, surrogate (default: auto)",
     )
-    s.add_argument("--budget", type=float, default=None, help="merged evaluations (an integer, or a fraction of 2^N-1)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--method", default="uniform")
-    s.add_argument("--options", type=_json, default={}, help="JSON: merge method options")
+    s.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="merged evaluations (an integer, or a fraction of 2^N-1; default: null = 1023)",
+    )
+    s.add_argument("--seed", type=int, default=None, help="seed of the search (default: merge_eval.seed's)")
+    s.add_argument("--method", default=None, help="merge method (default: merge_eval.method's)")
+    s.add_argument("--options", type=_json, default=None, help="JSON: merge method options")
     s.add_argument(
         "--work-dir", default=None, help="where imported models and the prepared target go (default: beside --out)"
     )
@@ -253,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         backend=True,
         pretrained=True,
     )
-    s.add_argument("--merge", type=_json, required=True)
+    s.add_argument("--merge", type=_json, required=True, help="JSON: merge_eval's method and options")
     s.add_argument("--search", type=_json, required=True, help="JSON: {strategy, budget, seed, options}")
     s.add_argument("--models", nargs="+", required=True, help="NAME=MODEL for every candidate")
     s.add_argument("--target", required=True)
@@ -364,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", nargs="+", required=True, help="NAME=FOLDER for every candidate")
     s.add_argument("--target", required=True)
     s.add_argument("--samples", type=int, required=True)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None, help="seed of the draws (default: merge_eval.weights.seed's)")
     s.add_argument("--eval", type=_json, default={}, help="JSON: merge_eval's eval_batch_size and precision")
     s.add_argument("--out", required=True)
 
@@ -391,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    from mergemix import stages
+    from mergemix import settings, stages
 
     t = args.threads
     if args.stage == "check-config":
@@ -403,6 +414,7 @@ def run(args) -> None:
             targets_of,
             validate_config,
         )
+        from mergemix.search import get_strategy, strategy_names
 
         cfg = validate_config(load_yaml(args.configfile), args.schema)
         for tgt in targets_of(cfg):
@@ -413,7 +425,8 @@ def run(args) -> None:
                 if strategy == "exhaustive"
                 else min(2**n - 1, budget_evaluations(cfg["merge_eval"]["budget"], n))
             )
-            unit = " (in val examples: budget x val size)" if strategy == "halving" else ""
+            charged = get_strategy(strategy).cost if strategy in strategy_names() else "evaluations"
+            unit = " (in val examples: budget x val size)" if charged == "examples" else ""
             print(
                 f"{tgt}: {n} candidates, {2**n - 1} subsets; {strategy} search, at most {cost} merged evaluations{unit}"
             )
@@ -422,7 +435,7 @@ def run(args) -> None:
     elif args.stage == "download":
         stages.download(args.name, args.spec, args.out)
     elif args.stage == "prepare":
-        stages.prepare(args.name, args.spec, args.split, args.out, args.local)
+        stages.prepare(args.name, args.spec, settings.Split.from_cli(args.split, "--split"), args.out, args.local)
     elif args.stage == "fetch-pretrained":
         stages.fetch_pretrained(args.backend, args.out, t)
     elif args.stage == "head":
@@ -464,14 +477,17 @@ def run(args) -> None:
     elif args.stage == "merge-eval":
         if len(args.options_from) > 1:
             raise SystemExit(f"mergemix: --options-from takes one tune-method JSON, got {len(args.options_from)}")
+        merge = settings.Merge.from_cli(args.merge, "--merge")
         if args.options_from:
+            import dataclasses
+
             from mergemix.tuning import tuned_options
 
             tuned = tuned_options(args.options_from[0])
-            args.merge = {**args.merge, "options": {**(args.merge.get("options") or {}), **tuned}}
+            merge = dataclasses.replace(merge, options={**merge.options, **tuned})
         stages.merge_eval(
             args.backend,
-            args.merge,
+            merge,
             args.pretrained,
             _pairs(args.models),
             args.target,
@@ -480,7 +496,7 @@ def run(args) -> None:
             args.out,
             t,
             subset_ids=args.subsets,
-            eval_spec=args.eval,
+            eval_spec=settings.Eval.from_cli(args.eval, "--eval"),
             test=args.test,
             test_subsets=args.test_subsets,
         )
@@ -498,18 +514,21 @@ def run(args) -> None:
         budget = args.budget
         if budget is not None and float(budget).is_integer() and budget >= 1:
             budget = int(budget)
+        given = {"strategy": args.strategy, "budget": budget, "seed": args.seed}
+        search = settings.Search.from_cli(
+            {k: v for k, v in given.items() if v is not None}, "--strategy/--budget/--seed"
+        )
+        given = {"method": args.method, "options": args.options}
+        merge = settings.Merge.from_cli({k: v for k, v in given.items() if v is not None}, "--method/--options")
         table = select(
             args.backend,
             args.pretrained,
             _pairs(args.models),
             args.target,
             args.out,
-            split=args.split,
-            strategy=args.strategy,
-            budget=budget,
-            seed=args.seed,
-            method=args.method,
-            options=args.options,
+            split=settings.Split.from_cli(args.split, "--split"),
+            search=search,
+            merge=merge,
             work_dir=args.work_dir,
             threads=t,
         )
@@ -523,8 +542,8 @@ def run(args) -> None:
             args.method,
             args.fixed,
             args.space,
-            args.tune,
-            args.search,
+            settings.Tuner.from_cli(args.tune, "--tune"),
+            settings.Search.from_cli(args.search, "--search"),
             args.pretrained,
             _pairs(args.models),
             args.target,
@@ -532,13 +551,13 @@ def run(args) -> None:
             args.out_csv,
             journal=args.journal,
             threads=t,
-            eval_spec=args.eval,
+            eval_spec=settings.Eval.from_cli(args.eval, "--eval"),
         )
     elif args.stage == "search":
         stages.search(
             args.backend,
-            args.merge,
-            args.search,
+            settings.Merge.from_cli(args.merge, "--merge"),
+            settings.Search.from_cli(args.search, "--search"),
             args.pretrained,
             _pairs(args.models),
             args.target,
@@ -548,7 +567,7 @@ def run(args) -> None:
             args.workers,
             args.journal,
             t,
-            eval_spec=args.eval,
+            eval_spec=settings.Eval.from_cli(args.eval, "--eval"),
             test=args.test,
         )
     elif args.stage == "gather":
@@ -568,7 +587,12 @@ def run(args) -> None:
     elif args.stage == "analyze":
         from mergemix.analysis import analyze
 
-        opts = args.options
+        # the analysis section, and mixtures: which mixture study ran (the rule's, not a config key)
+        opts, mixtures = args.options, {}
+        if isinstance(opts, dict) and "mixtures" in opts:
+            opts = dict(opts)
+            mixtures["mixtures"] = opts.pop("mixtures")
+        a = settings.Analysis.from_cli(opts, "--options")
         analyze(
             args.targets,
             args.pretrained_csv,
@@ -577,19 +601,19 @@ def run(args) -> None:
             _pairs(args.similarity),
             _pairs(args.final),
             args.out_dir,
-            eps=opts.get("logit_eps", 1e-4),
-            figure_formats=opts.get("figure_formats", ["png", "pdf"]),
+            eps=a.logit_eps,
+            figure_formats=list(a.figure_formats),
             search=_pairs(args.search),
             merge_eval_sampled=_pairs(args.merge_eval_sampled),
-            mixtures=opts.get("mixtures", "all"),
             weighted=_pairs(args.weighted),
+            **mixtures,
         )
     elif args.stage == "weights-search":
         from mergemix.weighting import weights_search
 
         weights_search(
             args.backend,
-            args.weights,
+            settings.WeightsSearch.from_cli(args.weights, "--weights"),
             args.pretrained,
             _pairs(args.models),
             args.target,
@@ -598,7 +622,7 @@ def run(args) -> None:
             args.out_csv,
             journal=args.journal,
             threads=t,
-            eval_spec=args.eval,
+            eval_spec=settings.Eval.from_cli(args.eval, "--eval"),
         )
     elif args.stage == "weighted-finetune":
         from mergemix.weighting import weighted_finetune
@@ -628,10 +652,10 @@ def run(args) -> None:
             _pairs(args.data),
             args.target,
             args.samples,
-            args.seed,
+            settings.Weights.from_cli({} if args.seed is None else {"seed": args.seed}, "--seed").seed,
             args.out,
             t,
-            eval_spec=args.eval,
+            eval_spec=settings.Eval.from_cli(args.eval, "--eval"),
         )
     elif args.stage == "weights-check-table":
         from mergemix.weighting import weights_check_table

@@ -181,6 +181,7 @@ def semantic_problems(config: dict) -> list[str]:
         problems += merge_methods.check_options(method, config["merge_eval"].get("options") or {})
     else:  # a plugin's method: its keyword names and default types
         problems += merge_option_problems(method, get_merge_method(method), config["merge_eval"].get("options") or {})
+    problems += unknown_strategy(config["merge_eval"]["strategy"])  # its options: search_problems
     split = config["split"]
     if split["val"] + split["test"] >= 1:
         problems.append(
@@ -288,6 +289,19 @@ def resolve_strategy(config: dict, n: int) -> str:
     return "exhaustive" if 2**n - 1 <= budget_evaluations(me["budget"], n) else AUTO_STRATEGY
 
 
+def unknown_strategy(name: str) -> list[str]:
+    """The problem with ``merge_eval.strategy: name`` if no registry has ``name`` (a built-in or a
+    plugin's strategy, listed without importing any), else none."""
+    from mergemix.search import strategy_names
+
+    if name in ("auto", WEIGHTS_STRATEGY) or name in strategy_names():
+        return []
+    return [
+        f"merge_eval.strategy: unknown search strategy {name!r}; allowed: auto, {WEIGHTS_STRATEGY}, "
+        f"{', '.join(strategy_names())}"
+    ]
+
+
 def search_problems(config: dict, targets: list[str]) -> list[str]:
     """merge_eval's search keys and the mixture study's size, per target."""
     from mergemix.search import check_options, get_strategy, strategy_names
@@ -295,14 +309,13 @@ def search_problems(config: dict, targets: list[str]) -> list[str]:
     problems: list[str] = []
     me, mix = config["merge_eval"], config["mixture"]
     name = me["strategy"]
-    if name not in ("auto", WEIGHTS_STRATEGY) and name not in strategy_names():
-        return [
-            f"merge_eval.strategy: unknown search strategy {name!r}; allowed: auto, weights, {', '.join(strategy_names())}"
-        ]
+    unknown = unknown_strategy(name)
+    if unknown:
+        return unknown
     from mergemix.search.weights import check_options as weights_problems
 
-    problems += weights_problems(me.get("weights") or {})
-    if me.get("weights") and name != WEIGHTS_STRATEGY:
+    problems += weights_problems(me["weights"])
+    if me["weights"] != schema_defaults("merge_eval.weights") and name != WEIGHTS_STRATEGY:
         problems.append("merge_eval.weights: set only with merge_eval.strategy: weights (or remove it)")
     if name == WEIGHTS_STRATEGY:
         name = "auto"

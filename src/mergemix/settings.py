@@ -1,17 +1,45 @@
-"""Typed, frozen views of a validated study config: one object per section.
+"""Typed, frozen settings: one object per config section, and the sections the stages take.
 
-:func:`mergemix.config.validate_config` checks a config against the schema and fills in the
-schema's defaults; :meth:`Study.from_config` then builds these frozen dataclasses from the result.
-The dataclasses declare no defaults of their own (every field must be present in the validated
-config), so the schema stays the one source of defaults; ``tests/test_settings.py`` checks that
-each dataclass has exactly the keys of its schema section, so the two cannot drift.
+The schema (``mergemix/schemas/config.schema.yaml``) is the one source of defaults. The dataclasses
+here declare none (every field must be given), and there are two ways to build them:
+
+* :meth:`Study.from_config` on the result of :func:`mergemix.config.validate_config`, which checked
+  the study config and filled in the schema's defaults (the workflow: ``common.smk``'s ``SETTINGS``);
+* :meth:`Section.from_cli` on one stage argument (``--split``, ``--eval``, ``--merge``, ``--search``,
+  ``--tune``, ``--weights``, analyze's ``--options``): its keys are checked against the schema's
+  section (types, ranges, allowed values; an unknown key is refused, naming it) and the missing ones
+  take the schema's defaults, so a stage run by hand with some keys left out gets what a study gets.
+
+The stage functions (:mod:`mergemix.stages`, :mod:`mergemix.tuning`, :mod:`mergemix.weighting`,
+:mod:`mergemix.data.prepared`, :mod:`mergemix.given.select`) take these sections and read their
+attributes, never ``.get(key, default)``. For calls from Python (tests, notebooks) they also accept
+a plain mapping, converted exactly as the CLI converts its JSON (:meth:`Section.coerce`: schema
+defaults, unknown keys and bad values refused), and ``None`` (all the schema's defaults). Any other
+value, a section of another class included, is a ``TypeError`` naming the class expected. Lists
+inside a section are tuples; ``to_dict()`` gives plain JSON data back, which is what rules pass
+(``js`` in ``common.smk``) and what engines get as options. The fine-tune stages take their
+checkpoint intervals as numbers (flags, not params); unset, they fall back to the environment
+variables, then to :class:`Checkpoint`'s schema defaults.
+
+Some sections are the part of a config section that one stage depends on, so that a rule's params
+(and so Snakemake's reruns) hold exactly that: :class:`Eval`, :class:`Merge` and :class:`Search` of
+``merge_eval``, :class:`Tuner` of ``merge_eval.tune``, :class:`WeightsSearch` of
+``merge_eval.weights``; each is built from its section (``SETTINGS.merge_eval.eval()``...).
+``SCHEMA`` names the schema section a class's fields come from and ``KEYS`` the schema key of a
+field named otherwise (``Search.options`` is ``merge_eval.strategy_options``);
+``tests/test_settings.py`` checks that every field is a key of its schema section (all of them for
+a whole section) with a default there, so the two cannot drift.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping, TypeVar
+
+S = TypeVar("S", bound="Section")
 
 
 def _frozen(value: Any) -> Any:
@@ -24,11 +52,30 @@ def _frozen(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _schema() -> dict:
+    from mergemix.config import DEFAULT_SCHEMA, load_yaml
+
+    return load_yaml(DEFAULT_SCHEMA)
+
+
+def schema_node(path: str) -> dict:
+    """The schema of the config section at dotted ``path`` (e.g. ``merge_eval.tune``)."""
+    node = _schema()
+    for key in path.split("."):
+        node = node["properties"][key]
+    return node
+
+
 class Section:
-    """Built from a validated config section: every declared field required, no unknown key."""
+    """Built from a validated config section (:meth:`from_dict`) or from a stage's JSON argument
+    (:meth:`from_cli`): every declared field present, no unknown key."""
+
+    SCHEMA: ClassVar[str] = ""  # the dotted schema section the fields come from
+    KEYS: ClassVar[Mapping[str, str]] = {}  # field -> schema key, where they differ
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str):
+    def from_dict(cls: type[S], data: Mapping[str, Any], where: str) -> S:
         names = {f.name for f in dataclasses.fields(cls)}
         missing, extra = sorted(names - set(data)), sorted(set(data) - names)
         if missing or extra:
@@ -41,6 +88,46 @@ class Section:
             sub = SUBSECTIONS.get((cls, f.name))
             kwargs[f.name] = sub.from_dict(data[f.name], f"{where}.{f.name}") if sub else _frozen(data[f.name])
         return cls(**kwargs)
+
+    @classmethod
+    def from_cli(cls: type[S], data: Mapping[str, Any] | None = None, where: str | None = None) -> S:
+        """A stage's JSON argument as this section: checked against the schema (an unknown key, a
+        wrong type or value is a :class:`mergemix.config.ConfigError` naming the key), the keys left
+        out filled with the schema's defaults. ``where`` (e.g. ``--eval``) starts the message."""
+        from mergemix.config import ConfigError, _message, _non_finite
+
+        prefix = f"{where}: " if where else ""
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{prefix}expected a JSON object with keys of {cls.SCHEMA} "
+                f"({', '.join(f.name for f in dataclasses.fields(cls))}), got {type(data).__name__} {data!r}"
+            )
+        # nested along the section's path, so messages name the config key (merge_eval.budget)
+        instance: dict = copy.deepcopy(dict(data))
+        for key in reversed(cls.SCHEMA.split(".")):
+            instance = {key: instance}
+        errors = sorted(_validator(cls).iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
+        problems = [_problem(e, _message) for e in errors] or _non_finite(instance)
+        if problems:
+            raise ConfigError(prefix + "; ".join(problems))
+        for key in cls.SCHEMA.split("."):
+            instance = instance[key]
+        return cls.from_dict(instance, where or cls.SCHEMA)
+
+    @classmethod
+    def coerce(cls: type[S], value: Any, where: str | None = None) -> S:
+        """``value`` as this section: the section itself; a mapping (or None: every default) as
+        :meth:`from_cli` converts it; anything else is a ``TypeError``."""
+        if isinstance(value, cls):
+            return value
+        if value is None or isinstance(value, Mapping):
+            return cls.from_cli(value, where)
+        raise TypeError(
+            f"{where or cls.__name__}: expected mergemix.settings.{cls.__name__} (or a mapping of its keys), "
+            f"got {type(value).__name__}"
+        )
 
     def to_dict(self) -> dict:
         """The section as plain JSON-able data (what the CLI stages take)."""
@@ -57,8 +144,35 @@ class Section:
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
+def _problem(err, message) -> str:
+    """A schema error as one line: an unknown key named as such, the rest as validate_config says."""
+    if err.validator == "additionalProperties" and isinstance(err.instance, Mapping):
+        allowed = err.schema.get("properties", {})
+        unknown = ", ".join(repr(k) for k in err.instance if k not in allowed)
+        where = ".".join(map(str, err.absolute_path))
+        return f"{where}: unknown key {unknown}; allowed: {', '.join(allowed)}"
+    return message(err)
+
+
+@functools.cache
+def _validator(cls: type[Section]):
+    """A schema validator (filling defaults, as validate_config's) for ``cls``'s fields, nested
+    along ``cls.SCHEMA``."""
+    from mergemix.config import _validator as make
+
+    node = schema_node(cls.SCHEMA)
+    props = {f.name: node["properties"][cls.KEYS.get(f.name, f.name)] for f in dataclasses.fields(cls)}
+    schema: dict = {"type": "object", "additionalProperties": False, "properties": props}
+    for key in reversed(cls.SCHEMA.split(".")):
+        schema = {"type": "object", "required": [key], "properties": {key: schema}}
+    schema["definitions"] = _schema().get("definitions", {})
+    return make(schema)
+
+
 @dataclass(frozen=True)
 class Split(Section):
+    SCHEMA = "split"
+
     seed: int
     val: float
     test: float
@@ -70,15 +184,105 @@ class Split(Section):
 
 
 @dataclass(frozen=True)
-class Tune(Section):
-    space: dict
+class Tuner(Section):
+    """The tuner's settings of ``tune-method`` (``merge_eval.tune`` without the per-method space)."""
+
+    SCHEMA = "merge_eval.tune"
+
     budget: int
     seed: int
     n_startup_trials: int
 
 
 @dataclass(frozen=True)
+class Tune(Section):
+    SCHEMA = "merge_eval.tune"
+
+    space: dict
+    budget: int
+    seed: int
+    n_startup_trials: int
+
+    def tuner(self) -> Tuner:
+        return Tuner(self.budget, self.seed, self.n_startup_trials)
+
+
+@dataclass(frozen=True)
+class WeightsSearch(Section):
+    """The proportions search of ``weights-search`` (``merge_eval.weights`` without the check's
+    ``check_samples``, so changing it never reruns the search)."""
+
+    SCHEMA = "merge_eval.weights"
+
+    sampler: str
+    budget: int
+    seed: int
+    sigma0: float
+    n_startup_trials: int
+
+
+@dataclass(frozen=True)
+class Weights(Section):
+    SCHEMA = "merge_eval.weights"
+
+    sampler: str
+    budget: int
+    seed: int
+    sigma0: float
+    n_startup_trials: int
+    check_samples: int
+
+    def search(self) -> WeightsSearch:
+        return WeightsSearch(self.sampler, self.budget, self.seed, self.sigma0, self.n_startup_trials)
+
+
+@dataclass(frozen=True)
+class Eval(Section):
+    """How merge-eval, search, tuning and weights jobs run the forward pass."""
+
+    SCHEMA = "merge_eval"
+
+    eval_batch_size: int | None
+    precision: str
+
+
+@dataclass(frozen=True)
+class Merge(Section):
+    """The merge method of a merge-eval or search job and its options."""
+
+    SCHEMA = "merge_eval"
+
+    method: str
+    options: dict
+
+
+@dataclass(frozen=True)
+class Search(Section):
+    """A target's subset search (the ``search`` and ``tune-method`` stages)."""
+
+    SCHEMA = "merge_eval"
+    KEYS = {"options": "strategy_options"}
+
+    strategy: str
+    budget: int | float | None
+    seed: int
+    options: dict
+
+    def resolved(self, n: int) -> Search:
+        """What runs for ``n`` candidates: ``auto`` (and ``weights``, whose binary start is searched
+        as with auto) resolved by :func:`mergemix.config.resolve_strategy`, a null budget as
+        :data:`mergemix.config.DEFAULT_BUDGET`. A resolved search is its own resolution."""
+        from mergemix.config import DEFAULT_BUDGET, resolve_strategy
+
+        strategy = resolve_strategy({"merge_eval": {"strategy": self.strategy, "budget": self.budget}}, n)
+        budget = DEFAULT_BUDGET if self.budget is None else self.budget
+        return dataclasses.replace(self, strategy=strategy, budget=budget)
+
+
+@dataclass(frozen=True)
 class MergeEval(Section):
+    SCHEMA = "merge_eval"
+
     chunks: int
     method: str
     options: dict
@@ -91,14 +295,30 @@ class MergeEval(Section):
     methods: tuple
     method_options: dict
     tune: Tune
-    weights: dict
+    weights: Weights
     test: str
     eval_batch_size: int | None
     precision: str
 
+    def eval(self) -> Eval:
+        return Eval(self.eval_batch_size, self.precision)
+
+    def merge(self, method: str | None = None) -> Merge:
+        """The study's merge (``method``, ``options``), or one compared method's with its
+        ``method_options`` (none given: its defaults)."""
+        if method is None:
+            return Merge(self.method, _frozen(self.options))
+        return Merge(method, _frozen(self.method_options.get(method) or {}))
+
+    def search(self) -> Search:
+        """The subset search as configured (``auto`` unresolved: :meth:`Search.resolved`)."""
+        return Search(self.strategy, self.budget, self.seed, _frozen(self.strategy_options))
+
 
 @dataclass(frozen=True)
 class Checkpoint(Section):
+    SCHEMA = "checkpoint"
+
     every_minutes: float
     every_steps: int | None
 
@@ -109,7 +329,18 @@ class Checkpoint(Section):
 
 @dataclass(frozen=True)
 class Final(Section):
+    SCHEMA = "final"
+
     enabled: bool
+
+
+@dataclass(frozen=True)
+class Analysis(Section):
+    SCHEMA = "analysis"
+
+    logit_eps: float
+    figure_formats: tuple
+    similarity_split: str
 
 
 @dataclass(frozen=True)
@@ -121,6 +352,7 @@ class Study(Section):
     merge_eval: MergeEval
     checkpoint: Checkpoint
     final: Final
+    analysis: Analysis
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Study:
@@ -129,8 +361,26 @@ class Study(Section):
 
 SUBSECTIONS: dict[tuple[type, str], type] = {
     (MergeEval, "tune"): Tune,
+    (MergeEval, "weights"): Weights,
     (Study, "split"): Split,
     (Study, "merge_eval"): MergeEval,
     (Study, "checkpoint"): Checkpoint,
     (Study, "final"): Final,
+    (Study, "analysis"): Analysis,
 }
+
+# every section a stage argument is read as (tests/test_settings.py checks each against the schema)
+SECTIONS: tuple[type[Section], ...] = (
+    Split,
+    Tune,
+    Tuner,
+    Weights,
+    WeightsSearch,
+    Eval,
+    Merge,
+    Search,
+    MergeEval,
+    Checkpoint,
+    Final,
+    Analysis,
+)

@@ -1,4 +1,8 @@
-"""The pipeline stages as functions of explicit file paths and specs (the CLI calls these)."""
+"""The pipeline stages as functions of explicit file paths and specs (the CLI calls these).
+
+Config fragments come as typed sections of :mod:`mergemix.settings` (``Split``, ``Merge``, ``Eval``,
+``Search``); a mapping is accepted and converted as the CLI converts its JSON (the schema's defaults
+for missing keys, unknown keys refused): :meth:`mergemix.settings.Section.coerce`."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import numpy as np
 from mergemix import __version__, io, subsets
 from mergemix.data.prepared import load_prepared, prepare_dataset
 from mergemix.selection import full_rows, select_best  # noqa: F401  (the selection rule, re-exported)
+from mergemix.settings import Checkpoint, Eval, Merge, Search, Section, Split
 
 if TYPE_CHECKING:  # pandas is imported lazily: it costs every short job ~0.3 s
     import pandas as pd
@@ -40,8 +45,8 @@ def download(name: str, spec: dict, out_dir) -> dict:
     return info
 
 
-def prepare(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=None) -> dict:
-    info = prepare_dataset(name, spec, split_cfg, out_dir, local_dir)
+def prepare(name: str, spec: dict, split_cfg: Split, out_dir, local_dir=None) -> dict:
+    info = prepare_dataset(name, spec, Split.coerce(split_cfg, "split"), out_dir, local_dir)
     log.info("prepared %s: %s", name, info["sizes"])
     return info
 
@@ -102,7 +107,6 @@ def _prepared(data_dir, loaded: dict):
 
 CHECKPOINT_STEPS_ENV = "MERGEMIX_CHECKPOINT_EVERY_STEPS"
 CHECKPOINT_SECONDS_ENV = "MERGEMIX_CHECKPOINT_EVERY_SECONDS"
-CHECKPOINT_SECONDS_DEFAULT = 600.0
 
 
 def checkpoint_path(out_path) -> Path:
@@ -113,17 +117,20 @@ def checkpoint_path(out_path) -> Path:
 
 def _checkpoint_every(steps=None, seconds=None) -> tuple[int | None, float | None]:
     """How often a fine-tune saves its checkpoint: the arguments, else the environment variables
-    ``MERGEMIX_CHECKPOINT_EVERY_STEPS`` (default: not by steps) and
-    ``MERGEMIX_CHECKPOINT_EVERY_SECONDS`` (default: 600); 0 (or none, off) turns a rule off."""
+    ``MERGEMIX_CHECKPOINT_EVERY_STEPS`` and ``MERGEMIX_CHECKPOINT_EVERY_SECONDS``, else the schema's
+    ``checkpoint`` defaults (``every_steps``: not by steps; ``every_minutes``: 10); 0 (or none, off)
+    turns a rule off."""
     import math
     import os
+
+    default = Checkpoint.from_cli({}, "checkpoint")
 
     def value(given, var, kind, default):
         source = f"{var}={os.environ.get(var)!r}" if given is None else f"{given!r}"
         if given is None:
             given = os.environ.get(var, "").strip()
             if given == "":
-                return default
+                return default or None
             if given.lower() in ("none", "off", "no", "false"):
                 return None
         try:
@@ -138,8 +145,8 @@ def _checkpoint_every(steps=None, seconds=None) -> tuple[int | None, float | Non
         return v or None
 
     return (
-        value(steps, CHECKPOINT_STEPS_ENV, int, None),
-        value(seconds, CHECKPOINT_SECONDS_ENV, float, CHECKPOINT_SECONDS_DEFAULT),
+        value(steps, CHECKPOINT_STEPS_ENV, int, default.every_steps),
+        value(seconds, CHECKPOINT_SECONDS_ENV, float, default.every_seconds),
     )
 
 
@@ -392,26 +399,26 @@ def final_finetune_pack(
 
 def _evaluator(
     backend_spec: dict,
-    merge_spec: dict,
+    merge_spec: Merge,
     pretrained,
     model_paths: Mapping[str, str],
     threads: int,
-    eval_spec: dict | None = None,
+    eval_spec: Eval | None = None,
 ):
-    """The merge-eval engine; ``eval_spec``: merge_eval's ``eval_batch_size`` and ``precision``."""
+    """The merge-eval engine; ``eval_spec``: merge_eval's ``eval_batch_size`` and ``precision``
+    (None: the schema's defaults)."""
     from mergemix.merge_eval import MergeEvaluator
 
+    merge, evaluation = Merge.coerce(merge_spec, "merge"), Eval.coerce(eval_spec, "eval")
     backend = get_backend(backend_spec, threads=threads)
-    spec = eval_spec or {}
-    backend.configure_eval(spec.get("eval_batch_size"), spec.get("precision", "auto"))
-    return MergeEvaluator(
-        backend, pretrained, model_paths, merge_spec.get("method", "uniform"), merge_spec.get("options")
-    )
+    backend.configure_eval(evaluation.eval_batch_size, evaluation.precision)
+    # options as plain JSON data (lists, not the section's tuples), as a merge method reads them
+    return MergeEvaluator(backend, pretrained, model_paths, merge.method, merge.to_dict()["options"])
 
 
 def merge_eval(
     backend_spec: dict,
-    merge_spec: dict,
+    merge_spec: Merge,
     pretrained,
     model_paths: Mapping[str, str],
     target_dir,
@@ -420,7 +427,7 @@ def merge_eval(
     out_csv,
     threads: int = 1,
     subset_ids: Sequence[str] | None = None,
-    eval_spec: dict | None = None,
+    eval_spec: Eval | None = None,
     test: str = "all",
     test_subsets: Sequence[str] = (),
 ) -> pd.DataFrame:
@@ -446,23 +453,28 @@ def merge_eval(
 
 
 def _search_fingerprint(
-    backend_spec, merge_spec, search_spec, model_paths, target_dir, eval_spec=None, test="all"
+    backend_spec, merge_spec, search_spec, model_paths, target_dir, eval_spec: Eval | None = None, test="all"
 ) -> str:
     """Identifies what a search's journal holds: a changed model, target, merge or search setting
-    starts a new optuna study in the same journal instead of resuming a stale one."""
+    starts a new optuna study in the same journal instead of resuming a stale one. ``merge_spec``
+    and ``search_spec`` are sections or what a caller identifies its search by (plain data)."""
     import hashlib
     import json
 
+    def plain(v):
+        return v.to_dict() if isinstance(v, Section) else v
+
+    search_spec = plain(search_spec)
     parts = {
         "backend": backend_spec,
-        "merge": merge_spec,
+        "merge": plain(merge_spec),
         "search": {k: search_spec[k] for k in ("strategy", "budget", "seed", "options")},
         "models": {n: io.read_json(io.manifest_path(p)).get("sha256") for n, p in sorted(model_paths.items())},
         "target": io.sha256_file(Path(target_dir) / "splits.json"),
     }
     # evaluation settings change scores (precision) or what a trial records (test): only when not
     # the defaults, so journals written before these settings existed still resume
-    evaluation = {k: v for k, v in (eval_spec or {}).items() if v not in (None, "auto")}
+    evaluation = {k: v for k, v in Eval.coerce(eval_spec).to_dict().items() if v not in (None, "auto")}
     if evaluation or test != "all":
         parts["evaluation"] = {**evaluation, "test": test}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -498,8 +510,8 @@ class _Progress:
 
 def search(
     backend_spec: dict,
-    merge_spec: dict,
-    search_spec: dict,
+    merge_spec: Merge,
+    search_spec: Search,
     pretrained,
     model_paths: Mapping[str, str],
     target_dir,
@@ -509,10 +521,11 @@ def search(
     workers: int = 1,
     journal=None,
     threads: int = 1,
-    eval_spec: dict | None = None,
+    eval_spec: Eval | None = None,
     test: str = "all",
 ) -> dict:
-    """A budgeted search over the subsets of a target's candidates (``merge_eval.strategy``).
+    """A budgeted search over the subsets of a target's candidates (``merge_eval.strategy``;
+    ``auto`` and a null budget resolved by :meth:`mergemix.settings.Search.resolved`).
 
     Writes one row per evaluation this worker charged (halving scores a subset on several val
     slices: one row each) and a JSON summary; ``gather`` joins the workers' files. ``test``:
@@ -522,19 +535,22 @@ def search(
 
     from mergemix.search import Objective, get_strategy, make_budget, run_search
 
-    ev = _evaluator(backend_spec, merge_spec, pretrained, model_paths, threads, eval_spec)
+    merge, evaluation = Merge.coerce(merge_spec, "merge"), Eval.coerce(eval_spec, "eval")
+    spec = Search.coerce(search_spec, "search")
+    ev = _evaluator(backend_spec, merge, pretrained, model_paths, threads, evaluation)
     target = load_prepared(target_dir)
     n, n_val = len(ev.names), len(target.indices["val"])
-    cls = get_strategy(search_spec["strategy"])
-    budget = make_budget(search_spec["budget"], n, n_val, cls.cost)
+    spec = spec.resolved(n)
+    cls = get_strategy(spec.strategy)
+    budget = make_budget(spec.budget, n, n_val, cls.cost)
     runtime = {}
     if cls.supports_workers:
-        fp = _search_fingerprint(backend_spec, merge_spec, search_spec, model_paths, target_dir, eval_spec, test)
+        fp = _search_fingerprint(backend_spec, merge, spec, model_paths, target_dir, evaluation, test)
         runtime = {"journal": journal, "study_name": f"{target.name}-{fp}", "worker": worker, "workers": workers}
     elif workers != 1 or worker != 0:
         raise ValueError(f"search strategy {cls.name!r} runs as one job per target; set merge_eval.workers: 1")
-    strategy = cls(n, seed=search_spec["seed"], **search_spec.get("options", {}), **runtime)
-    score = ev.scorer(target, seed=search_spec["seed"], **({} if test == "all" else {"test": test}))
+    strategy = cls(n, seed=spec.seed, **spec.to_dict()["options"], **runtime)
+    score = ev.scorer(target, seed=spec.seed, **({} if test == "all" else {"test": test}))
 
     def tagged(mask, examples=None):
         value, info = score(mask, examples)
@@ -557,7 +573,7 @@ def search(
         "strategy": cls.name,
         "candidates": ev.names,
         "n_val": n_val,
-        "seed": search_spec["seed"],
+        "seed": spec.seed,
         "options": strategy.opts,
         "budget": {"evaluations": budget.evaluations, "examples": budget.examples},
         "stop_reason": result.stop_reason,

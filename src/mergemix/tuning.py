@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from mergemix import io, subsets
+from mergemix.settings import Eval, Merge, Search, Tuner
 
 log = logging.getLogger("mergemix")
 
@@ -37,8 +38,8 @@ def tune_method(
     method: str,
     fixed: dict,
     space: dict,
-    tune_spec: dict,
-    search_spec: dict,
+    tune_spec: Tuner,
+    search_spec: Search,
     pretrained,
     model_paths: Mapping[str, str],
     target_dir,
@@ -46,8 +47,11 @@ def tune_method(
     out_csv,
     journal=None,
     threads: int = 1,
-    eval_spec: dict | None = None,
+    eval_spec: Eval | None = None,
 ) -> dict:
+    """Tune ``method``'s options in ``space`` over its ``fixed`` ones on the target's val split
+    (``tune_spec``: the tuner's budget, seed and start-up trials; ``search_spec``: the subset search
+    scoring each setting; mappings are converted as :mod:`mergemix.settings` says)."""
     import pandas as pd
 
     from mergemix.data.prepared import load_prepared
@@ -60,19 +64,19 @@ def tune_method(
     if problems:
         raise ValueError("; ".join(problems))
     dims, _ = parse_space(space, tunable_kinds(method), f"merge_eval.tune.space.{method}")
-    from mergemix.config import schema_defaults
-
-    spec = {**{k: v for k, v in schema_defaults("merge_eval.tune").items() if k != "space"}, **tune_spec}
-    ev = _evaluator(backend_spec, {"method": method, "options": fixed}, pretrained, model_paths, threads, eval_spec)
+    spec, search = Tuner.coerce(tune_spec, "tune"), Search.coerce(search_spec, "search")
+    evaluation = Eval.coerce(eval_spec, "eval")
+    ev = _evaluator(backend_spec, Merge(method, fixed), pretrained, model_paths, threads, evaluation)
     target = load_prepared(target_dir)
     n, n_val = len(ev.names), len(target.indices["val"])
-    cls = get_strategy(search_spec["strategy"])
-    budget = make_budget(search_spec["budget"], n, n_val, cls.cost)
-    score = ev.scorer(target, seed=search_spec["seed"], test="selected")  # val only
+    inner = search.resolved(n)
+    cls = get_strategy(inner.strategy)
+    budget = make_budget(inner.budget, n, n_val, cls.cost)
+    score = ev.scorer(target, seed=inner.seed, test="selected")  # val only
 
     def trial_score(options: dict):
         ev.set_options({**fixed, **options})
-        strategy = cls(n, seed=search_spec["seed"], **search_spec.get("options", {}))
+        strategy = cls(n, seed=inner.seed, **inner.to_dict()["options"])
         result = run_search(strategy, Objective(score, n, n_val, budget))
         best = result.best
         subset = subsets.subset_id(subsets.mask_to_names(best.mask, ev.names))
@@ -83,17 +87,17 @@ def tune_method(
     fp = _search_fingerprint(
         backend_spec,
         {"method": method, "options": fixed},
-        {**search_spec, "options": {"inner": search_spec.get("options", {}), "space": space, "tune": spec}},
+        {**inner.to_dict(), "options": {"inner": inner.to_dict()["options"], "space": space, "tune": spec.to_dict()}},
         model_paths,
         target_dir,
-        eval_spec,
+        evaluation,
     )
     tuner = OptionTuner(
         dims,
-        spec["budget"],
-        spec["seed"],
+        spec.budget,
+        spec.seed,
         start_options(method, fixed),
-        n_startup_trials=spec["n_startup_trials"],
+        n_startup_trials=spec.n_startup_trials,
         journal=journal,
         study_name=f"tune-{method}-{target.name}-{fp}",
     )
@@ -136,10 +140,10 @@ def tune_method(
         "candidates": ev.names,
         "space": space,
         "fixed": fixed,
-        "budget": spec["budget"],
-        "seed": spec["seed"],
+        "budget": spec.budget,
+        "seed": spec.seed,
         "sampler": "tpe",
-        "subset_search": {"strategy": cls.name, "budget": search_spec["budget"], "seed": search_spec["seed"]},
+        "subset_search": {"strategy": cls.name, "budget": inner.budget, "seed": inner.seed},
         "trials": len(result.records),
         "start": None
         if result.start is None

@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Mapping
 
 from mergemix import io, subsets
-from mergemix.search.weights import OPTIONS as _WEIGHT_OPTIONS
+from mergemix.settings import Eval, Merge, WeightsSearch
 
 log = logging.getLogger("mergemix.weights")
-# the search's settings with their declared defaults (check_samples belongs to the check, not the search)
-WEIGHTS_DEFAULTS = {k: o.default for k, o in _WEIGHT_OPTIONS.items() if k != "check_samples"}
 
 
 def weights_search(
     backend_spec: dict,
-    weights_spec: dict,
+    weights_spec: WeightsSearch,
     pretrained,
     model_paths: Mapping[str, str],
     target_dir,
@@ -34,8 +32,10 @@ def weights_search(
     out_csv,
     journal=None,
     threads: int = 1,
-    eval_spec: dict | None = None,
+    eval_spec: Eval | None = None,
 ) -> dict:
+    """Search mixture proportions (``weights_spec``: ``merge_eval.weights`` without ``check_samples``;
+    a mapping is converted as :mod:`mergemix.settings` says) from the best subset of ``merge_eval_csv``."""
     import pandas as pd
 
     from mergemix.data.prepared import load_prepared
@@ -44,11 +44,12 @@ def weights_search(
     from mergemix.stages import _evaluator, _search_fingerprint
     from mergemix.tables import read_result_table
 
-    ev = _evaluator(backend_spec, {"method": "uniform"}, pretrained, model_paths, threads, eval_spec)
+    spec = WeightsSearch.coerce(weights_spec, "weights")
+    evaluation = Eval.coerce(eval_spec, "eval")
+    ev = _evaluator(backend_spec, Merge("uniform", {}), pretrained, model_paths, threads, evaluation)
     target = load_prepared(target_dir)
     best = select_best(full_rows(read_result_table(merge_eval_csv, "merge_eval")))
     start = subsets.names_to_mask(subsets.parse_subset(best["subset"]), ev.names)
-    spec = {**WEIGHTS_DEFAULTS, **weights_spec}
     if journal is not None:
         Path(journal).parent.mkdir(parents=True, exist_ok=True)
     # a changed model, target, start or setting starts a new study in the journal, never resumes a stale one
@@ -57,20 +58,20 @@ def weights_search(
         {"method": "weighted"},
         {
             "strategy": "weights",
-            "budget": spec["budget"],
-            "seed": spec["seed"],
-            "options": {**spec, "start": best["subset"]},
+            "budget": spec.budget,
+            "seed": spec.seed,
+            "options": {**spec.to_dict(), "start": best["subset"]},
         },
         model_paths,
         target_dir,
-        eval_spec,
+        evaluation,
     )
     search = WeightSearch(
         len(ev.names),
         start,
         journal=journal,
         study_name=f"weights-{target.name}-{fp}",
-        **{k: spec[k] for k in WEIGHTS_DEFAULTS},
+        **spec.to_dict(),
     )
     from mergemix.progress import LogEvery
 
@@ -99,9 +100,9 @@ def weights_search(
     summary = {
         "target": target.name,
         "candidates": ev.names,
-        "sampler": spec["sampler"],
-        "budget": spec["budget"],
-        "seed": spec["seed"],
+        "sampler": spec.sampler,
+        "budget": spec.budget,
+        "seed": spec.seed,
         "evaluations": len(result.records),
         "start": {
             "subset": best["subset"],
@@ -191,7 +192,7 @@ def weights_check(
     seed: int,
     out_csv,
     threads: int = 1,
-    eval_spec: dict | None = None,
+    eval_spec: Eval | None = None,
 ):
     """The surrogate check for proportions (as section 4.2 checks subsets): ``samples`` weight
     vectors drawn uniformly from the simplex (Dirichlet(1), seeded), each scored as a weighted merge
@@ -205,7 +206,7 @@ def weights_check(
     from mergemix.data.prepared import load_prepared
     from mergemix.stages import _evaluator, _finetune, _fresh_rng
 
-    ev = _evaluator(backend_spec, {"method": "uniform"}, pretrained, model_paths, threads, eval_spec)
+    ev = _evaluator(backend_spec, Merge("uniform", {}), pretrained, model_paths, threads, eval_spec)
     missing = sorted(set(ev.names) - set(data_dirs))
     if missing:
         raise ValueError(f"candidates {missing} have no prepared data among the inputs")

@@ -126,7 +126,9 @@ rule analyze:
     params:
         out_dir=lambda wc, output: str(Path(output.correlation).parent),  # the study folder R
         targets=js(CANDIDATES),
-        options=js({**config["analysis"], "mixtures": "off" if not MIXTURE_ON else "sampled" if SAMPLE else "all"}),
+        options=js(
+            {**SETTINGS.analysis.to_dict(), "mixtures": "off" if not MIXTURE_ON else "sampled" if SAMPLE else "all"}
+        ),
         merge_eval=[f"{t}={R}/merge_eval/{t}.csv" for t in TARGETS],
         search=[f"{t}={R}/merge_eval/{t}.json" for t in TARGETS],
         sampled=[f"{t}={R}/merge_eval/sampled/{t}.csv" for t in TARGETS if needs_sampled_merges(t)],

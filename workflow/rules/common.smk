@@ -6,7 +6,6 @@ from pathlib import Path
 
 from mergemix.backends.base import backend_class
 from mergemix.config import (
-    DEFAULT_BUDGET,
     ConfigError,
     candidates_of,
     load_yaml,
@@ -48,7 +47,7 @@ DATASETS = sorted(config["datasets"])
 TARGETS = targets_of(config)
 CANDIDATES = {t: candidates_of(config, t) for t in TARGETS}
 MIXTURE_ON = config["mixture"]["enabled"]
-from mergemix.settings import Study
+from mergemix.settings import Section, Study
 
 SETTINGS = Study.from_config(config)  # typed, frozen sections (defaults only in the schema)
 FINAL_ON = SETTINGS.final.enabled
@@ -72,12 +71,8 @@ WORKERS = ME["workers"]
 
 
 def search_spec(target):
-    return {
-        "strategy": STRATEGY[target],
-        "budget": DEFAULT_BUDGET if ME["budget"] is None else ME["budget"],
-        "seed": ME["seed"],
-        "options": ME["strategy_options"],
-    }
+    """The target's subset search: `auto` resolved (STRATEGY), a null budget as 1023 (settings.Search.resolved)."""
+    return SETTINGS.merge_eval.search().resolved(len(CANDIDATES[target]))
 
 
 # Mixture study: every mixture, or a fixed size-stratified sample shared by all targets (each
@@ -93,7 +88,10 @@ PRETRAIN = "_pretrain"
 
 
 def js(obj):
-    """Deterministic JSON, so unchanged config slices never look changed to Snakemake."""
+    """Deterministic JSON, so unchanged config slices never look changed to Snakemake; a typed
+    section (mergemix.settings) as its to_dict()."""
+    if isinstance(obj, Section):
+        obj = obj.to_dict()
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 

@@ -45,7 +45,7 @@ rule prepare_data:
         **CPU_RES,
     params:
         spec=lambda wc: js(data_spec(wc.dataset)),
-        split=js(config["split"]),
+        split=js(SETTINGS.split),
         out=lambda wc: data_dir(wc.dataset),
         local=lambda wc: ["--local", download_dir(wc.dataset)] if wc.dataset in DOWNLOADED else [],
     shell:

@@ -12,7 +12,9 @@ def search_summaries(target):
 
 
 # merge_eval.eval_batch_size and precision: how merge-eval and search jobs run the forward pass
-EVAL_SPEC = js({k: config["merge_eval"][k] for k in ("eval_batch_size", "precision")})
+EVAL_SPEC = js(SETTINGS.merge_eval.eval())
+# merge_eval.method and options: the study's merge
+MERGE_SPEC = js(SETTINGS.merge_eval.merge())
 
 
 def merge_test_args(target):
@@ -46,7 +48,7 @@ rule merge_eval:
         **GPU_RES,
     params:
         backend=BACKEND,
-        merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
+        merge=MERGE_SPEC,
         models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
         chunks=CHUNKS,
@@ -78,7 +80,7 @@ rule merge_search:
         **GPU_RES,
     params:
         backend=BACKEND,
-        merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
+        merge=MERGE_SPEC,
         search=lambda wc: js(search_spec(wc.target)),
         models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
@@ -115,7 +117,7 @@ rule merge_eval_sampled:
         **GPU_RES,
     params:
         backend=BACKEND,
-        merge=js({k: config["merge_eval"][k] for k in ("method", "options")}),
+        merge=MERGE_SPEC,
         models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
         subsets=lambda wc: mixtures_of(wc.target),

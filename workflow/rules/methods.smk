@@ -5,9 +5,9 @@ METHODS = [m for m in ME.get("methods") or []]
 # merge_eval.method_options: fixed options per compared method; merge_eval.tune: options tuned on
 # val per method and target before the method's merge-eval (the tuned options replace the defaults)
 METHOD_OPTIONS = SETTINGS.merge_eval.method_options
-TUNE = SETTINGS.merge_eval.tune.to_dict()
-TUNED = [m for m in METHODS if m in TUNE["space"]]
-TUNE_SPEC = js({k: v for k, v in TUNE.items() if k != "space"})
+TUNE = SETTINGS.merge_eval.tune
+TUNED = [m for m in METHODS if m in TUNE.space]
+TUNE_SPEC = js(TUNE.tuner())
 
 
 def tuned_json(method, target):
@@ -37,7 +37,7 @@ rule tune_method:
     params:
         backend=BACKEND,
         fixed=lambda wc: js(METHOD_OPTIONS.get(wc.method) or {}),
-        space=lambda wc: js(TUNE["space"][wc.method]),
+        space=lambda wc: js(TUNE.space[wc.method]),
         tune=TUNE_SPEC,
         search=lambda wc: js(search_spec(wc.target)),
         models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
@@ -52,9 +52,10 @@ rule tune_method:
 
 
 WEIGHTS_ON = ME["strategy"] == "weights"
+WEIGHTS = SETTINGS.merge_eval.weights
 # the search's settings (check_samples is the check's: changing it does not rerun the search)
-WEIGHTS_SPEC = js({k: v for k, v in (ME.get("weights") or {}).items() if k != "check_samples"})
-CHECK_SAMPLES = (ME.get("weights") or {}).get("check_samples", 0) if WEIGHTS_ON else 0
+WEIGHTS_SPEC = js(WEIGHTS.search())
+CHECK_SAMPLES = WEIGHTS.check_samples if WEIGHTS_ON else 0
 
 
 rule merge_eval_method:
@@ -79,7 +80,7 @@ rule merge_eval_method:
         **GPU_RES,
     params:
         backend=BACKEND,
-        merge=lambda wc: js({"method": wc.method, "options": METHOD_OPTIONS.get(wc.method) or {}}),
+        merge=lambda wc: js(SETTINGS.merge_eval.merge(wc.method)),
         models=lambda wc: [f"{c}={finetuned(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
         eval=EVAL_SPEC,
@@ -205,7 +206,7 @@ rule weights_check:
         data=lambda wc: [f"{c}={data_dir(c)}" for c in CANDIDATES[wc.target]],
         target=lambda wc: data_dir(wc.target),
         samples=CHECK_SAMPLES,
-        seed=(ME.get("weights") or {}).get("seed", 0),
+        seed=WEIGHTS.seed,
         eval=EVAL_SPEC,
     shell:
         "{MERGEMIX} weights-check --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "

@@ -16,21 +16,23 @@ import numpy as np
 
 from mergemix import io
 from mergemix.data.registry import RawDataset, get_source
+from mergemix.settings import Split
 
 SPLITS = ("train", "val", "test")
 
 
-def split_groups(groups: np.ndarray, fractions: dict, seed: int) -> dict[str, np.ndarray]:
-    """Assign whole groups to val/test/train by seeded permutation. Returns sorted sample indices."""
+def split_groups(groups: np.ndarray, fractions: Split, seed: int) -> dict[str, np.ndarray]:
+    """Assign whole groups to val/test/train by seeded permutation (``fractions.val`` and ``.test``).
+    Returns sorted sample indices."""
     uniq = np.unique(groups)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(uniq)
     n = len(perm)
-    n_val = int(round(fractions["val"] * n))
-    n_test = int(round(fractions["test"] * n))
+    n_val = int(round(fractions.val * n))
+    n_test = int(round(fractions.test * n))
     if n_val < 1 or n_test < 1 or n_val + n_test >= n:
         raise ValueError(
-            f"split fractions val={fractions['val']}, test={fractions['test']} leave an empty split for "
+            f"split fractions val={fractions.val}, test={fractions.test} leave an empty split for "
             f"{n} groups; choose fractions so that val, test and train each get at least one group"
         )
     assign = {
@@ -41,7 +43,7 @@ def split_groups(groups: np.ndarray, fractions: dict, seed: int) -> dict[str, np
     return {k: np.sort(np.flatnonzero(np.isin(groups, v))) for k, v in assign.items()}
 
 
-def make_splits(raw: RawDataset, split_cfg: dict, subsample_seed: int) -> dict[str, np.ndarray]:
+def make_splits(raw: RawDataset, split_cfg: Split, subsample_seed: int) -> dict[str, np.ndarray]:
     n = len(raw.x)
     groups = raw.groups if raw.groups is not None else np.arange(n)
     splits = {k: np.asarray(v, dtype=np.int64) for k, v in raw.splits.items()}
@@ -50,27 +52,30 @@ def make_splits(raw: RawDataset, split_cfg: dict, subsample_seed: int) -> dict[s
         if "train" in splits and missing == ["val"]:
             # carve a validation split from train: a fraction, capped, seeded
             tr = splits["train"]
-            rng = np.random.default_rng(split_cfg["seed"])
-            n_val = min(int(round(split_cfg.get("val_from_train", 0.1) * len(tr))), split_cfg.get("val_cap", 5000))
+            rng = np.random.default_rng(split_cfg.seed)
+            n_val = min(int(round(split_cfg.val_from_train * len(tr))), split_cfg.val_cap)
             perm = rng.permutation(tr)
             splits["val"], splits["train"] = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         else:
-            splits = split_groups(groups, split_cfg, split_cfg["seed"])
+            splits = split_groups(groups, split_cfg, split_cfg.seed)
     rng = np.random.default_rng(subsample_seed)
     for name in SPLITS:
-        cap = split_cfg.get(f"max_{name}")
+        cap = getattr(split_cfg, f"max_{name}")
         if cap and len(splits[name]) > cap:
             splits[name] = np.sort(rng.choice(splits[name], size=cap, replace=False))
     return splits
 
 
-def prepare_dataset(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=None) -> dict:
+def prepare_dataset(name: str, spec: dict, split_cfg: Split, out_dir, local_dir=None) -> dict:
     """Build dataset ``name`` from its spec and write it under ``out_dir``. Returns the split info.
 
-    ``local_dir`` is where the source's download step put its files, for sources that have one.
+    ``split_cfg``: the ``split`` settings (a mapping is converted with the schema's defaults,
+    :meth:`mergemix.settings.Section.coerce`). ``local_dir`` is where the source's download step
+    put its files, for sources that have one.
     """
     out_dir = Path(out_dir)
-    seed = int(split_cfg["seed"])
+    split_cfg = Split.coerce(split_cfg, "split")
+    seed = int(split_cfg.seed)
     # the dataset's own randomness (transforms, subsampling) is seeded from the study seed and its name
     own_seed = _name_seed(name, seed)
     raw = get_source(spec["source"])(spec, own_seed, Path(local_dir) if local_dir else None)
@@ -99,7 +104,7 @@ def prepare_dataset(name: str, spec: dict, split_cfg: dict, out_dir, local_dir=N
     info = {
         "name": name,
         "spec": spec,
-        "split": split_cfg,
+        "split": split_cfg.to_dict(),
         "classes": list(raw.classes),
         "sizes": {k: int(len(v)) for k, v in splits.items()},
         "indices": {k: v.tolist() for k, v in splits.items()},

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
+from mergemix.settings import Merge, Search, Split
+
 log = logging.getLogger("mergemix")
 
 
@@ -45,7 +47,7 @@ def _pretrained(backend_spec: dict, pretrained, threads: int) -> Path:
     return out
 
 
-def _target(spec_or_dir: str, split: dict, work: Path) -> Path:
+def _target(spec_or_dir: str, split: Split, work: Path) -> Path:
     from mergemix import stages
 
     p = Path(spec_or_dir)
@@ -62,10 +64,6 @@ def _target(spec_or_dir: str, split: dict, work: Path) -> Path:
         raise ValueError(f"--target: the JSON spec needs a source (and a name), got {spec_or_dir!r}")
     spec = dict(spec)
     name = spec.pop("name", "target")
-
-    from mergemix.config import schema_defaults
-
-    split = {**schema_defaults("split"), **split}
     out = work / "data" / name
     stages.prepare(name, spec, split, out)
     return out
@@ -78,31 +76,32 @@ def select(
     target,
     out_csv,
     *,
-    split: dict | None = None,
-    strategy: str = "auto",
-    budget=None,
-    seed: int = 0,
-    method: str = "uniform",
-    options: dict | None = None,
+    split: Split | None = None,
+    search: Search | None = None,
+    merge: Merge | None = None,
     work_dir=None,
     threads: int = 1,
     specs: Mapping[str, dict] | None = None,
 ):
     """Rank the subsets of ``models`` (``{name: path}``) for ``target``; writes ``out_csv`` and
-    returns the ranking (rank 1 = the chosen mixture). ``specs``: extra ``models`` entry keys per
-    name (format, max_distance)."""
+    returns the ranking (rank 1 = the chosen mixture). ``split``: the target's split settings when
+    it is a spec; ``search``: the subset search (``auto``: exhaustive while 2^N-1 fits the budget);
+    ``merge``: the merge method and options. Each is a :mod:`mergemix.settings` section, a mapping
+    of some of its keys, or None (the schema's defaults). ``specs``: extra ``models`` entry keys
+    per name (format, max_distance)."""
     from mergemix import io, stages
     from mergemix.analysis import rankings
-    from mergemix.config import resolve_strategy
     from mergemix.given import import_model, load_base
     from mergemix.tables import read_result_table
 
+    split, search = Split.coerce(split, "--split"), Search.coerce(search, "search")
+    merge = Merge.coerce(merge, "merge")
     if len(models) < 1:
         raise ValueError("--models: give at least one NAME=PATH")
     work = Path(work_dir) if work_dir else Path(out_csv).parent / f"{Path(out_csv).stem}.work"
     work.mkdir(parents=True, exist_ok=True)
     pre = _pretrained(backend_spec, pretrained, threads)
-    target_dir = _target(str(target), dict(split or {}), work)
+    target_dir = _target(str(target), split, work)
     from mergemix.data.prepared import load_prepared
 
     tname = load_prepared(target_dir).name
@@ -119,26 +118,15 @@ def select(
         paths[name] = str(work / "models" / name / "model.safetensors")
         spec = {"path": src, **((specs or {}).get(name) or {})}
         import_model(backend_spec, pre, spec, name, paths[name], threads=threads, base=base)
-    n = len(paths)
-    cfg = {"merge_eval": {"strategy": strategy, "budget": budget}}
-    resolved = resolve_strategy(cfg, n)
-    merge = {"method": method, "options": options or {}}
+    resolved = search.resolved(len(paths))
     raw = work / f"merge_eval.{tname}.csv"
-    if resolved == "exhaustive":
+    if resolved.strategy == "exhaustive":
         stages.merge_eval(backend_spec, merge, pre, paths, target_dir, 0, 1, raw, threads)
     else:
-        from mergemix.config import DEFAULT_BUDGET
-
-        search = {
-            "strategy": resolved,
-            "budget": DEFAULT_BUDGET if budget is None else budget,
-            "seed": seed,
-            "options": {},
-        }
         stages.search(
-            backend_spec, merge, search, pre, paths, target_dir, raw, work / f"search.{tname}.json", threads=threads
+            backend_spec, merge, resolved, pre, paths, target_dir, raw, work / f"search.{tname}.json", threads=threads
         )
     table = rankings({tname: read_result_table(raw, "merge_eval")})
-    table.insert(2, "search", resolved)
+    table.insert(2, "search", resolved.strategy)
     io.write_csv(out_csv, table)
     return table

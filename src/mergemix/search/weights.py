@@ -30,14 +30,16 @@ from typing import Any, Callable, Sequence
 from .base import Option, _option_problems
 
 SAMPLERS = ("cmaes", "tpe")
+# The options' types and ranges; their defaults are the schema's (merge_eval.weights, the one source of
+# defaults), read when a WeightSearch leaves an option out (Option.default is not used here).
 OPTIONS: dict[str, Option] = {
-    "sampler": Option("cmaes", str, lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
-    "budget": Option(40, int, lambda v: v >= 1, "an integer >= 1 (weight vectors evaluated, the start included)"),
-    "seed": Option(0, int, lambda v: v >= 0, "an integer >= 0"),
-    "sigma0": Option(0.3, (int, float), lambda v: 0 < v <= 1, "a number in (0, 1] (CMA-ES initial step size)"),
-    "n_startup_trials": Option(8, int, lambda v: v >= 1, "an integer >= 1 (TPE: random trials before TPE)"),
+    "sampler": Option(None, str, lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
+    "budget": Option(None, int, lambda v: v >= 1, "an integer >= 1 (weight vectors evaluated, the start included)"),
+    "seed": Option(None, int, lambda v: v >= 0, "an integer >= 0"),
+    "sigma0": Option(None, (int, float), lambda v: 0 < v <= 1, "a number in (0, 1] (CMA-ES initial step size)"),
+    "n_startup_trials": Option(None, int, lambda v: v >= 1, "an integer >= 1 (TPE: random trials before TPE)"),
     # the surrogate check (workflow, not the search): weight vectors fine-tuned to compare with their merges
-    "check_samples": Option(0, int, lambda v: v >= 0, "an integer >= 0 (0: no check)"),
+    "check_samples": Option(None, int, lambda v: v >= 0, "an integer >= 0 (0: no check)"),
 }
 WeightScore = Callable[[Sequence[float]], "tuple[float, dict] | float"]
 
@@ -96,7 +98,11 @@ class WeightSearch:
         if not 1 <= start_mask < 1 << n_candidates:
             raise ValueError(f"start_mask {start_mask} is not a non-empty subset of {n_candidates} candidates")
         self.n, self.start_mask = n_candidates, start_mask
-        self.opts = {k: options.get(k, o.default) for k, o in OPTIONS.items()}
+        if set(OPTIONS) - set(options):
+            from mergemix.config import schema_defaults
+
+            options = {**schema_defaults("merge_eval.weights"), **options}
+        self.opts = {k: options[k] for k in OPTIONS}
         self.journal, self.study_name = journal, study_name
 
     def _sampler(self, t_index: int):
