@@ -37,8 +37,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks tools
 	$(VENV)/bin/ruff format src tests benchmarks tools
 
+# the whole suite on TEST_WORKERS pytest-xdist workers; each module stays on one worker, and the
+# modules that share the tiny study run (tests/conftest.py) on the same one
+TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # the unit tests only (every test not marked workflow, slurm or slow), two workers: under 2 minutes
 test-fast: $(STAMP)

@@ -11,11 +11,32 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG_MARKS = ("workflow", "slurm", "slow")
 
 
+# Modules whose tests read one session-scoped study run (tiny_study): under pytest-xdist they run
+# on one worker, so the study runs once per session, not once per worker.
+SHARED_STUDY_MODULES = {"test_workflow", "test_report"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Every test that is not a workflow, Slurm or slow one is a unit test (make test-fast)."""
+    """Every test that is not a workflow, Slurm or slow one is a unit test (make test-fast).
+
+    For ``pytest -n N --dist loadgroup`` (make test), each module is one xdist group, so its
+    module-scoped fixtures (a study run, a trained model) run once; the modules sharing
+    ``tiny_study`` form one group. Without xdist the marker does nothing."""
     for item in items:
         if not any(item.get_closest_marker(m) for m in LONG_MARKS):
             item.add_marker(pytest.mark.unit)
+        module = item.module.__name__.rpartition(".")[2] if item.module else item.nodeid.split("::")[0]
+        group = "tiny_study" if module in SHARED_STUDY_MODULES else module
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(group))
+    # the longest modules first (Slurm, then those running Snakemake or subprocesses), so that two
+    # workers do not end waiting on one long module started last; a module's tests stay together
+    rank: dict = {}
+    for item in items:
+        r = 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("workflow") else 2
+        rank[item.module] = min(rank.get(item.module, 3), r)
+    items[:] = sorted(items, key=lambda item: rank[item.module])
 
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
