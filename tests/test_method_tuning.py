@@ -11,6 +11,9 @@ from mergemix.settings import Merge, Search, Tuner
 from mergemix.tuning import tune_method, tuned_options
 
 DIMS, _ = parse_space({"density": [0.05, 1.0], "lambda": [0.2, 2.0]}, tunable_kinds("ties"), "space")
+STARTUP = Tuner.from_cli(
+    {}
+).n_startup_trials  # the schema's merge_eval.tune.n_startup_trials (OptionTuner has no default)
 
 
 def score(options):
@@ -20,9 +23,9 @@ def score(options):
 
 def test_start_first_then_tpe_improves():
     seen = []
-    result = OptionTuner(DIMS, 20, seed=2, start={"density": 0.2, "lambda": 1.0, "weights": None}).run(
-        lambda o: seen.append(o) or score(o)
-    )
+    result = OptionTuner(
+        DIMS, 20, seed=2, n_startup_trials=STARTUP, start={"density": 0.2, "lambda": 1.0, "weights": None}
+    ).run(lambda o: seen.append(o) or score(o))
     assert seen[0] == {"density": 0.2, "lambda": 1.0}  # the untuned setting is scored first
     assert result.start.options == seen[0] and len(result.records) == len(seen) == 20
     assert result.best.value > result.start.value + 0.05
@@ -32,7 +35,7 @@ def test_start_first_then_tpe_improves():
 
 def test_start_outside_the_space_is_left_to_the_sampler():
     seen = []
-    result = OptionTuner(DIMS, 3, seed=0, start={"density": 0.01, "lambda": 1.0}).run(
+    result = OptionTuner(DIMS, 3, seed=0, n_startup_trials=STARTUP, start={"density": 0.01, "lambda": 1.0}).run(
         lambda o: seen.append(o) or score(o)
     )
     assert seen[0]["lambda"] == 1.0 and seen[0]["density"] != 0.01
@@ -40,7 +43,10 @@ def test_start_outside_the_space_is_left_to_the_sampler():
 
 
 def test_deterministic_for_its_seed():
-    runs = [[r.options for r in OptionTuner(DIMS, 10, seed=s).run(score).records] for s in (4, 4, 5)]
+    runs = [
+        [r.options for r in OptionTuner(DIMS, 10, seed=s, n_startup_trials=STARTUP).run(score).records]
+        for s in (4, 4, 5)
+    ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
@@ -55,15 +61,17 @@ def test_resumes_after_a_kill_without_scoring_again(tmp_path):
 
     journal = tmp_path / "tune.log"
     with pytest.raises(KeyboardInterrupt):
-        OptionTuner(DIMS, 12, seed=1, start={"density": 0.2, "lambda": 1.0}, journal=journal).run(dies_at_6)
+        OptionTuner(
+            DIMS, 12, seed=1, n_startup_trials=STARTUP, start={"density": 0.2, "lambda": 1.0}, journal=journal
+        ).run(dies_at_6)
     again = []
-    result = OptionTuner(DIMS, 12, seed=1, start={"density": 0.2, "lambda": 1.0}, journal=journal).run(
-        lambda o: again.append(o) or score(o)
-    )
+    result = OptionTuner(
+        DIMS, 12, seed=1, n_startup_trials=STARTUP, start={"density": 0.2, "lambda": 1.0}, journal=journal
+    ).run(lambda o: again.append(o) or score(o))
     assert len(again) == 12 - 5 and [r.options for r in result.records][:5] == calls
-    full = OptionTuner(DIMS, 12, seed=1, start={"density": 0.2, "lambda": 1.0}, journal=tmp_path / "full.log").run(
-        score
-    )
+    full = OptionTuner(
+        DIMS, 12, seed=1, n_startup_trials=STARTUP, start={"density": 0.2, "lambda": 1.0}, journal=tmp_path / "full.log"
+    ).run(score)
     assert [r.options for r in full.records] == [r.options for r in result.records]  # TPE replays an uninterrupted run
 
 
@@ -72,7 +80,9 @@ def test_integer_and_choice_dimensions():
         {"seed": [0, 5], "scope": {"choices": ["global", "tensor"]}}, tunable_kinds("dare"), "s"
     )
     assert not problems
-    result = OptionTuner(dims, 8, seed=0).run(lambda o: (float(o["seed"]) + (o["scope"] == "tensor"), {}))
+    result = OptionTuner(dims, 8, seed=0, n_startup_trials=STARTUP).run(
+        lambda o: (float(o["seed"]) + (o["scope"] == "tensor"), {})
+    )
     assert all(
         isinstance(r.options["seed"], int) and r.options["scope"] in ("global", "tensor") for r in result.records
     )

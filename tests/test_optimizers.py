@@ -11,6 +11,9 @@ from mergemix import io
 from mergemix.backends import training
 from mergemix.backends.training import lr_factor, make_optimizer
 
+# the keys without a schema default (mergemix.settings.HParams): the tests below vary the others
+REQUIRED = {"epochs": 1, "lr": 1.0, "batch_size": 1}
+
 
 def params(*values):
     return [torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for v in values]
@@ -21,7 +24,7 @@ def params(*values):
     [
         (
             {"lr": 0.01},
-            torch.optim.AdamW,  # the default: AdamW without weight decay (torch's own default is 0.01)
+            torch.optim.AdamW,  # the schema's default: AdamW without weight decay (torch's own default is 0.01)
             {"lr": 0.01, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False},
         ),
         (
@@ -55,7 +58,7 @@ def params(*values):
 )
 def test_configured_optimizer_is_torch_optim_with_the_hyperparameters(hp, cls, expected):
     ps = params([1.0, 2.0], [3.0])
-    opt = make_optimizer(ps, hp)
+    opt = make_optimizer(ps, {**REQUIRED, **hp})
     assert type(opt) is cls
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == ps
     group = opt.param_groups[0]
@@ -66,15 +69,15 @@ def test_configured_optimizer_is_torch_optim_with_the_hyperparameters(hp, cls, e
 
 
 def test_unknown_optimizer_is_refused():
-    with pytest.raises(ValueError, match="unknown optimizer 'lion'; allowed: adamw, adam, sgd"):
-        make_optimizer(params([1.0]), {"optimizer": "lion", "lr": 0.1})
+    with pytest.raises(ValueError, match="optimizer: 'lion' is not allowed; allowed: adamw, adam, sgd"):
+        make_optimizer(params([1.0]), {**REQUIRED, "optimizer": "lion", "lr": 0.1})
 
 
 def two_steps(hp, grads, lrs):
     """Two steps of the configured optimizer on p = [1, -2] (float64) with the given gradients and
     learning rates (set on the parameter group as fit does)."""
     (p,) = params([1.0, -2.0])
-    opt = make_optimizer([p], hp)
+    opt = make_optimizer([p], {**REQUIRED, **hp})
     for g, lr in zip(grads, lrs):
         p.grad = torch.tensor(g, dtype=torch.float64)
         training.set_lr(opt, lr)
@@ -134,7 +137,7 @@ def test_steps_equal_torch_optim_itself_and_tensors_without_gradient_are_left(na
     a = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     b = torch.nn.Sequential(*[torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)])
     b.load_state_dict(a.state_dict())
-    ours = make_optimizer(a.parameters(), {"optimizer": name, **kw})
+    ours = make_optimizer(a.parameters(), {**REQUIRED, "optimizer": name, **kw})
     ref = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name](b.parameters(), **kw)
     x, y = torch.randn(16, 5), torch.randn(16, 3)
     last = a[3].weight.detach().clone()
@@ -170,12 +173,13 @@ def test_steps_equal_torch_optim_itself_and_tensors_without_gradient_are_left(na
     ],
 )
 def test_schedule_factor_at_given_steps(hp, total, expected):
+    hp = {**REQUIRED, **hp}
     assert {s: lr_factor(s, total, hp) for s in expected} == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def test_unknown_schedule_is_refused():
-    with pytest.raises(ValueError, match="unknown schedule 'step'"):
-        lr_factor(0, 10, {"schedule": "step"})
+    with pytest.raises(ValueError, match="schedule: 'step' is not allowed; allowed: constant, cosine, linear"):
+        lr_factor(0, 10, {**REQUIRED, "schedule": "step"})
 
 
 def tiny_fit(hp, monkeypatch, checkpoint=None):

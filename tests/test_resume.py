@@ -15,7 +15,7 @@ import pytest
 from conftest import DIGITS_BACKEND, ROOT
 from mergemix import io, stages
 from mergemix.backends import training
-from mergemix.settings import Split
+from mergemix.settings import Checkpoint, Split
 
 SPLIT = Split.from_cli({"seed": 0, "val": 0.2, "test": 0.3, "max_train": 200, "max_val": 60, "max_test": 60})
 HP = {
@@ -164,15 +164,13 @@ def test_resume_at_every_step_and_with_the_weighted_sampler(study, tmp_path, mon
             with monkeypatch.context() as mp:
                 interrupt_after(mp, stop)
                 with pytest.raises(Preempted):
-                    stages.finetune(DIGITS_BACKEND, hp, pre, data, out, checkpoint_every_steps=1)
+                    stages.finetune(DIGITS_BACKEND, hp, pre, data, out, checkpoint={"every_steps": 1})
             folder = stages.checkpoint_path(out)
             assert (folder / training.CHECKPOINT_FILE).exists() and not out.exists()
             (folder / f".{training.CHECKPOINT_FILE}.abc123.tmp").write_bytes(b"half a checkpoint")
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="mergemix"):  # both rules off: resumed, nothing more saved
-                resumed = stages.finetune(
-                    DIGITS_BACKEND, hp, pre, data, out, checkpoint_every_steps=0, checkpoint_every_seconds=0
-                )
+                resumed = stages.finetune(DIGITS_BACKEND, hp, pre, data, out, checkpoint=Checkpoint(0, 0))
             assert f": resuming from checkpoint {folder / training.CHECKPOINT_FILE} at step {stop}/" in caplog.text
             assert io.sha256_file(out) == whole[kind]["sha256"], (kind, stop)
             assert comparable(resumed) == comparable(whole[kind]), (kind, stop)  # train_loss too
@@ -187,10 +185,10 @@ def test_checkpoint_of_another_run_is_not_resumed(study, tmp_path, monkeypatch, 
     with monkeypatch.context() as mp:
         interrupt_after(mp, 10)
         with pytest.raises(Preempted):
-            stages.finetune(DIGITS_BACKEND, HP, pre, data, out, checkpoint_every_steps=2)
+            stages.finetune(DIGITS_BACKEND, HP, pre, data, out, checkpoint={"every_steps": 2})
     assert (stages.checkpoint_path(out) / training.CHECKPOINT_FILE).exists()
     with caplog.at_level(logging.INFO, logger="mergemix"):
-        stages.finetune(DIGITS_BACKEND, other, pre, data, out, checkpoint_every_steps=2)
+        stages.finetune(DIGITS_BACKEND, other, pre, data, out, checkpoint={"every_steps": 2})
     assert "belongs to another run (different hyperparameters)" in caplog.text
     assert ": resuming from" not in caplog.text
     assert io.sha256_file(out) == whole["sha256"] and not stages.checkpoint_path(out).exists()
@@ -200,10 +198,10 @@ def test_checkpoint_of_another_run_is_not_resumed(study, tmp_path, monkeypatch, 
     with monkeypatch.context() as mp:
         interrupt_after(mp, 4)
         with pytest.raises(Preempted):
-            stages.finetune(DIGITS_BACKEND, HP, pre, [study / "data" / "rotate"], out2, checkpoint_every_steps=2)
+            stages.finetune(DIGITS_BACKEND, HP, pre, [study / "data" / "rotate"], out2, checkpoint={"every_steps": 2})
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mergemix"):
-        stages.finetune(DIGITS_BACKEND, HP, pre, data, out2, checkpoint_every_steps=0, checkpoint_every_seconds=0)
+        stages.finetune(DIGITS_BACKEND, HP, pre, data, out2, checkpoint=Checkpoint(0, 0))
     assert "different run.data" in caplog.text and ": resuming from" not in caplog.text
     assert not stages.checkpoint_path(out2).exists()
 
@@ -230,19 +228,27 @@ def test_progress_lines_and_checkpoint_settings(study, tmp_path, monkeypatch, ca
     assert any("step 3/7 (43%)" in line and "steps/s, ETA 0:00:0" in line and "loss " in line for line in lines), lines
     assert any("epoch 1/1 loss" in line and "step 7/7 (100%)" in line for line in lines), lines
 
-    assert stages._checkpoint_every() == (None, 600.0)
-    assert stages._checkpoint_every(5, 0) == (5, None)
+    # the fine-tune stages' flags as a settings.Checkpoint: each flag, else its environment variable,
+    # else the schema's checkpoint defaults (every 10 minutes, not by steps)
+    assert stages.checkpoint_settings() == Checkpoint.from_cli({}) == Checkpoint(10, None)
+    assert stages.checkpoint_settings().every_seconds == 600.0
+    assert stages.checkpoint_settings(5, 0) == Checkpoint(0, 5)
     monkeypatch.setenv(stages.CHECKPOINT_STEPS_ENV, "50")
     monkeypatch.setenv(stages.CHECKPOINT_SECONDS_ENV, "off")
-    assert stages._checkpoint_every() == (50, None)
-    assert stages._checkpoint_every(7, 90) == (7, 90.0)  # the arguments (a config key) before the environment
+    assert stages.checkpoint_settings() == Checkpoint(0, 50)
+    assert stages._checkpoint(None) == Checkpoint(0, 50)  # a stage given no settings reads the environment
+    assert stages._checkpoint({"every_steps": 3}) == Checkpoint(10, 3)  # given settings: the schema's defaults
+    assert stages.checkpoint_settings(7, 90) == Checkpoint(1.5, 7)  # the flags (a config key) before the environment
+    assert stages.checkpoint_settings(7, 90).every_seconds == 90.0
     monkeypatch.setenv(stages.CHECKPOINT_STEPS_ENV, "ten")
     with pytest.raises(ValueError, match="MERGEMIX_CHECKPOINT_EVERY_STEPS='ten'"):
-        stages._checkpoint_every()
+        stages.checkpoint_settings()
     with pytest.raises(ValueError, match="-1"):
-        stages._checkpoint_every(-1)
+        stages.checkpoint_settings(-1)
     with pytest.raises(ValueError, match="2.5"):
-        stages._checkpoint_every(2.5)
+        stages.checkpoint_settings(2.5)
+    with pytest.raises(ValueError, match="unknown key 'every_seconds'"):
+        stages._checkpoint({"every_seconds": 60})
 
 
 @pytest.mark.parametrize(

@@ -14,26 +14,36 @@ from mergemix.settings import (
     Checkpoint,
     Eval,
     Final,
+    HParams,
     Merge,
     MergeEval,
+    PretrainHParams,
     Search,
     Split,
     Study,
     Tune,
     Tuner,
+    WeightedHParams,
     Weights,
     WeightsSearch,
 )
 
 # whole sections: exactly the schema section's keys
-WHOLE = [Split, MergeEval, Tune, Weights, Checkpoint, Final, Analysis]
+WHOLE = [Split, HParams, PretrainHParams, MergeEval, Tune, Weights, Checkpoint, Final, Analysis]
+
+
+def schema_section(path: str) -> dict:
+    schema = load_yaml(DEFAULT_SCHEMA)
+    node = schema
+    for key in path.split("."):
+        node = node["properties"][key]
+        if "$ref" in node:  # finetune, pretrain.hparams: the hparams definition
+            node = schema["definitions"][node["$ref"].removeprefix("#/definitions/")]
+    return node
 
 
 def schema_props(path: str) -> dict:
-    node = load_yaml(DEFAULT_SCHEMA)
-    for key in path.split("."):
-        node = node["properties"][key]
-    return node["properties"]
+    return schema_section(path)["properties"]
 
 
 def schema_keys(cls) -> set:
@@ -47,7 +57,9 @@ def test_each_section_is_keys_of_its_schema_section_with_their_defaults_there(cl
     if cls in WHOLE:
         assert schema_keys(cls) == set(props)
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(cls))  # defaults only in the schema
-    assert all("default" in props[k] for k in schema_keys(cls))  # so every key may be left out of a stage's JSON
+    # so every key may be left out of a stage's JSON, but for the ones the schema requires (finetune.lr)
+    required = set(schema_section(cls.SCHEMA).get("required", []))
+    assert all("default" in props[k] or k in required for k in schema_keys(cls))
     assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
 
 
@@ -212,3 +224,96 @@ def test_a_stage_called_with_a_bad_mapping_fails_before_any_work(tmp_path):
         stages.merge_eval({}, {"method": "uniform", "optoins": {}}, "p", {"a": "m"}, tmp_path, 0, 1, tmp_path / "o.csv")
     with pytest.raises(TypeError, match="expected mergemix.settings.Search"):
         stages.search({}, Merge.from_cli({}), Eval.from_cli({}), "p", {"a": "m"}, tmp_path, "o.csv", "o.json")
+
+
+# --- training hyperparameters ---------------------------------------------------------------------
+
+HP = {"epochs": 2, "lr": 0.01, "batch_size": 8}
+
+
+def test_hparams_are_the_schemas_hparams_definition_for_finetune_and_pretrain():
+    hparams = load_yaml(DEFAULT_SCHEMA)["definitions"]["hparams"]
+    assert {f.name for f in dataclasses.fields(HParams)} == set(hparams["properties"])
+    assert schema_props("finetune") == schema_props("pretrain.hparams") == hparams["properties"]
+    assert {f.name for f in dataclasses.fields(PretrainHParams)} == {f.name for f in dataclasses.fields(HParams)}
+    # no default in the schema: the keys a stage's --hparams must give
+    assert set(hparams["required"]) == {k for k, v in hparams["properties"].items() if "default" not in v}
+    assert set(hparams["required"]) == {"epochs", "lr", "batch_size"}
+    assert schema_defaults("finetune") == {k: v["default"] for k, v in hparams["properties"].items() if "default" in v}
+
+
+def test_hparams_take_the_schema_defaults_and_record_what_the_config_holds(default_config):
+    hp = HParams.from_cli(HP, "--hparams")
+    assert hp.to_dict() == {**schema_defaults("finetune"), **HP}
+    assert (hp.optimizer, hp.schedule, hp.weight_decay, hp.grad_clip) == ("adamw", "constant", 0.0, None)
+    cfg = validate_config(default_config)
+    study = Study.from_config(cfg)
+    # what the rules pass (--hparams) and the manifests record: the validated section, unchanged
+    assert study.finetune.to_dict() == cfg["finetune"] and isinstance(study.finetune, HParams)
+    assert HParams.from_cli(cfg["finetune"]) == study.finetune
+    assert PretrainHParams.from_cli(HP).to_dict() == hp.to_dict()
+    assert HParams.coerce(HP) == hp and HParams.coerce(hp) is hp
+    weighted = hp.weighted({"a": 0.25, "b": 0.75})
+    assert isinstance(weighted, WeightedHParams) and weighted.mixture_weights == {"a": 0.25, "b": 0.75}
+    assert weighted.to_dict() == {**hp.to_dict(), "mixture_weights": {"a": 0.25, "b": 0.75}}
+    assert HParams.coerce({**HP, "mixture_weights": {"a": 0.25, "b": 0.75}}) == weighted
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        hp.lr = 0.1
+
+
+@pytest.mark.parametrize(
+    "cls,data,expected",
+    [
+        (HParams, {**HP, "learning_rate": 0.1}, ["--x: finetune: unknown key 'learning_rate'", "weight_decay"]),
+        (PretrainHParams, {**HP, "wd": 0.1}, ["--x: pretrain.hparams: unknown key 'wd'"]),
+        (HParams, {"epochs": 2, "batch_size": 8}, ["finetune: 'lr' is a required property"]),
+        (HParams, {**HP, "optimizer": "lion"}, ["finetune.optimizer", "adamw, adam, sgd"]),
+        (HParams, {**HP, "warmup_frac": 1.5}, ["finetune.warmup_frac", "<= 1"]),
+        (HParams, {**HP, "mixture_weights": {"a": 1}}, ["unknown key 'mixture_weights'"]),  # searched, not configured
+    ],
+)
+def test_bad_hparams_are_refused_naming_the_key(cls, data, expected):
+    with pytest.raises(ConfigError) as e:
+        cls.from_cli(data, "--x")
+    for part in expected:
+        assert part in str(e.value), (part, str(e.value))
+
+
+def test_the_cli_fills_hparams_with_the_schema_defaults(tmp_path, monkeypatch):
+    """finetune's --hparams with the required keys only: the model's manifest records every key,
+    the schema's defaults filled in (what a study's validated finetune section would hold)."""
+    from mergemix import stages
+    from mergemix.cli import main
+
+    recorded = {}
+
+    def finetune(backend_spec, hp, pretrained, data_dirs, out_path, threads=1, checkpoint=None):
+        recorded.update(hp=hp, checkpoint=checkpoint)
+
+    monkeypatch.setattr(stages, "finetune", finetune)
+    monkeypatch.delenv(stages.CHECKPOINT_STEPS_ENV, raising=False)
+    monkeypatch.setenv(stages.CHECKPOINT_SECONDS_ENV, "120")
+    argv = ["finetune", "--backend", "{}", "--hparams", json.dumps(HP), "--pretrained", "p", "--data", "d"]
+    assert main([*argv, "--out", str(tmp_path / "m"), "--checkpoint-every-steps", "5"]) == 0
+    assert isinstance(recorded["hp"], HParams) and recorded["hp"].to_dict() == {**schema_defaults("finetune"), **HP}
+    # the flag given, the environment for the other rule
+    assert recorded["checkpoint"] == Checkpoint(2, 5) and recorded["checkpoint"].every_seconds == 120
+
+
+@pytest.mark.parametrize(
+    "stage,extra",
+    [
+        ("pretrain", ["--data", "d", "--out", "o"]),
+        ("finetune", ["--pretrained", "p", "--data", "d", "--out", "o"]),
+        ("weighted-finetune", ["--pretrained", "p", "--weights", "w", "--data", "a=d", "--target", "t", "--out", "o"]),
+    ],
+)
+def test_the_cli_refuses_an_unknown_hparams_key_naming_it(stage, extra, capsys):
+    from mergemix.cli import main
+
+    if stage == "weighted-finetune":
+        extra = [*extra, "--eval-out", "e"]
+    hp = json.dumps({**HP, "weight_decy": 0.1})
+    assert main([stage, "--backend", "{}", "--hparams", hp, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--hparams: " in err and "unknown key 'weight_decy'" in err, err

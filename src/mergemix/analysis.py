@@ -14,6 +14,7 @@ import pandas as pd
 
 from mergemix import io, metrics
 from mergemix.selection import full_rows, select_best
+from mergemix.settings import Analysis
 from mergemix.similarity import METRICS
 from mergemix.subsets import sort_key, subset_id
 
@@ -165,15 +166,18 @@ def analyze(
     similarity: Mapping[str, str],
     final: Mapping[str, str],
     out_dir,
-    eps: float = metrics.LOGIT_EPS,
-    figure_formats: Sequence[str] = ("png", "pdf"),
+    options: Analysis | Mapping | None = None,
     search: Mapping[str, str] | None = None,
     merge_eval_sampled: Mapping[str, str] | None = None,
     mixtures: str = "all",
     weighted: Mapping[str, str] | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """``weighted``: {target: JSON of its weighted final fine-tune} (merge_eval.strategy: weights),
-    reported as ``m2m_weighted`` beside the binary choice's ``m2m_finetuned``."""
+    """``options``: the ``analysis`` section (:class:`mergemix.settings.Analysis`: ``logit_eps``,
+    ``figure_formats``; a mapping or None is converted by ``Analysis.coerce``, with the schema's
+    defaults). ``weighted``: {target: JSON of its weighted final fine-tune} (merge_eval.strategy:
+    weights), reported as ``m2m_weighted`` beside the binary choice's ``m2m_finetuned``."""
+    options = Analysis.coerce(options, "analysis")
+    eps, figure_formats = options.logit_eps, list(options.figure_formats)
     if mixtures not in MIXTURE_MODES:
         raise ValueError(f"analysis option mixtures must be one of {', '.join(MIXTURE_MODES)}, got {mixtures!r}")
     out_dir = Path(out_dir)

@@ -2,9 +2,11 @@
 
 Specs (backend, hyperparameters, split settings) are JSON strings, exactly the slices of the
 study config the stage depends on, so Snakemake sees them as params and reruns on change. The
-config sections among them (--split, --merge, --eval, --search, --tune, --weights, analyze's
---options) become typed sections of :mod:`mergemix.settings`: checked against the schema (an unknown
-key is refused, naming it) and the keys left out take the schema's defaults, as in a study.
+config sections among them (--hparams, --split, --merge, --eval, --search, --tune, --weights,
+analyze's --options) become typed sections of :mod:`mergemix.settings`: checked against the schema
+(an unknown key is refused, naming it) and the keys left out take the schema's defaults, as in a
+study. The fine-tune stages' --checkpoint-every-* flags (or their environment variables, else the
+schema's defaults) become a ``settings.Checkpoint``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         if backend:
             s.add_argument("--backend", type=_json, required=True, help="JSON: the study's backend section")
         if hparams:
-            s.add_argument("--hparams", type=_json, required=True, help="JSON: training hyperparameters")
+            s.add_argument(
+                "--hparams",
+                type=_json,
+                required=True,
+                help="JSON: training hyperparameters (finetune or pretrain.hparams; epochs, lr and batch_size "
+                "required, the other keys default to the schema's)",
+            )
         if pretrained:
             s.add_argument("--pretrained", required=True, help="the pre-trained model file")
         return s
@@ -441,18 +449,18 @@ def run(args) -> None:
     elif args.stage == "head":
         stages.head(args.backend, args.pretrained, args.data, args.out, t, templates=args.templates)
     elif args.stage == "pretrain":
-        stages.pretrain(args.backend, args.hparams, args.data, args.out, t)
+        stages.pretrain(
+            args.backend, settings.PretrainHParams.from_cli(args.hparams, "--hparams"), args.data, args.out, t
+        )
     elif args.stage in ("finetune", "finetune-pack", "final-finetune", "final-finetune-pack"):
-        every = {
-            "checkpoint_every_steps": args.checkpoint_every_steps,
-            "checkpoint_every_seconds": args.checkpoint_every_seconds,
-        }
+        hp = settings.HParams.from_cli(args.hparams, "--hparams")
+        every = {"checkpoint": stages.checkpoint_settings(args.checkpoint_every_steps, args.checkpoint_every_seconds)}
         if args.stage == "finetune":
-            stages.finetune(args.backend, args.hparams, args.pretrained, args.data, args.out, t, **every)
+            stages.finetune(args.backend, hp, args.pretrained, args.data, args.out, t, **every)
         elif args.stage == "finetune-pack":
             stages.finetune_pack(
                 args.backend,
-                args.hparams,
+                hp,
                 args.pretrained,
                 _pack_jobs(_pairs(args.data), args.subsets, args.out),
                 t,
@@ -461,7 +469,7 @@ def run(args) -> None:
         elif args.stage == "final-finetune":
             r = stages.final_finetune(
                 args.backend,
-                args.hparams,
+                hp,
                 args.pretrained,
                 args.merge_eval,
                 _pairs(args.data),
@@ -473,7 +481,7 @@ def run(args) -> None:
             )
             logging.getLogger("mergemix").info("final model: %s", r)
         else:
-            stages.final_finetune_pack(args.backend, args.hparams, args.pretrained, _final_jobs(args), t, **every)
+            stages.final_finetune_pack(args.backend, hp, args.pretrained, _final_jobs(args), t, **every)
     elif args.stage == "merge-eval":
         if len(args.options_from) > 1:
             raise SystemExit(f"mergemix: --options-from takes one tune-method JSON, got {len(args.options_from)}")
@@ -592,7 +600,6 @@ def run(args) -> None:
         if isinstance(opts, dict) and "mixtures" in opts:
             opts = dict(opts)
             mixtures["mixtures"] = opts.pop("mixtures")
-        a = settings.Analysis.from_cli(opts, "--options")
         analyze(
             args.targets,
             args.pretrained_csv,
@@ -601,8 +608,7 @@ def run(args) -> None:
             _pairs(args.similarity),
             _pairs(args.final),
             args.out_dir,
-            eps=a.logit_eps,
-            figure_formats=list(a.figure_formats),
+            settings.Analysis.from_cli(opts, "--options"),
             search=_pairs(args.search),
             merge_eval_sampled=_pairs(args.merge_eval_sampled),
             weighted=_pairs(args.weighted),
@@ -629,7 +635,7 @@ def run(args) -> None:
 
         r = weighted_finetune(
             args.backend,
-            args.hparams,
+            settings.HParams.from_cli(args.hparams, "--hparams"),
             args.pretrained,
             args.weights,
             _pairs(args.data),
@@ -637,8 +643,7 @@ def run(args) -> None:
             args.out,
             args.eval_out,
             t,
-            checkpoint_every_steps=args.checkpoint_every_steps,
-            checkpoint_every_seconds=args.checkpoint_every_seconds,
+            checkpoint=stages.checkpoint_settings(args.checkpoint_every_steps, args.checkpoint_every_seconds),
         )
         logging.getLogger("mergemix").info("weighted model: %s", r)
     elif args.stage == "weights-check":
@@ -646,7 +651,7 @@ def run(args) -> None:
 
         weights_check(
             args.backend,
-            args.hparams,
+            settings.HParams.from_cli(args.hparams, "--hparams"),
             args.pretrained,
             _pairs(args.models),
             _pairs(args.data),

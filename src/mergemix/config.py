@@ -120,13 +120,24 @@ def load_yaml(path) -> dict:
             raise ConfigError(f"{where}: YAML syntax error: {what}; fix the file at that line") from None
 
 
+def resolve_ref(schema: dict, node: dict) -> dict:
+    """``node`` of ``schema``, or the definition it refers to (``{$ref: "#/definitions/hparams"}``)."""
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+        target = schema
+        for part in node["$ref"][2:].split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
 def schema_defaults(section: str, schema_path=None) -> dict:
     """The defaults the schema declares for the properties of ``section`` (dotted, e.g.
-    ``merge_eval.tune``): the one source of defaults, for code that runs outside a validated study
-    (``mergemix select``, a stage called from Python)."""
-    node = load_yaml(schema_path or DEFAULT_SCHEMA)
+    ``merge_eval.tune``, or ``finetune``: its definition's): the one source of defaults, for code
+    that runs outside a validated study (``mergemix select``, a stage called from Python)."""
+    schema = load_yaml(schema_path or DEFAULT_SCHEMA)
+    node = schema
     for key in section.split("."):
-        node = node["properties"][key]
+        node = resolve_ref(schema, resolve_ref(schema, node)["properties"][key])
     return {k: v["default"] for k, v in node.get("properties", {}).items() if isinstance(v, dict) and "default" in v}
 
 

@@ -5,21 +5,32 @@ here declare none (every field must be given), and there are two ways to build t
 
 * :meth:`Study.from_config` on the result of :func:`mergemix.config.validate_config`, which checked
   the study config and filled in the schema's defaults (the workflow: ``common.smk``'s ``SETTINGS``);
-* :meth:`Section.from_cli` on one stage argument (``--split``, ``--eval``, ``--merge``, ``--search``,
-  ``--tune``, ``--weights``, analyze's ``--options``): its keys are checked against the schema's
-  section (types, ranges, allowed values; an unknown key is refused, naming it) and the missing ones
-  take the schema's defaults, so a stage run by hand with some keys left out gets what a study gets.
+* :meth:`Section.from_cli` on one stage argument (``--hparams``, ``--split``, ``--eval``, ``--merge``,
+  ``--search``, ``--tune``, ``--weights``, analyze's ``--options``): its keys are checked against the
+  schema's section (types, ranges, allowed values; an unknown key is refused, naming it; a key
+  without a default, such as ``finetune.lr``, must be given) and the missing ones take the schema's
+  defaults, so a stage run by hand with some keys left out gets what a study gets.
 
 The stage functions (:mod:`mergemix.stages`, :mod:`mergemix.tuning`, :mod:`mergemix.weighting`,
-:mod:`mergemix.data.prepared`, :mod:`mergemix.given.select`) take these sections and read their
-attributes, never ``.get(key, default)``. For calls from Python (tests, notebooks) they also accept
+:mod:`mergemix.analysis`, :mod:`mergemix.data.prepared`, :mod:`mergemix.given.select`) and the
+training code (the backends' ``finetune``/``pretrain``, :func:`mergemix.backends.training.fit`) take
+these sections and read their attributes, never ``.get(key, default)``. For calls from Python (tests, notebooks) they also accept
 a plain mapping, converted exactly as the CLI converts its JSON (:meth:`Section.coerce`: schema
 defaults, unknown keys and bad values refused), and ``None`` (all the schema's defaults). Any other
 value, a section of another class included, is a ``TypeError`` naming the class expected. Lists
 inside a section are tuples; ``to_dict()`` gives plain JSON data back, which is what rules pass
-(``js`` in ``common.smk``) and what engines get as options. The fine-tune stages take their
-checkpoint intervals as numbers (flags, not params); unset, they fall back to the environment
-variables, then to :class:`Checkpoint`'s schema defaults.
+(``js`` in ``common.smk``) and what engines get as options. The fine-tune stages take a
+:class:`Checkpoint` (the CLI builds it from its ``--checkpoint-every-*`` flags, flags and not params
+so that changing them never reruns a fine-tune; a flag not given falls back to its environment
+variable, then to the schema's default: :func:`mergemix.stages.checkpoint_settings`; a stage given
+none reads the environment and the schema the same way).
+
+Training hyperparameters are :class:`HParams` (``finetune``; :class:`PretrainHParams` for
+``pretrain.hparams``, the same schema definition), and a weighted mixture's are
+:class:`WeightedHParams` (the searched ``mixture_weights`` besides them; not a config key).
+``HParams.to_dict()`` is what a model's manifest records and a checkpoint's fingerprint hashes:
+every key, exactly the validated config's section, so models trained before these sections existed
+(from the workflow's full ``--hparams``) keep their records.
 
 Some sections are the part of a config section that one stage depends on, so that a rule's params
 (and so Snakemake's reruns) hold exactly that: :class:`Eval`, :class:`Merge` and :class:`Search` of
@@ -60,11 +71,15 @@ def _schema() -> dict:
 
 
 def schema_node(path: str) -> dict:
-    """The schema of the config section at dotted ``path`` (e.g. ``merge_eval.tune``)."""
-    node = _schema()
+    """The schema of the config section at dotted ``path`` (e.g. ``merge_eval.tune``; a section
+    that refers to a definition, as ``finetune`` and ``pretrain.hparams`` do, as that definition)."""
+    from mergemix.config import resolve_ref
+
+    schema = _schema()
+    node = schema
     for key in path.split("."):
-        node = node["properties"][key]
-    return node
+        node = resolve_ref(schema, node)["properties"][key]
+    return resolve_ref(schema, node)
 
 
 class Section:
@@ -162,7 +177,10 @@ def _validator(cls: type[Section]):
 
     node = schema_node(cls.SCHEMA)
     props = {f.name: node["properties"][cls.KEYS.get(f.name, f.name)] for f in dataclasses.fields(cls)}
+    required = [f.name for f in dataclasses.fields(cls) if cls.KEYS.get(f.name, f.name) in node.get("required", ())]
     schema: dict = {"type": "object", "additionalProperties": False, "properties": props}
+    if required:  # the keys without a default (finetune's epochs, lr, batch_size)
+        schema["required"] = required
     for key in reversed(cls.SCHEMA.split(".")):
         schema = {"type": "object", "required": [key], "properties": {key: schema}}
     schema["definitions"] = _schema().get("definitions", {})
@@ -328,6 +346,71 @@ class Checkpoint(Section):
 
 
 @dataclass(frozen=True)
+class HParams(Section):
+    """Training hyperparameters (the schema's ``hparams`` definition: ``finetune``, and
+    :class:`PretrainHParams`). ``epochs``, ``lr`` and ``batch_size`` have no default: a stage's
+    ``--hparams`` must give them. What the fine-tune stages and the backends' ``finetune`` and
+    ``pretrain`` take, and what :func:`mergemix.backends.training.fit` reads; ``to_dict()`` is what
+    a model's manifest records as ``hyperparameters`` (and the checkpoint fingerprint hashes)."""
+
+    SCHEMA = "finetune"
+
+    epochs: int
+    lr: float
+    batch_size: int
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    schedule: str
+    warmup_frac: float
+    grad_clip: float | None
+    seed: int
+
+    @classmethod
+    def coerce(cls, value: Any, where: str | None = None) -> HParams:
+        """As :meth:`Section.coerce`; a mapping with ``mixture_weights`` besides the hyperparameters
+        (a weighted mixture, as tests and notebooks write it) is a :class:`WeightedHParams`."""
+        if isinstance(value, Mapping) and "mixture_weights" in value:
+            return WeightedHParams.from_cli(value, where)
+        return super().coerce(value, where)
+
+    def weighted(self, weights: Mapping[str, float]) -> WeightedHParams:
+        """These hyperparameters with batches drawn in the proportions ``weights`` ({dataset: weight})."""
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(HParams)}
+        return WeightedHParams(**plain, mixture_weights=_frozen(dict(weights)))
+
+
+@dataclass(frozen=True)
+class PretrainHParams(HParams):
+    """``pretrain.hparams``: the same definition as ``finetune`` (messages name this key)."""
+
+    SCHEMA = "pretrain.hparams"
+
+
+@dataclass(frozen=True)
+class WeightedHParams(HParams):
+    """Hyperparameters of a weighted mixture (``weighted-finetune``, ``weights-check``): batches
+    drawn with replacement, dataset d supplying a share ``mixture_weights[d]`` of them
+    (:func:`mergemix.backends.training.mixture_probabilities`). Not a config section: the weights
+    are searched (``weights-search``), never configured; built by :meth:`HParams.weighted`."""
+
+    mixture_weights: dict
+
+    @classmethod
+    def from_cli(cls, data: Mapping[str, Any] | None = None, where: str | None = None) -> WeightedHParams:
+        from mergemix.config import ConfigError
+
+        weights = (data or {}).get("mixture_weights") if isinstance(data, Mapping) else None
+        if not isinstance(weights, Mapping):
+            raise ConfigError(
+                f"{f'{where}: ' if where else ''}mixture_weights: expected an object {{dataset: weight}}, "
+                f"got {type(weights).__name__} {weights!r}"
+            )
+        rest = {k: v for k, v in data.items() if k != "mixture_weights"}
+        return HParams.from_cli(rest, where).weighted(weights)
+
+
+@dataclass(frozen=True)
 class Final(Section):
     SCHEMA = "final"
 
@@ -349,6 +432,7 @@ class Study(Section):
 
     study: str
     split: Split
+    finetune: HParams
     merge_eval: MergeEval
     checkpoint: Checkpoint
     final: Final
@@ -363,6 +447,7 @@ SUBSECTIONS: dict[tuple[type, str], type] = {
     (MergeEval, "tune"): Tune,
     (MergeEval, "weights"): Weights,
     (Study, "split"): Split,
+    (Study, "finetune"): HParams,
     (Study, "merge_eval"): MergeEval,
     (Study, "checkpoint"): Checkpoint,
     (Study, "final"): Final,
@@ -372,6 +457,8 @@ SUBSECTIONS: dict[tuple[type, str], type] = {
 # every section a stage argument is read as (tests/test_settings.py checks each against the schema)
 SECTIONS: tuple[type[Section], ...] = (
     Split,
+    HParams,
+    PretrainHParams,
     Tune,
     Tuner,
     Weights,

@@ -1,8 +1,9 @@
 """The pipeline stages as functions of explicit file paths and specs (the CLI calls these).
 
-Config fragments come as typed sections of :mod:`mergemix.settings` (``Split``, ``Merge``, ``Eval``,
-``Search``); a mapping is accepted and converted as the CLI converts its JSON (the schema's defaults
-for missing keys, unknown keys refused): :meth:`mergemix.settings.Section.coerce`."""
+Config fragments come as typed sections of :mod:`mergemix.settings` (``Split``, ``HParams``,
+``Checkpoint``, ``Merge``, ``Eval``, ``Search``); a mapping is accepted and converted as the CLI
+converts its JSON (the schema's defaults for missing keys, unknown keys refused):
+:meth:`mergemix.settings.Section.coerce`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 from mergemix import __version__, io, subsets
 from mergemix.data.prepared import load_prepared, prepare_dataset
 from mergemix.selection import full_rows, select_best  # noqa: F401  (the selection rule, re-exported)
-from mergemix.settings import Checkpoint, Eval, Merge, Search, Section, Split
+from mergemix.settings import Checkpoint, Eval, HParams, Merge, PretrainHParams, Search, Section, Split
 
 if TYPE_CHECKING:  # pandas is imported lazily: it costs every short job ~0.3 s
     import pandas as pd
@@ -52,9 +53,12 @@ def prepare(name: str, spec: dict, split_cfg: Split, out_dir, local_dir=None) ->
 
 
 def _manifest(
-    backend, kind: str, datasets: Sequence, hp: dict | None, metrics: dict, pretrained_sha256=None, **extra
+    backend, kind: str, datasets: Sequence, hp: HParams, metrics: dict, pretrained_sha256=None, **extra
 ) -> dict:
-    """What a saved model derives from (see :mod:`mergemix.provenance`); ``datasets``: prepared datasets."""
+    """What a saved model derives from (see :mod:`mergemix.provenance`); ``datasets``: prepared
+    datasets. ``hyperparameters`` is ``hp.to_dict()``: every key of the config's section, as the
+    workflow's ``--hparams`` JSON (the validated config's) has them, and ``mixture_weights`` for a
+    weighted mixture."""
     from mergemix.provenance import data_record
 
     return {
@@ -63,8 +67,8 @@ def _manifest(
         "pretrained_sha256": pretrained_sha256,
         "datasets": sorted(d.name for d in datasets),
         "data": data_record(datasets),
-        "hyperparameters": hp,
-        "seed": (hp or {}).get("seed"),
+        "hyperparameters": hp.to_dict(),
+        "seed": hp.seed,
         "metrics": metrics,
         "mergemix_version": __version__,
         **extra,
@@ -83,7 +87,10 @@ def head(backend_spec: dict, pretrained, data_dir, out_path, threads: int = 1, t
     return manifest
 
 
-def pretrain(backend_spec: dict, hp: dict, data_dir, out_path, threads: int = 1) -> dict:
+def pretrain(backend_spec: dict, hp: HParams | Mapping, data_dir, out_path, threads: int = 1) -> dict:
+    """Pre-train the built-in model; ``hp``: ``pretrain.hparams`` (a mapping is converted as
+    ``PretrainHParams.coerce`` says)."""
+    hp = hp if isinstance(hp, HParams) else PretrainHParams.coerce(hp, "hparams")
     backend = get_backend(backend_spec, threads=threads)
     model = backend.create()
     data = load_prepared(data_dir)
@@ -115,11 +122,12 @@ def checkpoint_path(out_path) -> Path:
     return Path(f"{out_path}.ckpt")
 
 
-def _checkpoint_every(steps=None, seconds=None) -> tuple[int | None, float | None]:
-    """How often a fine-tune saves its checkpoint: the arguments, else the environment variables
-    ``MERGEMIX_CHECKPOINT_EVERY_STEPS`` and ``MERGEMIX_CHECKPOINT_EVERY_SECONDS``, else the schema's
-    ``checkpoint`` defaults (``every_steps``: not by steps; ``every_minutes``: 10); 0 (or none, off)
-    turns a rule off."""
+def checkpoint_settings(steps=None, seconds=None) -> Checkpoint:
+    """How often a fine-tune saves its checkpoint, as the fine-tune stages' flags
+    (``--checkpoint-every-steps``, ``--checkpoint-every-seconds``) say: each rule as given, else its
+    environment variable (``MERGEMIX_CHECKPOINT_EVERY_STEPS``, ``MERGEMIX_CHECKPOINT_EVERY_SECONDS``),
+    else the schema's ``checkpoint`` default; 0 (or none, off) turns a rule off. A fine-tune stage
+    given no checkpoint settings uses this (the environment, then the schema)."""
     import math
     import os
 
@@ -144,35 +152,43 @@ def _checkpoint_every(steps=None, seconds=None) -> tuple[int | None, float | Non
             raise ValueError(f"checkpoint interval {source} is not allowed; give {what} >= 1, or 0 to turn it off")
         return v or None
 
-    return (
-        value(steps, CHECKPOINT_STEPS_ENV, int, default.every_steps),
-        value(seconds, CHECKPOINT_SECONDS_ENV, float, default.every_seconds),
+    every_seconds = value(seconds, CHECKPOINT_SECONDS_ENV, float, default.every_seconds)
+    return Checkpoint(
+        every_minutes=every_seconds / 60 if every_seconds else 0,
+        every_steps=value(steps, CHECKPOINT_STEPS_ENV, int, default.every_steps),
     )
+
+
+def _checkpoint(checkpoint) -> Checkpoint:
+    """A fine-tune stage's checkpoint settings: a :class:`mergemix.settings.Checkpoint`, a mapping
+    (``Checkpoint.coerce``: the schema's defaults for keys left out) or None
+    (:func:`checkpoint_settings`: the environment variables, then the schema)."""
+    return checkpoint_settings() if checkpoint is None else Checkpoint.coerce(checkpoint, "checkpoint")
 
 
 def _finetune(
     backend,
-    hp: dict,
+    hp: HParams,
     pretrained,
     data_dirs: Sequence,
     out_path,
     loaded: dict | None = None,
     pre: dict | None = None,
-    checkpoint_every_steps: int | None = None,
-    checkpoint_every_seconds: float | None = None,
+    checkpoint: Checkpoint | None = None,
 ):
-    """Fine-tune the pre-trained model and save it with its manifest. ``loaded`` (data folder ->
-    prepared dataset) and ``pre`` (the checked pre-trained manifest) let a pack of fine-tunes read
-    each once (:func:`finetune_pack`).
+    """Fine-tune the pre-trained model and save it with its manifest. ``hp``: the hyperparameters
+    (a mapping: ``HParams.coerce``). ``loaded`` (data folder -> prepared dataset) and ``pre`` (the
+    checked pre-trained manifest) let a pack of fine-tunes read each once (:func:`finetune_pack`).
 
-    The training state is checkpointed to :func:`checkpoint_path` every ``checkpoint_every_steps``
-    steps or ``checkpoint_every_seconds`` seconds (None: :func:`_checkpoint_every`'s environment
-    variables); a rerun after a kill resumes from it and writes the same model bytes as an
-    uninterrupted run. The checkpoint is removed once the model is saved."""
-    from mergemix.backends.training import Checkpoint, checkpointing, remove_checkpoint
+    The training state is checkpointed to :func:`checkpoint_path` as ``checkpoint`` says (its
+    ``every_steps`` and ``every_minutes``; None: :func:`checkpoint_settings`, the environment
+    variables, then the schema); a rerun after a kill resumes from it and writes the same model
+    bytes as an uninterrupted run. The checkpoint is removed once the model is saved."""
+    from mergemix.backends.training import Checkpoint as TrainingCheckpoint
+    from mergemix.backends.training import checkpointing, remove_checkpoint
     from mergemix.provenance import pretrained_manifest
 
-    every_steps, every_seconds = _checkpoint_every(checkpoint_every_steps, checkpoint_every_seconds)
+    hp, every = HParams.coerce(hp, "hparams"), _checkpoint(checkpoint)
     model = backend.load_pretrained(pretrained)
     if pre is None:
         pre = pretrained_manifest(pretrained, backend)  # made with this backend's configuration (init_seed...)
@@ -181,10 +197,10 @@ def _finetune(
     data = [_prepared(d, loaded) for d in data_dirs]
     described = backend.describe()
     trained = {k: v for k, v in (described.get("params") or {}).items() if k not in backend.merge_only_params}
-    checkpoint = Checkpoint(
+    saved = TrainingCheckpoint(
         checkpoint_path(out_path),
-        every_steps,
-        every_seconds,
+        every.every_steps or None,
+        every.every_seconds or None,
         keep=True,
         fingerprint={
             "backend": {**described, "params": trained},
@@ -194,7 +210,7 @@ def _finetune(
         },
     )
     t0 = time.time()
-    with checkpointing(checkpoint):
+    with checkpointing(saved):
         metrics = backend.finetune(model, data, hp)
     log.info("fine-tuned on %s in %.1fs: %s", "+".join(d.name for d in data), time.time() - t0, metrics)
     manifest = io.save_model(
@@ -202,30 +218,24 @@ def _finetune(
         backend.state_to_save(model),
         _manifest(backend, "finetuned", data, hp, metrics, pretrained_sha256=pre["sha256"]),
     )
-    remove_checkpoint(checkpoint.path)
+    remove_checkpoint(saved.path)
     return model, manifest
 
 
 def finetune(
     backend_spec: dict,
-    hp: dict,
+    hp: HParams | Mapping,
     pretrained,
     data_dirs: Sequence,
     out_path,
     threads: int = 1,
-    checkpoint_every_steps: int | None = None,
-    checkpoint_every_seconds: float | None = None,
+    checkpoint: Checkpoint | Mapping | None = None,
 ) -> dict:
     """Fine-tune the pre-trained model on the union of the train splits of ``data_dirs``
     (checkpointed and resumed as :func:`_finetune` says)."""
+    hp, checkpoint = HParams.coerce(hp, "hparams"), _checkpoint(checkpoint)
     return _finetune(
-        get_backend(backend_spec, threads=threads),
-        hp,
-        pretrained,
-        data_dirs,
-        out_path,
-        checkpoint_every_steps=checkpoint_every_steps,
-        checkpoint_every_seconds=checkpoint_every_seconds,
+        get_backend(backend_spec, threads=threads), hp, pretrained, data_dirs, out_path, checkpoint=checkpoint
     )[1]
 
 
@@ -241,12 +251,11 @@ def _fresh_rng():
 
 def finetune_pack(
     backend_spec: dict,
-    hp: dict,
+    hp: HParams | Mapping,
     pretrained,
     jobs: Sequence,
     threads: int = 1,
-    checkpoint_every_steps: int | None = None,
-    checkpoint_every_seconds: float | None = None,
+    checkpoint: Checkpoint | Mapping | None = None,
 ) -> list[dict]:
     """Several fine-tunes in one process: ``jobs`` is a list of ``(data_dirs, out_path)``.
 
@@ -257,6 +266,7 @@ def finetune_pack(
     starting Python and importing torch."""
     from mergemix.provenance import pretrained_manifest
 
+    hp, checkpoint = HParams.coerce(hp, "hparams"), _checkpoint(checkpoint)
     backend = get_backend(backend_spec, threads=threads)
     reset = _fresh_rng()
     pre = pretrained_manifest(pretrained, backend)
@@ -273,8 +283,7 @@ def finetune_pack(
                 out_path,
                 loaded,
                 pre,
-                checkpoint_every_steps,
-                checkpoint_every_seconds,
+                checkpoint,
             )[1]
         )
         log.info("pack: %d/%d fine-tunes written (%s)", i + 1, len(jobs), out_path)
@@ -283,7 +292,7 @@ def finetune_pack(
 
 def final_finetune(
     backend_spec: dict,
-    hp: dict,
+    hp: HParams | Mapping,
     pretrained,
     merge_eval_csv,
     data_dirs: Mapping[str, str],
@@ -291,11 +300,11 @@ def final_finetune(
     out_path,
     eval_out,
     threads: int = 1,
-    checkpoint_every_steps: int | None = None,
-    checkpoint_every_seconds: float | None = None,
+    checkpoint: Checkpoint | Mapping | None = None,
 ) -> dict:
     """Algorithm 1's deployed model: fine-tune on the mixture whose merged model is best on val
     (checkpointed and resumed as :func:`_finetune` says)."""
+    hp, checkpoint = HParams.coerce(hp, "hparams"), _checkpoint(checkpoint)
     return _final_finetune(
         lambda: get_backend(backend_spec, threads=threads),
         hp,
@@ -305,14 +314,13 @@ def final_finetune(
         target_dir,
         out_path,
         eval_out,
-        checkpoint_every_steps=checkpoint_every_steps,
-        checkpoint_every_seconds=checkpoint_every_seconds,
+        checkpoint=checkpoint,
     )
 
 
 def _final_finetune(
     backend,
-    hp: dict,
+    hp: HParams,
     pretrained,
     merge_eval_csv,
     data_dirs: Mapping[str, str],
@@ -321,8 +329,7 @@ def _final_finetune(
     eval_out,
     loaded: dict | None = None,
     pre: dict | None = None,
-    checkpoint_every_steps: int | None = None,
-    checkpoint_every_seconds: float | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> dict:
     """:func:`final_finetune` with a backend (or a function making it, called once the selection is
     read), and what a pack shares (see :func:`_finetune`)."""
@@ -344,8 +351,7 @@ def _final_finetune(
         out_path,
         loaded,
         pre,
-        checkpoint_every_steps,
-        checkpoint_every_seconds,
+        checkpoint,
     )
     target = _prepared(target_dir, loaded)
     result = {
@@ -363,17 +369,17 @@ def _final_finetune(
 
 def final_finetune_pack(
     backend_spec: dict,
-    hp: dict,
+    hp: HParams | Mapping,
     pretrained,
     jobs: Sequence[Mapping],
     threads: int = 1,
-    checkpoint_every_steps: int | None = None,
-    checkpoint_every_seconds: float | None = None,
+    checkpoint: Checkpoint | Mapping | None = None,
 ) -> list[dict]:
     """Several targets' :func:`final_finetune` in one process (see :func:`finetune_pack`): ``jobs`` are
     dicts with the keys ``merge_eval_csv``, ``data_dirs``, ``target_dir``, ``out_path`` and ``eval_out``."""
     from mergemix.provenance import pretrained_manifest
 
+    hp, checkpoint = HParams.coerce(hp, "hparams"), _checkpoint(checkpoint)
     backend = get_backend(backend_spec, threads=threads)
     reset = _fresh_rng()
     pre = pretrained_manifest(pretrained, backend)
@@ -388,8 +394,7 @@ def final_finetune_pack(
                 pretrained,
                 loaded=loaded,
                 pre=pre,
-                checkpoint_every_steps=checkpoint_every_steps,
-                checkpoint_every_seconds=checkpoint_every_seconds,
+                checkpoint=checkpoint,
                 **job,
             )
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from mergemix import io, subsets
-from mergemix.settings import Eval, Merge, WeightsSearch
+from mergemix.settings import Checkpoint, Eval, HParams, Merge, WeightsSearch
 
 log = logging.getLogger("mergemix.weights")
 
@@ -130,7 +130,7 @@ def weights_search(
 
 def weighted_finetune(
     backend_spec: dict,
-    hp: dict,
+    hp: HParams | Mapping,
     pretrained,
     weights_json,
     data_dirs: Mapping[str, str],
@@ -138,15 +138,17 @@ def weighted_finetune(
     out_path,
     eval_out,
     threads: int = 1,
-    checkpoint_every_steps: int | None = None,
-    checkpoint_every_seconds: float | None = None,
+    checkpoint: Checkpoint | Mapping | None = None,
 ) -> dict:
     """Fine-tune on the candidates in the proportions ``weights_json`` chose (datasets of weight 0
-    are left out), and score the model on the target's val and test splits (checkpointed and
-    resumed as :func:`mergemix.stages._finetune` says)."""
+    are left out), and score the model on the target's val and test splits (``hp``: the study's
+    ``finetune``, given these weights by :meth:`HParams.weighted`; checkpointed and resumed as
+    :func:`mergemix.stages._finetune` says)."""
     from mergemix.backends import get_backend
     from mergemix.data.prepared import load_prepared
-    from mergemix.stages import _finetune
+    from mergemix.stages import _checkpoint, _finetune
+
+    hp, checkpoint = HParams.coerce(hp, "hparams"), _checkpoint(checkpoint)
 
     chosen = io.read_json(weights_json)
     weights = {n: float(w) for n, w in chosen["best"]["weights"].items() if float(w) > 0}
@@ -159,13 +161,7 @@ def weighted_finetune(
     backend = get_backend(backend_spec, threads=threads)
     names = sorted(weights)
     model, manifest = _finetune(
-        backend,
-        {**hp, "mixture_weights": weights},
-        pretrained,
-        [data_dirs[n] for n in names],
-        out_path,
-        checkpoint_every_steps=checkpoint_every_steps,
-        checkpoint_every_seconds=checkpoint_every_seconds,
+        backend, hp.weighted(weights), pretrained, [data_dirs[n] for n in names], out_path, checkpoint=checkpoint
     )
     target = load_prepared(target_dir)
     result = {
@@ -183,7 +179,7 @@ def weighted_finetune(
 
 def weights_check(
     backend_spec: dict,
-    hp: dict,
+    hp: HParams | Mapping,
     pretrained,
     model_paths: Mapping[str, str],
     data_dirs: Mapping[str, str],
@@ -206,6 +202,7 @@ def weights_check(
     from mergemix.data.prepared import load_prepared
     from mergemix.stages import _evaluator, _finetune, _fresh_rng
 
+    hp = HParams.coerce(hp, "hparams")
     ev = _evaluator(backend_spec, Merge("uniform", {}), pretrained, model_paths, threads, eval_spec)
     missing = sorted(set(ev.names) - set(data_dirs))
     if missing:
@@ -225,7 +222,7 @@ def weights_check(
             reset()
             model, _ = _finetune(
                 ev.backend,
-                {**hp, "mixture_weights": weights},
+                hp.weighted(weights),
                 pretrained,
                 [data_dirs[n] for n in ev.names],
                 Path(tmp) / f"{i}/model.safetensors",

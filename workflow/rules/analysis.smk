@@ -20,7 +20,7 @@ if PACK["embed"] == 1:
         params:
             backend=BACKEND,
             data=lambda wc: data_dir(wc.dataset),
-            split=config["analysis"]["similarity_split"],
+            split=SETTINGS.analysis.similarity_split,
         shell:
             "{MERGEMIX} embed --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
             "--data {params.data:q} --split {params.split:q} --out {output:q} 2> {log:q}"
@@ -47,7 +47,7 @@ else:
             params:
                 backend=BACKEND,
                 data=[data_dir(n) for n in _pack],
-                split=config["analysis"]["similarity_split"],
+                split=SETTINGS.analysis.similarity_split,
             shell:
                 "{MERGEMIX} embed-pack --threads {threads} --backend {params.backend:q} --pretrained {input.pretrained:q} "
                 "--data {params.data:q} --split {params.split:q} --out {output:q} 2> {log:q}"
@@ -77,7 +77,7 @@ rule similarity:
         "--out {output:q} 2> {log:q}"
 
 
-FIG_FORMATS = config["analysis"]["figure_formats"]
+FIG_FORMATS = list(SETTINGS.analysis.figure_formats)
 FIGURES = ["merged_vs_mixture"] + [
     f"similarity_{m}" for m in ("avg_max_cos", "avg_min_l2", "avg_avg_cos", "avg_avg_l2", "max_max_cos", "min_min_l2")
 ]

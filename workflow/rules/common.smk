@@ -47,7 +47,7 @@ DATASETS = sorted(config["datasets"])
 TARGETS = targets_of(config)
 CANDIDATES = {t: candidates_of(config, t) for t in TARGETS}
 MIXTURE_ON = config["mixture"]["enabled"]
-from mergemix.settings import Section, Study
+from mergemix.settings import PretrainHParams, Section, Study
 
 SETTINGS = Study.from_config(config)  # typed, frozen sections (defaults only in the schema)
 FINAL_ON = SETTINGS.final.enabled
@@ -125,7 +125,7 @@ else:
     GPU_RES = {**CPU_RES, "cpus_per_task": GPU_THREADS}
 # datasets whose source fetches files first (a local rule; later jobs read local files only)
 DOWNLOADED = sorted(n for n, spec in DATA_SPECS.items() if needs_download(spec))
-FINETUNE_HP = js(config["finetune"])
+FINETUNE_HP = js(SETTINGS.finetune)  # settings.HParams: every key (the schema's defaults filled in)
 
 # Packing (config `pack`; docs/design.md, Packing short jobs): where a backend's jobs last seconds, one job
 # runs a pack of them (one Python start and torch import instead of one each), writing exactly the

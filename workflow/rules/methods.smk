@@ -100,7 +100,7 @@ rule compare_methods:
     output:
         table=report(f"{R}/methods.csv", caption="../report/methods.rst", category="Tables"),
         figures=report(
-            expand(f"{R}/figures/methods.{{fmt}}", fmt=config["analysis"]["figure_formats"]),
+            expand(f"{R}/figures/methods.{{fmt}}", fmt=list(SETTINGS.analysis.figure_formats)),
             caption="../report/methods.rst",
             category="Figures",
         ),
@@ -115,7 +115,7 @@ rule compare_methods:
         mixture=[f"{t}={R}/mixture/{t}.csv" for t in TARGETS] if MIXTURE_ON else [],
         options=js(METHOD_OPTIONS),
         tuned=[f"{m}:{t}={tuned_json(m, t)}" for m in TUNED for t in TARGETS],
-        formats=config["analysis"]["figure_formats"],
+        formats=list(SETTINGS.analysis.figure_formats),
     shell:
         "{MERGEMIX} compare-methods --pretrained-csv {input.pretrained:q} --merge-eval {params.merge_eval:q} "
         "--mixture {params.mixture:q} --options {params.options:q} --tuned {params.tuned:q} --out {output.table:q} --figure {params.figure:q} --formats {params.formats:q} 2> {log:q}"

@@ -14,7 +14,7 @@ if BACKEND_CLASS.can_pretrain:
             **GPU_RES,
         params:
             backend=BACKEND,
-            hp=js(config.get("pretrain", {}).get("hparams", {})),
+            hp=js(PretrainHParams.from_dict(config["pretrain"]["hparams"], "pretrain.hparams")),
             data=lambda wc, input: str(Path(input[0]).parent),  # the prepared folder of the input files
         shell:
             "{MERGEMIX} pretrain --threads {threads} --backend {params.backend:q} --hparams {params.hp:q} "

@@ -8,7 +8,9 @@ A backend is one model family. The pipeline needs exactly these operations from 
                                   mergemix's format (only backends without ``can_pretrain``); the
                                   workflow runs this as a local rule, the only step that may download
 * ``load_pretrained(path)``       the pre-trained model ``theta_0``, from the file written above
-* ``finetune(model, data, hp)``   fine-tune in place on a list of training datasets (a mixture)
+* ``finetune(model, data, hp)``   fine-tune in place on a list of training datasets (a mixture);
+                                  ``hp``: :class:`mergemix.settings.HParams` (a mapping: convert it
+                                  with ``HParams.coerce``, or hand it to ``training.fit``, which does)
 * ``merge_params(model)``         the live tensors that are fine-tuned and saved
 * ``merge_space_params(model)``   the live tensors merged values are written into (default: the
                                   same); ``to_merge_space(state)`` turns a saved state into their
@@ -26,13 +28,14 @@ saved tensors into those parameters.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from mergemix.data.prepared import PreparedDataset
 from mergemix.plugins import GROUPS, PluginError, Registry
+from mergemix.settings import HParams
 
 EVAL_PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -88,7 +91,7 @@ class Backend:
     def create(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def pretrain(self, model: torch.nn.Module, data: Sequence[PreparedDataset], hp: dict) -> dict:
+    def pretrain(self, model: torch.nn.Module, data: Sequence[PreparedDataset], hp: HParams | Mapping) -> dict:
         raise NotImplementedError(f"backend {self.name!r} loads a pre-trained model; it has no pretrain stage")
 
     def fetch_pretrained(self, out_path) -> dict:
@@ -97,7 +100,7 @@ class Backend:
     def load_pretrained(self, path) -> torch.nn.Module:
         raise NotImplementedError
 
-    def finetune(self, model: torch.nn.Module, data: Sequence[PreparedDataset], hp: dict) -> dict:
+    def finetune(self, model: torch.nn.Module, data: Sequence[PreparedDataset], hp: HParams | Mapping) -> dict:
         raise NotImplementedError
 
     def merge_params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -59,7 +59,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ import torch
 from mergemix.backends.base import Backend, register_backend
 from mergemix.backends.training import fit
 from mergemix.data.prepared import PreparedDataset
+from mergemix.settings import HParams
 
 log = logging.getLogger("mergemix.causal_lm")
 IGNORE = -100
@@ -731,7 +732,7 @@ class CausalLMBackend(Backend):
         return loss, int((shift_labels != IGNORE).sum())
 
     # --- training ------------------------------------------------------------------------------
-    def finetune(self, model, data: Sequence[PreparedDataset], hp: dict) -> dict:
+    def finetune(self, model, data: Sequence[PreparedDataset], hp: HParams | Mapping) -> dict:
         if self.in_merge_space(model):
             raise RuntimeError(
                 "the model is in merge space (its LoRA layers use merged dense updates, not the "

@@ -30,7 +30,7 @@ import logging
 import mmap
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from mergemix import io
 from mergemix.backends.base import Backend, register_backend
 from mergemix.backends.training import fit
 from mergemix.data.prepared import PreparedDataset
+from mergemix.settings import HParams
 
 log = logging.getLogger("mergemix.clip")
 
@@ -413,16 +414,17 @@ class ClipBackend(Backend):
         return torch.cat(out).numpy().astype(np.float32)
 
     # --- fine-tuning ------------------------------------------------------------------------------
-    def finetune(self, model, data: Sequence[PreparedDataset], hp: dict) -> dict:
+    def finetune(self, model, data: Sequence[PreparedDataset], hp: HParams | Mapping) -> dict:
         """Fine-tune the image encoder on the union of the train splits; each sample is scored by
         its own dataset's frozen head. Batches are gathered from the memory-mapped arrays."""
+        hp = HParams.coerce(hp, "hparams")
         for d in data:
             self._check_size(model, d)
         heads = [self._head(d) for d in data]
         train = [d.indices["train"] for d in data]
         src = np.concatenate([np.full(len(t), k) for k, t in enumerate(train)])
         loc = np.concatenate(train)
-        torch.manual_seed(int(hp.get("seed", 0)))
+        torch.manual_seed(int(hp.seed))
         model.train()
 
         def step_loss(idx: torch.Tensor) -> torch.Tensor:

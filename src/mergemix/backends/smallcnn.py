@@ -6,7 +6,7 @@ It is the model of the embedded ``digits`` study. All its parameters are fine-tu
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from mergemix.backends.base import Backend, register_backend
 from mergemix.backends.training import fit
 from mergemix.data.prepared import PreparedDataset
+from mergemix.settings import HParams
 
 
 class SmallCNN(nn.Module):
@@ -91,7 +92,7 @@ class SmallCNNBackend(Backend):
         return torch.cat(xs), torch.cat(ys)
 
     # training ---------------------------------------------------------------------------------
-    def _train(self, model: nn.Module, data: Sequence[PreparedDataset], hp: dict, name: str) -> dict:
+    def _train(self, model: nn.Module, data: Sequence[PreparedDataset], hp: HParams | Mapping, name: str) -> dict:
         x, y = self._concat(data, "train")
         model.train()
 

@@ -40,6 +40,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from mergemix.settings import HParams, WeightedHParams
+
 log = logging.getLogger("mergemix.train")
 
 PROGRESS_SECONDS = 30.0  # a progress line in the log at least this often (and after every epoch)
@@ -55,24 +57,26 @@ class TrainingDiverged(RuntimeError):
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
-def make_optimizer(params, hp: dict) -> torch.optim.Optimizer:
-    """The ``torch.optim`` optimizer the hyperparameters name, at the base learning rate ``lr``.
+def make_optimizer(params, hp: HParams | Mapping) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer the hyperparameters (:class:`mergemix.settings.HParams`; a
+    mapping is converted by ``HParams.coerce``, with the schema's defaults) name, at the base
+    learning rate ``lr``.
 
     ``adamw``: :class:`torch.optim.AdamW`, decoupled weight decay (``p *= 1 - lr * weight_decay``
     before the Adam update); ``adam``: :class:`torch.optim.Adam`, L2 weight decay (``weight_decay *
     p`` added to the gradient); both with torch's betas (0.9, 0.999) and eps 1e-8. ``sgd``:
-    :class:`torch.optim.SGD` with ``momentum`` (default 0.9; no dampening, not Nesterov) and L2
-    ``weight_decay``. ``weight_decay`` defaults to 0 for all three (torch's AdamW would use 0.01).
+    :class:`torch.optim.SGD` with ``momentum`` (no dampening, not Nesterov) and L2 ``weight_decay``.
+    The schema's default ``weight_decay`` is 0 for all three (torch's AdamW would use 0.01).
     torch picks the implementation: multi-tensor (foreach) kernels for CUDA tensors, a loop over
     the tensors on CPU. :func:`fit` sets each step's learning rate (:func:`lr_factor`).
     """
-    name = hp.get("optimizer", "adamw")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
-    lr, wd = float(hp["lr"]), float(hp.get("weight_decay", 0.0))
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(hp.get("momentum", 0.9)), weight_decay=wd)
-    return OPTIMIZERS[name](params, lr=lr, weight_decay=wd)
+    hp = HParams.coerce(hp, "hparams")
+    if hp.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {hp.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    lr, wd = float(hp.lr), float(hp.weight_decay)
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(hp.momentum), weight_decay=wd)
+    return OPTIMIZERS[hp.optimizer](params, lr=lr, weight_decay=wd)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -81,12 +85,14 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def lr_factor(step: int, total: int, hp: dict) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based) for the configured schedule."""
-    warmup = int(round(float(hp.get("warmup_frac", 0.0)) * total))
+def lr_factor(step: int, total: int, hp: HParams | Mapping) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) for the configured schedule
+    (``schedule`` and ``warmup_frac`` of the hyperparameters, as :func:`make_optimizer` takes them)."""
+    hp = HParams.coerce(hp, "hparams")
+    warmup = int(round(float(hp.warmup_frac) * total))
     if warmup and step < warmup:
         return (step + 1) / warmup
-    schedule = hp.get("schedule", "constant")
+    schedule = hp.schedule
     if schedule == "constant":
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
@@ -213,10 +219,12 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _fingerprint(ck: Checkpoint, params, hp: dict, n_samples: int, groups, steps_per_epoch: int, total: int) -> dict:
-    """Each part of what identifies a run, as a short digest (the log names the parts that differ)."""
+def _fingerprint(ck: Checkpoint, params, hp: HParams, n_samples: int, groups, steps_per_epoch: int, total: int) -> dict:
+    """Each part of what identifies a run, as a short digest (the log names the parts that differ).
+    The hyperparameters as ``hp.to_dict()``: every key, as the validated config (and so the
+    workflow's ``--hparams``) has them, ``mixture_weights`` too for a weighted mixture."""
     parts = {
-        "hyperparameters": hp,
+        "hyperparameters": hp.to_dict(),
         "training": {
             "n_samples": int(n_samples),
             "groups": [[str(n), int(k)] for n, k in groups or []],
@@ -436,7 +444,7 @@ def fit(
     params,
     n_samples: int,
     step_loss: Callable[[torch.Tensor], torch.Tensor],
-    hp: dict,
+    hp: HParams | Mapping,
     log_name: str = "",
     backward_done: bool = False,
     groups: Sequence[tuple[str, int]] | None = None,
@@ -444,10 +452,13 @@ def fit(
 ) -> dict:
     """Minimise ``step_loss(batch_indices)`` over seeded shuffled mini-batches.
 
+    ``hp``: :class:`mergemix.settings.HParams` (a mapping is converted by ``HParams.coerce``: the
+    schema's defaults, unknown keys refused).
     With ``backward_done``, ``step_loss`` computes the gradients itself (e.g. accumulated over
     micro-batches) and returns the batch loss as a plain number; gradients are zeroed before it.
-    With ``hp["mixture_weights"]`` ({dataset: weight}) the batches are drawn with replacement in
-    those proportions (:func:`mixture_probabilities`; ``groups`` names the concatenated sets).
+    With a :class:`mergemix.settings.WeightedHParams` (``mixture_weights``: {dataset: weight}) the
+    batches are drawn with replacement in those proportions (:func:`mixture_probabilities`;
+    ``groups`` names the concatenated sets).
     With ``checkpoint`` (a :class:`Checkpoint` or a dict of its fields; default: the one of an
     enclosing :func:`checkpointing`) the state is saved as it says, and a checkpoint of this same
     run found there is resumed from: the weights end up as an uninterrupted run's. It holds the
@@ -456,22 +467,23 @@ def fit(
     numpy's and Python's).
     Returns the mean training loss of the last epoch and the number of steps taken.
     """
+    hp = HParams.coerce(hp, "hparams")
     params = [p for p in params if p.requires_grad]
     opt = make_optimizer(params, hp)
-    base_lr = float(hp["lr"])
-    bs = int(hp["batch_size"])
-    epochs = int(hp["epochs"])
+    base_lr = float(hp.lr)
+    bs = int(hp.batch_size)
+    epochs = int(hp.epochs)
     probs = None
-    if hp.get("mixture_weights"):
+    if isinstance(hp, WeightedHParams) and hp.mixture_weights:
         if groups is None or sum(size for _, size in groups) != n_samples:
             raise ValueError(
                 f"{log_name or 'training'}: mixture_weights need the training sets' names and sizes (groups)"
             )
-        probs, draws = mixture_probabilities(groups, hp["mixture_weights"])
+        probs, draws = mixture_probabilities(groups, hp.mixture_weights)
     steps_per_epoch = max(1, math.ceil((n_samples if probs is None else draws) / bs))
     total = steps_per_epoch * epochs
-    gen = torch.Generator().manual_seed(int(hp.get("seed", 0)))
-    clip = hp.get("grad_clip")
+    gen = torch.Generator().manual_seed(int(hp.seed))
+    clip = hp.grad_clip
     name = log_name or "training"
     ck = Checkpoint.of(checkpoint) if checkpoint is not None else _take_active()
     start_epoch, start_step, resumed_losses, before = 0, 0, [], 0.0

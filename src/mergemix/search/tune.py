@@ -110,16 +110,18 @@ class TuneResult:
 
 class OptionTuner:
     """TPE over ``dims`` for ``budget`` trials, the first one at ``start`` (the options of ``start``
-    outside the space are left to the sampler)."""
+    outside the space are left to the sampler). ``seed`` and ``n_startup_trials`` have no default
+    here: the caller passes the ``merge_eval.tune`` section's (:class:`mergemix.settings.Tuner`,
+    whose defaults are the schema's)."""
 
     def __init__(
         self,
         dims: list[Dimension],
         budget: int,
-        seed: int = 0,
+        seed: int,
         start: Mapping[str, Any] | None = None,
         *,
-        n_startup_trials: int = 4,
+        n_startup_trials: int,
         journal: str | os.PathLike | None = None,
         study_name: str = "mergemix-tune",
     ):
