@@ -43,12 +43,14 @@ def test_each_method_gets_its_correlation_and_the_fine_tuned_accuracy_of_its_cho
         tmp_path / "methods.csv",
         figure=tmp_path / "methods",
         figure_formats=["png"],
+        logit_eps=1e-4,
     )
     assert (tmp_path / "methods.png").stat().st_size > 1000
     rows = df.set_index(["method", "target"])
     multi = [s for s in subsets if "+" in s]
     want = metrics.pearson(
-        metrics.logit_delta([good[s] for s in multi], 0.45), metrics.logit_delta([mixture[s] for s in multi], 0.45)
+        metrics.logit_delta([good[s] for s in multi], 0.45, 1e-4),
+        metrics.logit_delta([mixture[s] for s in multi], 0.45, 1e-4),
     )
     assert rows.loc[("uniform", "t"), "pearson_logit"] == pytest.approx(want)
     assert rows.loc[("uniform", "t"), "n_points"] == 4  # singles excluded
@@ -65,7 +67,9 @@ def test_each_method_gets_its_correlation_and_the_fine_tuned_accuracy_of_its_cho
 def test_without_mixtures_only_the_choices_are_reported(tmp_path):
     pd.DataFrame([{"target": "t", "val_acc": 0.4, "test_acc": 0.45}]).to_csv(tmp_path / "pre.csv", index=False)
     table({"a": 0.6, "b": 0.7, "a+b": 0.65}).to_csv(tmp_path / "u.csv", index=False)
-    df = compare_methods({"uniform": {"t": tmp_path / "u.csv"}}, {}, tmp_path / "pre.csv", tmp_path / "m.csv")
+    df = compare_methods(
+        {"uniform": {"t": tmp_path / "u.csv"}}, {}, tmp_path / "pre.csv", tmp_path / "m.csv", logit_eps=1e-4
+    )
     row = df.iloc[0]
     assert row["m2m_subset"] == "b" and row["m2m_merged"] == 0.7
     assert math.isnan(row["pearson_logit"]) and math.isnan(row["m2m_finetuned"])

@@ -44,7 +44,7 @@ def test_paper_correlation_excludes_single_dataset_subsets():
     merged = rng.uniform(0.2, 0.9, size=7)
     mixture = rng.uniform(0.2, 0.9, size=7)
     base = 0.4
-    r_acc, r_logit, n = metrics.merged_vs_mixture_pearson(sizes, merged, mixture, base)
+    r_acc, r_logit, n = metrics.merged_vs_mixture_pearson(sizes, merged, mixture, base, 1e-4)
     keep = sizes >= 2
     assert n == 4
     assert r_acc == pytest.approx(stats.pearsonr(merged[keep], mixture[keep])[0], abs=1e-12)
@@ -54,5 +54,15 @@ def test_paper_correlation_excludes_single_dataset_subsets():
 
 
 def test_logit_is_finite_at_zero_and_one():
-    v = metrics.logit([0.0, 0.5, 1.0])
+    v = metrics.logit([0.0, 0.5, 1.0], 1e-4)
     assert np.all(np.isfinite(v)) and v[1] == 0 and v[0] == pytest.approx(-v[2])
+    assert v[2] == pytest.approx(np.log((1 - 1e-4) / 1e-4))  # clipped at the given eps
+
+
+def test_the_configured_logit_eps_reaches_every_logit_pearson():
+    """analysis.logit_eps is the clipping of every logit-delta Pearson: with accuracies of 0 and 1
+    among the points, another eps gives another r (once a constant default silently won)."""
+    sizes = [2, 2, 2, 3]
+    merged, mixture = [0.0, 0.6, 0.7, 1.0], [0.1, 0.62, 0.9, 0.95]
+    r = {eps: metrics.merged_vs_mixture_pearson(sizes, merged, mixture, 0.5, eps)[1] for eps in (1e-4, 1e-2)}
+    assert abs(r[1e-4] - r[1e-2]) > 0.01

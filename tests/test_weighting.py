@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from conftest import DIGITS_BACKEND, DIGITS_HP, DIGITS_SPLIT, train_digits
-from mergemix import io, stages
+from mergemix import io, metrics, stages
 from mergemix.backends import get_backend
 from mergemix.data.prepared import load_prepared
 from mergemix.merge_eval import MergeEvaluator
@@ -103,6 +103,9 @@ def test_weights_check_scores_each_sampled_vector_merged_and_fine_tuned(trained,
     w = df.loc[1, [f"w_{c}" for c in CANDS]].to_numpy(dtype=float)
     assert df.loc[1, "merged_test_acc"] == ev.evaluate_weights(load_prepared(d / "data/shift"), w, "test")
     pd.DataFrame([{"target": "shift", "val_acc": 0.3, "test_acc": 0.3}]).to_csv(tmp_path / "pre.csv", index=False)
-    table = weights_check_table({"shift": tmp_path / "c.csv"}, tmp_path / "pre.csv", tmp_path / "t.csv")
+    table = weights_check_table({"shift": tmp_path / "c.csv"}, tmp_path / "pre.csv", tmp_path / "t.csv", logit_eps=1e-4)
     assert list(table["target"]) == ["shift", "average"] and table.loc[0, "n_points"] == 3
+    m, f = df["merged_test_acc"], df["finetuned_test_acc"]
+    want = metrics.pearson(metrics.logit_delta(m, 0.3, 1e-4), metrics.logit_delta(f, 0.3, 1e-4))
+    assert table.loc[0, "pearson_logit"] == pytest.approx(want, nan_ok=True)
     assert -1 <= table.loc[0, "pearson_acc"] <= 1

@@ -55,7 +55,7 @@ def correlation_row(target, base_acc, merged, mixture, sim, eps) -> dict:
     if mixture is None:
         return row
     j = merged.merge(mixture, on=["subset", "size"], suffixes=("_merged", "_mixture"))
-    m = metrics.merged_vs_mixture_pearson(j["size"], j["test_acc_merged"], j["test_acc_mixture"], base_acc)
+    m = metrics.merged_vs_mixture_pearson(j["size"], j["test_acc_merged"], j["test_acc_mixture"], base_acc, eps)
     row.update(pearson_acc=m[0], pearson_logit=m[1], n_points=m[2])
     js = sim.merge(mixture, on=["subset", "size"])
     y_logit = metrics.logit(js["test_acc"], eps) - metrics.logit(base_acc, eps)

@@ -389,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = stage("weights-check-table", "per target: Pearson of weighted merged vs weighted fine-tuned accuracy")
     s.add_argument("--checks", nargs="+", required=True, help="TARGET=CSV written by weights-check")
+    s.add_argument("--analysis", type=_json, default={}, help="JSON: the analysis section (its logit_eps)")
     s.add_argument("--pretrained-csv", required=True)
     s.add_argument("--out", required=True)
 
@@ -399,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--options", type=_json, default={}, help="JSON: {method: fixed options} (merge_eval.method_options)"
     )
     s.add_argument("--tuned", nargs="*", default=[], help="METHOD:TARGET=JSON of tune-method")
+    s.add_argument("--analysis", type=_json, default={}, help="JSON: the analysis section (its logit_eps)")
     s.add_argument("--pretrained-csv", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--figure", default=None, help="figure path without extension")
@@ -665,7 +667,12 @@ def run(args) -> None:
     elif args.stage == "weights-check-table":
         from mergemix.weighting import weights_check_table
 
-        weights_check_table(_pairs(args.checks), args.pretrained_csv, args.out)
+        weights_check_table(
+            _pairs(args.checks),
+            args.pretrained_csv,
+            args.out,
+            logit_eps=settings.Analysis.from_cli(args.analysis, "--analysis").logit_eps,
+        )
     elif args.stage == "compare-methods":
         from mergemix.method_study import compare_methods
 
@@ -690,6 +697,7 @@ def run(args) -> None:
             args.formats,
             options=args.options,
             tuned=tuned,
+            logit_eps=settings.Analysis.from_cli(args.analysis, "--analysis").logit_eps,
         )
     elif args.stage == "show":
         import pandas as pd

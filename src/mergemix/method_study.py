@@ -34,9 +34,11 @@ COLUMNS = [
 ]
 
 
-def method_rows(method: str, target: str, merged: pd.DataFrame, mixture: pd.DataFrame | None, base_acc: float) -> dict:
+def method_rows(
+    method: str, target: str, merged: pd.DataFrame, mixture: pd.DataFrame | None, base_acc: float, eps: float
+) -> dict:
     """One row of the method comparison (``merged``: a merge-eval table; ``mixture``: the target's
-    mixture table, or None when no mixture was fine-tuned)."""
+    mixture table, or None when no mixture was fine-tuned; ``eps``: ``analysis.logit_eps``)."""
     from mergemix.selection import full_rows, select_best
 
     full = full_rows(merged)
@@ -56,7 +58,7 @@ def method_rows(method: str, target: str, merged: pd.DataFrame, mixture: pd.Data
     if mixture is not None and len(mixture):
         j = full[full["test_acc"].notna()].merge(mixture, on=["subset", "size"], suffixes=("_merged", "_mixture"))
         r_acc, r_logit, n = metrics.merged_vs_mixture_pearson(
-            j["size"], j["test_acc_merged"], j["test_acc_mixture"], base_acc
+            j["size"], j["test_acc_merged"], j["test_acc_mixture"], base_acc, eps
         )
         row.update(pearson_acc=r_acc, pearson_logit=r_logit, n_points=n)
         hit = mixture.loc[mixture["subset"] == best["subset"], "test_acc"]
@@ -74,10 +76,12 @@ def compare_methods(
     figure_formats: Sequence[str] = ("png",),
     options: Mapping[str, dict] | None = None,
     tuned: Mapping[tuple, str] | None = None,
+    *,
+    logit_eps: float,
 ) -> pd.DataFrame:
     """``merge_eval``: {method: {target: merge-eval CSV}}; ``mixture``: {target: mixture CSV};
     ``options``: {method: fixed options}; ``tuned``: {(method, target): tune-method JSON}, whose
-    options the method's merge-eval used for that target. Writes one row per method and target
+    options the method's merge-eval used for that target; ``logit_eps``: ``analysis.logit_eps``. Writes one row per method and target
     (with the options used, as JSON) plus one ``average`` row per method."""
     import json
 
@@ -90,7 +94,7 @@ def compare_methods(
     for method, per_target in merge_eval.items():
         for t, path in per_target.items():
             base = pretrained_test_acc(pre, t, pretrained_csv)
-            row = method_rows(method, t, read_result_table(path, "merge_eval"), mixes.get(t), base)
+            row = method_rows(method, t, read_result_table(path, "merge_eval"), mixes.get(t), base, logit_eps)
             used = dict((options or {}).get(method) or {})
             hit = (tuned or {}).get((method, t))
             if hit is not None:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-LOGIT_EPS = 1e-4
 
-
-def logit(p, eps: float = LOGIT_EPS) -> np.ndarray:
-    """log(p / (1 - p)), with ``p`` clipped to ``[eps, 1 - eps]`` so 0 and 1 stay finite."""
+def logit(p, eps: float) -> np.ndarray:
+    """log(p / (1 - p)), with ``p`` clipped to ``[eps, 1 - eps]`` so 0 and 1 stay finite (``eps``:
+    the study's ``analysis.logit_eps``; no default here, so the config's value is always the one used)."""
     p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
     return np.log(p / (1.0 - p))
 
 
-def logit_delta(acc, base_acc: float) -> np.ndarray:
+def logit_delta(acc, base_acc: float, eps: float) -> np.ndarray:
     """Improvement over the pre-trained model in logit accuracy (section 4.2)."""
-    return logit(acc) - logit(base_acc)
+    return logit(acc, eps) - logit(base_acc, eps)
 
 
 def pearson(x, y) -> float:
@@ -34,7 +33,7 @@ def pearson(x, y) -> float:
     return float(np.clip((xc * yc).sum() / denom, -1.0, 1.0))
 
 
-def merged_vs_mixture_pearson(sizes, merged_acc, mixture_acc, base_acc: float) -> tuple[float, float, int]:
+def merged_vs_mixture_pearson(sizes, merged_acc, mixture_acc, base_acc: float, eps: float) -> tuple[float, float, int]:
     """Section 4.2: Pearson between merged and mixture-fine-tuned accuracy of one target.
 
     Single-dataset subsets are excluded (merged and fine-tuned models are the same model there).
@@ -46,6 +45,6 @@ def merged_vs_mixture_pearson(sizes, merged_acc, mixture_acc, base_acc: float) -
     f = np.asarray(mixture_acc, dtype=np.float64)[keep]
     return (
         pearson(m, f),
-        pearson(logit_delta(m, base_acc), logit_delta(f, base_acc)),
+        pearson(logit_delta(m, base_acc, eps), logit_delta(f, base_acc, eps)),
         int(keep.sum()),
     )

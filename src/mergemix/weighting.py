@@ -237,10 +237,10 @@ def weights_check(
     return df
 
 
-def weights_check_table(checks: Mapping[str, str], pretrained_csv, out_csv):
+def weights_check_table(checks: Mapping[str, str], pretrained_csv, out_csv, *, logit_eps: float):
     """Per target: Pearson of weighted-merged against weighted-fine-tuned test accuracy over the
     sampled weight vectors (on accuracies and on logit deltas over the pre-trained model), and an
-    ``average`` row."""
+    ``average`` row (``logit_eps``: ``analysis.logit_eps``)."""
     import pandas as pd
 
     from mergemix import metrics
@@ -257,7 +257,9 @@ def weights_check_table(checks: Mapping[str, str], pretrained_csv, out_csv):
                 "target": t,
                 "n_points": len(df),
                 "pearson_acc": metrics.pearson(m, f),
-                "pearson_logit": metrics.pearson(metrics.logit_delta(m, base), metrics.logit_delta(f, base)),
+                "pearson_logit": metrics.pearson(
+                    metrics.logit_delta(m, base, logit_eps), metrics.logit_delta(f, base, logit_eps)
+                ),
                 "merged_test_acc": float(m.mean()),
                 "finetuned_test_acc": float(f.mean()),
             }

@@ -116,9 +116,11 @@ rule compare_methods:
         options=js(METHOD_OPTIONS),
         tuned=[f"{m}:{t}={tuned_json(m, t)}" for m in TUNED for t in TARGETS],
         formats=list(SETTINGS.analysis.figure_formats),
+        analysis=js(SETTINGS.analysis),
     shell:
         "{MERGEMIX} compare-methods --pretrained-csv {input.pretrained:q} --merge-eval {params.merge_eval:q} "
-        "--mixture {params.mixture:q} --options {params.options:q} --tuned {params.tuned:q} --out {output.table:q} --figure {params.figure:q} --formats {params.formats:q} 2> {log:q}"
+        "--mixture {params.mixture:q} --options {params.options:q} --tuned {params.tuned:q} --out {output.table:q} --figure {params.figure:q} --formats {params.formats:q} "
+        "--analysis {params.analysis:q} 2> {log:q}"
 
 
 rule weights_search:
@@ -228,9 +230,10 @@ rule weights_check_table:
         **CPU_RES,
     params:
         checks=[f"{t}={R}/weights/check/{t}.csv" for t in TARGETS],
+        analysis=js(SETTINGS.analysis),
     shell:
         "{MERGEMIX} weights-check-table --checks {params.checks:q} --pretrained-csv {input.pretrained:q} "
-        "--out {output:q} 2> {log:q}"
+        "--analysis {params.analysis:q} --out {output:q} 2> {log:q}"
 
 
 def methods_files():
