@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real single-node Slurm cluster from Debian's packages, for testing the slurm profile.
 #   tests/slurm/cluster.sh start   install (if needed), configure and start munge, slurmctld, slurmd
-#   tests/slurm/cluster.sh stop    stop the daemons by the PIDs in their pid files
+#   tests/slurm/cluster.sh stop    stop the daemons by the PIDs in their pid files, remove its slurm.conf
 #   tests/slurm/cluster.sh check   exit 0 if this machine can run it (root, Debian, apt), else print why
 # The node has two fake GPUs (gres gpu backed by /dev/null and /dev/zero) and two partitions, cpu (default) and
 # gpu, so the GPU mapping of the profile can be tested on a machine without GPUs.
@@ -115,6 +115,12 @@ stop() {
         fi
     done
     sleep 0.5
+    # Remove the configuration this script wrote (never another one): left behind, it points every
+    # Slurm client at a stopped controller, and each `scontrol show config` (which the slurm executor
+    # plugin runs whenever Snakemake starts, even for a local run) then retries for 10 s.
+    if grep -qs '^ClusterName=mergemix-ci$' "$CONF/slurm.conf"; then
+        rm -f "$CONF/slurm.conf" "$CONF/gres.conf"
+    fi
 }
 
 case "${1:-}" in
