@@ -213,16 +213,13 @@ class Tuner(Section):
 
 
 @dataclass(frozen=True)
-class Tune(Section):
-    SCHEMA = "merge_eval.tune"
+class Tune(Tuner):
+    """The whole ``merge_eval.tune`` section: the tuner's settings and the per-method space."""
 
     space: dict
-    budget: int
-    seed: int
-    n_startup_trials: int
 
     def tuner(self) -> Tuner:
-        return Tuner(self.budget, self.seed, self.n_startup_trials)
+        return Tuner(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Tuner)})
 
 
 @dataclass(frozen=True)
@@ -240,18 +237,13 @@ class WeightsSearch(Section):
 
 
 @dataclass(frozen=True)
-class Weights(Section):
-    SCHEMA = "merge_eval.weights"
+class Weights(WeightsSearch):
+    """The whole ``merge_eval.weights`` section: the search's settings and the check's sample size."""
 
-    sampler: str
-    budget: int
-    seed: int
-    sigma0: float
-    n_startup_trials: int
     check_samples: int
 
     def search(self) -> WeightsSearch:
-        return WeightsSearch(self.sampler, self.budget, self.seed, self.sigma0, self.n_startup_trials)
+        return WeightsSearch(**{f.name: getattr(self, f.name) for f in dataclasses.fields(WeightsSearch)})
 
 
 @dataclass(frozen=True)
