@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrained-csv", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--figure", default=None, help="figure path without extension")
-    s.add_argument("--formats", nargs="*", default=["png"])
+    s.add_argument("--formats", nargs="*", default=None, help="figure formats (default: --analysis's figure_formats)")
 
     s = stage("show", "print a selection table")
     s.add_argument("csv")
@@ -688,16 +688,17 @@ def run(args) -> None:
             if not sep:
                 raise SystemExit(f"mergemix: expected METHOD:TARGET=JSON, got {key}={path}")
             tuned[(method, target)] = path
+        analysis = settings.Analysis.from_cli(args.analysis, "--analysis")
         compare_methods(
             per,
             _pairs(args.mixture),
             args.pretrained_csv,
             args.out,
             args.figure,
-            args.formats,
+            list(analysis.figure_formats) if args.formats is None else args.formats,
             options=args.options,
             tuned=tuned,
-            logit_eps=settings.Analysis.from_cli(args.analysis, "--analysis").logit_eps,
+            logit_eps=analysis.logit_eps,
         )
     elif args.stage == "show":
         import pandas as pd
