@@ -37,11 +37,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks tools
 	$(VENV)/bin/ruff format src tests benchmarks tools
 
-# the whole suite on TEST_WORKERS pytest-xdist workers; each module stays on one worker, and the
-# modules that share the tiny study run (tests/conftest.py) on the same one
+# the whole suite on TEST_WORKERS pytest-xdist workers; each module runs whole on one worker, so
+# its module fixtures (study runs) run once (tests/conftest.py)
 TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # the unit tests only (every test not marked workflow, slurm or slow), two workers: under 2 minutes
 test-fast: $(STAMP)

@@ -11,25 +11,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG_MARKS = ("workflow", "slurm", "slow")
 
 
-# Modules whose tests read one session-scoped study run (tiny_study): under pytest-xdist they run
-# on one worker, so the study runs once per session, not once per worker.
-SHARED_STUDY_MODULES = {"test_workflow", "test_report"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the groups
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Every test that is not a workflow, Slurm or slow one is a unit test (make test-fast).
 
-    For ``pytest -n N --dist loadgroup`` (make test), each module is one xdist group, so its
-    module-scoped fixtures (a study run, a trained model) run once; the modules sharing
-    ``tiny_study`` form one group. Without xdist the marker does nothing."""
+    ``make test`` runs ``pytest -n 2 --dist loadfile``: each module runs whole on one worker, so
+    its module-scoped fixtures (a study run, trained models) run once. (``--dist loadgroup`` with
+    xdist_group marks did not group anything with pytest 9.2 and xdist 3.8: measured, tests of
+    one module ran on both workers and their module fixtures twice.)"""
     for item in items:
         if not any(item.get_closest_marker(m) for m in LONG_MARKS):
             item.add_marker(pytest.mark.unit)
-        module = item.module.__name__.rpartition(".")[2] if item.module else item.nodeid.split("::")[0]
-        group = "tiny_study" if module in SHARED_STUDY_MODULES else module
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(group))
     # the longest modules first (Slurm, then those running Snakemake or subprocesses), so that two
     # workers do not end waiting on one long module started last; a module's tests stay together
     rank: dict = {}
