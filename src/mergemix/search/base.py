@@ -238,8 +238,6 @@ BUILTIN_STRATEGIES = {
     "halving": "mergemix.search.halving:Halving",
     "surrogate": "mergemix.search.surrogate:Surrogate",  # scikit-learn too
 }
-# the built-ins' modules (in mergemix.search), kept for older callers
-BUILTIN_MODULES = tuple(dict.fromkeys(t.partition(":")[0].rpartition(".")[2] for t in BUILTIN_STRATEGIES.values()))
 # values of merge_eval.strategy that are not registry names: no strategy may take them
 RESERVED_NAMES = {
     "auto": "merge_eval.strategy: auto picks exhaustive or the recommended budgeted strategy",
@@ -293,13 +291,6 @@ def register_strategy(cls: S) -> S:
         )
     STRATEGIES.add(name, cls)
     return cls
-
-
-def _load_builtin() -> None:
-    """Import every built-in strategy (kept for older callers: each is imported on the first lookup
-    of its name now)."""
-    for name in BUILTIN_STRATEGIES:
-        STRATEGIES[name]
 
 
 def strategy_names() -> list[str]:
