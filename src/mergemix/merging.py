@@ -15,11 +15,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Callable, Sequence
 
-import torch
-
+from mergemix.lazy import LazyModule, no_grad
 from mergemix.plugins import GROUPS, PluginError, Registry
 
-MergeFn = Callable[..., torch.Tensor]
+torch = LazyModule("torch")  # imported on first use, not when the workflow reads the config (mergemix.lazy)
+
+MergeFn = Callable[..., "torch.Tensor"]
 # Methods linear in the sum of the selected rows: ``linear(k, **options) -> (a, b)`` such that the
 # merged state is ``a * sum(thetas) + b * theta0`` for ``k`` selected models. The merge-eval engine
 # keeps that sum as a running sum (one row added or removed per Gray-code step); a method without
@@ -169,7 +170,7 @@ class RunningSum:
     def k(self) -> int:
         return bin(self.mask).count("1")
 
-    @torch.no_grad()
+    @no_grad
     def rebuild(self, mask: int) -> torch.Tensor:
         """The sum of ``mask``'s rows computed from the rows themselves, in index order."""
         idx = _bits(mask)
@@ -186,7 +187,7 @@ class RunningSum:
         self.rebuilds += 1
         return self.sum
 
-    @torch.no_grad()
+    @no_grad
     def move_to(self, mask: int) -> torch.Tensor:
         """The running sum, moved to ``mask``'s rows; returns the (shared, in-place) sum vector."""
         if mask < 0:
@@ -243,7 +244,7 @@ class LiveParams:
         if vec.numel() != self.numel:
             raise ValueError(f"flat vector has {vec.numel()} values, parameters need {self.numel}")
 
-    @torch.no_grad()
+    @no_grad
     def write(self, vec: torch.Tensor) -> None:
         """Copy a flat vector into the parameters."""
         self._check(vec)
@@ -252,7 +253,7 @@ class LiveParams:
         else:
             unflatten_into(vec, self.params)
 
-    @torch.no_grad()
+    @no_grad
     def write_linear(self, total: torch.Tensor, a: float, b: float = 0.0, theta0: torch.Tensor | None = None) -> None:
         """Write ``a * total + b * theta0`` into the parameters, in place."""
         self._check(total)

@@ -31,11 +31,13 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 
 from mergemix.data.prepared import PreparedDataset
+from mergemix.lazy import LazyModule
 from mergemix.plugins import GROUPS, PluginError, Registry
 from mergemix.settings import HParams
+
+torch = LazyModule("torch")  # imported by the first job that uses it, not by the Snakefile (mergemix.lazy)
 
 EVAL_PRECISIONS = ("auto", "fp32", "bf16")
 

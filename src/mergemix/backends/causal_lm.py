@@ -62,12 +62,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 
 from mergemix.backends.base import Backend, register_backend
 from mergemix.backends.training import fit
 from mergemix.data.prepared import PreparedDataset
+from mergemix.lazy import LazyModule, no_grad
 from mergemix.settings import HParams
+
+torch = LazyModule("torch")  # imported by the first job that uses it, not by the Snakefile (mergemix.lazy)
 
 log = logging.getLogger("mergemix.causal_lm")
 IGNORE = -100
@@ -764,7 +766,7 @@ class CausalLMBackend(Backend):
         metrics["n_train_tokens"] = int(sum(len(e[0]) for e in examples))
         return metrics
 
-    @torch.no_grad()
+    @no_grad
     def mean_loss(self, model, examples) -> float:
         if not examples:
             return float("nan")
@@ -776,12 +778,12 @@ class CausalLMBackend(Backend):
         return tot / max(1, n)
 
     # --- evaluation ----------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def generate(self, model, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
         """Greedy completions of chat prompts, batched with left padding."""
         return self._generate(model, prompts, max_new_tokens, copies=1)[0]
 
-    @torch.no_grad()
+    @no_grad
     def _generate(self, model, prompts: list[list[dict]], max_new_tokens: int, copies: int) -> list[list[str]]:
         """Completions per copy: each batch of prompts is repeated ``copies`` times along the batch
         (copy k in rows ``k*b .. (k+1)*b - 1``), which :class:`StackedAdapters` gives adapter k."""
@@ -876,7 +878,7 @@ class CausalLMBackend(Backend):
         return out
 
     # --- embeddings ----------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def embed(self, model, data: PreparedDataset, split: str) -> np.ndarray:
         """Mean last-layer hidden state over non-special, non-padding tokens, one row per sample.
 

@@ -30,18 +30,22 @@ import logging
 import mmap
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 
 from mergemix import io
 from mergemix.backends.base import Backend, register_backend
 from mergemix.backends.training import fit
 from mergemix.data.prepared import PreparedDataset
+from mergemix.lazy import LazyModule, no_grad
 from mergemix.settings import HParams
+
+torch = LazyModule("torch")  # imported by the first job that uses it, not by the Snakefile (mergemix.lazy)
+nn = LazyModule("torch.nn")
+F = LazyModule("torch.nn.functional")
+if TYPE_CHECKING:
+    from mergemix.backends.clip_net import ClipImageClassifier
 
 log = logging.getLogger("mergemix.clip")
 
@@ -54,22 +58,6 @@ def _open_clip():
             f"backend 'clip' needs open_clip ({e}); install the extra: pip install 'mergemix[clip]'"
         ) from None
     return open_clip
-
-
-class ClipImageClassifier(nn.Module):
-    """CLIP's image encoder with its input normalisation; takes uint8 images [B, 3, S, S]."""
-
-    def __init__(self, visual: nn.Module, mean, std, image_size: int):
-        super().__init__()
-        self.visual = visual
-        self.image_size = int(image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, images_u8: torch.Tensor) -> torch.Tensor:
-        """Image embeddings (CLIP's projected features, not normalised)."""
-        x = (images_u8.float() / 255.0 - self.mean) / self.std
-        return self.visual(x)
 
 
 class ImageReader:
@@ -281,6 +269,8 @@ class ClipBackend(Backend):
                 f"backend 'clip': the image encoder of {self.params['model']} has buffers {sorted(persistent)[:3]} "
                 "(e.g. batch norm) that merging would not carry; use a ViT architecture"
             )
+        from mergemix.backends.clip_net import ClipImageClassifier
+
         model = ClipImageClassifier(clip_model.visual, pp["mean"], pp["std"], pp["image_size"])
         del clip_model  # the text tower is needed only by write_head
         return model.to(self.device).eval()
@@ -385,7 +375,7 @@ class ClipBackend(Backend):
 
         return self.cached(self._tensors, data, split, build)
 
-    @torch.no_grad()
+    @no_grad
     def _count_correct(self, model, data: PreparedDataset, split: str, evaluating: bool = False) -> tuple[int, int]:
         model.eval()
         x, y = self._split(model, data, split)
@@ -402,7 +392,7 @@ class ClipBackend(Backend):
             correct, n = self._count_correct(model, data, split, evaluating=True)
         return correct / max(1, n)
 
-    @torch.no_grad()
+    @no_grad
     def embed(self, model, data, split):
         model.eval()
         x, _ = self._split(model, data, split)

@@ -9,35 +9,16 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 
 from mergemix.backends.base import Backend, register_backend
 from mergemix.backends.training import fit
 from mergemix.data.prepared import PreparedDataset
+from mergemix.lazy import LazyModule, no_grad
 from mergemix.settings import HParams
 
-
-class SmallCNN(nn.Module):
-    def __init__(self, in_channels: int, image_size: int, channels: int, hidden: int, num_classes: int):
-        super().__init__()
-        c = channels
-        self.conv1 = nn.Conv2d(in_channels, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, 2 * c, 3, padding=1)
-        self.conv3 = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
-        side = image_size // 4
-        self.fc = nn.Linear(2 * c * side * side, hidden)
-        self.head = nn.Linear(hidden, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv3(x)), 2)
-        return F.relu(self.fc(x.flatten(1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+torch = LazyModule("torch")  # imported by the first job that uses it, not by the Snakefile (mergemix.lazy)
+F = LazyModule("torch.nn.functional")
+nn = LazyModule("torch.nn")
 
 
 @register_backend
@@ -66,6 +47,8 @@ class SmallCNNBackend(Backend):
     def create(self) -> nn.Module:
         torch.manual_seed(int(self.params["init_seed"]))
         p = self.params
+        from mergemix.backends.smallcnn_net import SmallCNN
+
         return SmallCNN(p["in_channels"], p["image_size"], p["channels"], p["hidden"], p["num_classes"]).to(self.device)
 
     def load_pretrained(self, path) -> nn.Module:
@@ -114,7 +97,7 @@ class SmallCNNBackend(Backend):
         return self._train(model, data, hp, "finetune " + "+".join(d.name for d in data))
 
     # evaluation -------------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def _accuracy(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 4096) -> float:
         model.eval()
         correct = 0
@@ -127,7 +110,7 @@ class SmallCNNBackend(Backend):
         with self.eval_context():
             return self._accuracy(model, x, y, bs=self.eval_batch_size(4096))
 
-    @torch.no_grad()
+    @no_grad
     def embed(self, model, data, split):
         model.eval()
         x, _ = self._split(data, split)

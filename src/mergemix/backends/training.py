@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 
+from mergemix.lazy import LazyModule, no_grad
 from mergemix.settings import HParams, WeightedHParams
+
+torch = LazyModule("torch")  # imported by the first job that trains (mergemix.lazy)
 
 log = logging.getLogger("mergemix.train")
 
@@ -54,7 +56,7 @@ class TrainingDiverged(RuntimeError):
     """The training loss or the weights became NaN or infinite: the job stops instead of saving them."""
 
 
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}  # classes of torch.optim
 
 
 def make_optimizer(params, hp: HParams | Mapping) -> torch.optim.Optimizer:
@@ -76,7 +78,7 @@ def make_optimizer(params, hp: HParams | Mapping) -> torch.optim.Optimizer:
     lr, wd = float(hp.lr), float(hp.weight_decay)
     if hp.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=float(hp.momentum), weight_decay=wd)
-    return OPTIMIZERS[hp.optimizer](params, lr=lr, weight_decay=wd)
+    return getattr(torch.optim, OPTIMIZERS[hp.optimizer])(params, lr=lr, weight_decay=wd)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -394,7 +396,7 @@ def _load_checkpoint(ck: Checkpoint, fingerprint: dict, params, opt: torch.optim
     return tensors, opt_state, meta
 
 
-@torch.no_grad()
+@no_grad
 def _resume(
     tensors: dict, opt_state: dict, meta: dict, params, opt: torch.optim.Optimizer, gen: torch.Generator
 ) -> None:

@@ -16,9 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from mergemix.data.registry import RawDataset, register_source
+from mergemix.lazy import LazyModule
+
+ndimage = LazyModule("scipy.ndimage")  # imported by the job that prepares data, not by the Snakefile
 
 SIZE = 16
 

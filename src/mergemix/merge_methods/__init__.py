@@ -46,10 +46,12 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
+from mergemix.lazy import LazyModule
 
 from . import dare, dare_ties, task_arithmetic, ties, weighted
 from ._options import Option, option_problems, resolve
+
+torch = LazyModule("torch")  # imported on first use, not when the workflow reads the config (mergemix.lazy)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mergemix.lazy import LazyModule
+
+torch = LazyModule("torch")  # imported on first use, not when the workflow reads the config (mergemix.lazy)
 
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below this
 

@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
+from mergemix.lazy import LazyModule
+
+torch = LazyModule("torch")  # imported on first use, not when the workflow reads the config (mergemix.lazy)
 
 SCOPES = ("global", "tensor")
 RESCALES = ("inverse", "l1", "none")

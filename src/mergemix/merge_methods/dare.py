@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mergemix.lazy import LazyModule
 
 from ._ops import combine, drop_random, model_weights, scope_segments, task_vectors
 from ._options import (
@@ -27,6 +27,8 @@ from ._options import (
     seed_option,
     weights_option,
 )
+
+torch = LazyModule("torch")  # imported on first use, not when the workflow reads the config (mergemix.lazy)
 
 
 def dare_options(normalize_divisor: str) -> dict[str, Option]:

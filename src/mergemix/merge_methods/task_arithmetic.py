@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mergemix.lazy import LazyModule
 
 from ._ops import combine, model_weights, task_vectors
 from ._options import Option, lambda_option, normalize_option, weights_option
+
+torch = LazyModule("torch")  # imported on first use, not when the workflow reads the config (mergemix.lazy)
 
 OPTIONS: dict[str, Option] = {
     "lambda": lambda_option(),

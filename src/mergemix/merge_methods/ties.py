@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mergemix.lazy import LazyModule
 
 from ._ops import combine, model_weights, scope_segments, task_vectors, trim_magnitude
 from ._options import Option, density_option, lambda_option, normalize_option, scope_option, weights_option
+
+torch = LazyModule("torch")  # imported on first use, not when the workflow reads the config (mergemix.lazy)
 
 OPTIONS: dict[str, Option] = {
     "density": density_option(0.2, "fraction of each task vector's entries kept, the largest in magnitude"),

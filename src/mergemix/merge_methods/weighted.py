@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mergemix.lazy import LazyModule
 
 from ._ops import model_weights
 from ._options import Option, weights_option
+
+torch = LazyModule("torch")  # imported on first use, not when the workflow reads the config (mergemix.lazy)
 
 UNIFORM_OPTIONS: dict[str, Option] = {}
 OPTIONS: dict[str, Option] = {"weights": weights_option()}
