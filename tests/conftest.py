@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -101,12 +102,41 @@ def train_digits(folder, candidates, pretrain_epochs: int = 8) -> dict:
     return models
 
 
+@contextlib.contextmanager
+def across_workers(tmp_path_factory, name: str):
+    """A folder ``name`` that every pytest-xdist worker of this session sees (the workers' common
+    temporary root), held under an exclusive lock: the first worker builds what is in it, the
+    others wait and reuse it (pytest-xdist's documented recipe for once-per-session fixtures)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield root / name
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def shared_study(tmp_path_factory, name: str, make_config):
+    """One run of a study for the whole session, whichever workers its readers land on:
+    ``make_config(folder)`` gives the config; returns run_study's (config, config file, results
+    folder, snakemake output). A failed run leaves nothing marked done, so the next reader reruns it."""
+    from test_workflow import run_study
+
+    with across_workers(tmp_path_factory, name) as folder:
+        done = folder / "snakemake.log"
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            cfg, path, out, log = run_study(make_config(folder), folder)
+            done.write_text(log)
+        cfg = yaml.safe_load(next(p for p in folder.glob("*.yaml")).read_text())
+        return cfg, folder / f"{cfg['study']}.yaml", Path(cfg["results_dir"]) / cfg["study"], done.read_text()
+
+
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
     """One run of the tiny study (4 digits domains, every mixture), shared by every test module that
-    reads it (test_workflow, test_report): (config, config file, results folder, snakemake output).
-    Tests that change its files must leave them as a finished run left them."""
-    from test_workflow import run_study
-
-    tmp = tmp_path_factory.mktemp("wf")
-    return run_study(tiny_config(tmp / "results"), tmp)
+    reads it (test_workflow, test_report), on whichever worker: (config, config file, results
+    folder, snakemake output). Tests must not change its files."""
+    return shared_study(tmp_path_factory, "tiny-study", lambda folder: tiny_config(folder / "results"))

@@ -60,10 +60,13 @@ def cluster():
 
 def _config(tmp, results, broken=False):
     cfg = tiny_config(results, study="slurm", n=3, chunks=1)
+    # one target (its 2 candidates): every rule still runs, at half the jobs; on Slurm each job
+    # starts its own Snakemake, and each DAG level waits for the executor's status checks
+    cfg["targets"] = ["mirror"]
     # exercise the GPU mapping: smallcnn needs no GPU, so ask for one explicitly
     cfg["resources"] = {"gpu": 1, "gpu_partition": "gpu", "partition": "cpu", "mem_mb": 1000, "runtime": 10}
     if broken:  # passes config validation, fails in its prepare_data job
-        cfg["datasets"]["mirror"]["strength"] = -1.0
+        cfg["datasets"]["noise"]["strength"] = -1.0
     path = tmp / ("broken.yaml" if broken else "study.yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -136,7 +139,8 @@ def test_slurm_profile_runs_resumes_and_matches_a_local_run(cluster, tmp_path):
     local = tmp_path / "local" / "slurm"
 
     # 1. a failing job: non-zero exit, no hang; independent branches still finish (keep-going). The
-    # three fine-tunes are one packed job (config `pack`), which needs mirror's data: none runs
+    # two fine-tunes (noise and rotate, mirror's candidates) are one packed job (config `pack`),
+    # which needs noise's data: none runs
     code, log1 = _slurm(_config(tmp_path, tmp_path / "cluster", broken=True), tmp_path / "logs1")
     assert code != 0, log1[-3000:]
     out = tmp_path / "cluster" / "slurm"
@@ -144,11 +148,11 @@ def test_slurm_profile_runs_resumes_and_matches_a_local_run(cluster, tmp_path):
         p: p.stat().st_mtime_ns
         for p in [
             out / "models/pretrained/model.safetensors",
-            out / "data/noise/splits.json",
+            out / "data/mirror/splits.json",
             out / "data/rotate/splits.json",
         ]
     }
-    assert not (out / "models/finetuned/mirror").exists()
+    assert not (out / "models/finetuned").exists()
 
     # 2. fixed and rerun, with the short form users type (`--profile slurm`, found by name from
     # the project root): resumes from what finished, and matches the local run exactly
@@ -157,11 +161,11 @@ def test_slurm_profile_runs_resumes_and_matches_a_local_run(cluster, tmp_path):
     assert "executor: slurm" in log2 and "executor: slurm" in log1
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
     jobs = _submitted(log2)
-    assert "pretrain" not in jobs and len(jobs.get("prepare_data", [])) == 1  # only mirror's data again
-    assert len(jobs["finetune"]) == 1  # the pack of the three fine-tunes, once
-    assert len(jobs["group_short"]) == 1  # 3 gathers and 3 similarity jobs in one sbatch (group-components)
+    assert "pretrain" not in jobs and len(jobs.get("prepare_data", [])) == 1  # only noise's data again
+    assert len(jobs["finetune"]) == 1  # the pack of the two fine-tunes, once
+    assert len(jobs["group_short"]) == 1  # the gather and the similarity job in one sbatch (group-components)
     for rel in ["pretrained.csv", "selection.csv", "correlation.csv"] + [
-        f"{d}/{t}.csv" for d in ("merge_eval", "mixture", "similarity") for t in ("mirror", "noise", "rotate")
+        f"{d}/mirror.csv" for d in ("merge_eval", "mixture", "similarity")
     ]:
         pd.testing.assert_frame_equal(pd.read_csv(out / rel), pd.read_csv(local / rel), check_exact=True, obj=rel)
 
