@@ -38,10 +38,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks tools
 
 # the whole suite on TEST_WORKERS pytest-xdist workers; each module runs whole on one worker, so
-# its module fixtures (study runs) run once (tests/conftest.py)
+# its module fixtures (study runs) run once; modules in tests/conftest.py's order, slowest first
 TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # the unit tests only (every test not marked workflow, slurm or slow), two workers: under 2 minutes
 test-fast: $(STAMP)

@@ -154,20 +154,21 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--steps", type=int, default=None, help="ViT-B/32 steps per round (default: 20 on cuda, 5 on cpu)")
     ap.add_argument("--pack", type=int, default=16, help="fine-tunes per packed job (smallcnn's pack_size)")
+    ap.add_argument("--runs", type=int, default=3, help="fresh interpreters and fine-tunes per median (1: a smoke run)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = args.steps or (20 if device.type == "cuda" else 5)
 
-    first, second, start = startup()
+    first, second, start = startup(args.runs)
     print(
-        f"torch.optim start-up, fresh interpreter after `import torch` (median of 3): first AdamW step {first:.3f} s "
+        f"torch.optim start-up, fresh interpreter after `import torch` (median of {args.runs}): first AdamW step {first:.3f} s "
         f"(imports TorchDynamo), a second optimizer's first step {second * 1e3:.2f} ms: ratio first/second "
         f"{first / second:.0f}x, once per process"
     )
 
     with tempfile.TemporaryDirectory() as d:
-        one = finetune_seconds(Path(d), ["rotate"])
-        four = finetune_seconds(Path(d), ["rotate", "noise", "thin", "shear"])
+        one = finetune_seconds(Path(d), ["rotate"], args.runs)
+        four = finetune_seconds(Path(d), ["rotate", "noise", "thin", "shear"], args.runs)
     print(
         f"embedded-study jobs (1 thread; interpreter start with `import torch` {start:.2f} s; "
         f"one fine-tune: 1 dataset {one:.2f} s, 4 datasets {four:.2f} s):"

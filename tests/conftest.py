@@ -12,24 +12,51 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG_MARKS = ("workflow", "slurm", "slow")
 
 
+# The slowest modules, slowest first (measured: `make test`'s durations, seconds of one module on a
+# worker of two): started first, so that the two workers do not end waiting on one long module.
+SLOWEST_FIRST = [
+    "test_slurm",  # mostly waiting on Slurm's status checks
+    "test_clip_workflow",
+    "test_workflow",  # builds tiny_study, which test_report reads
+    "test_lm_workflow",
+    "test_methods_workflow",
+    "test_benchmarks",
+    "test_rules_hardening",
+    "test_search_workflow",
+    "test_plugins",
+    "test_given_workflow",
+    "test_lm_backend",
+    "test_packing",
+    "test_docs",
+    "test_bad_inputs",
+]
+# modules that only read a study another module builds (conftest.shared_study) go last, so that
+# their worker does not start by waiting on the other's build
+READERS_OF_SHARED_STUDIES = ["test_report"]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Every test that is not a workflow, Slurm or slow one is a unit test (make test-fast).
 
-    ``make test`` runs ``pytest -n 2 --dist loadfile``: each module runs whole on one worker, so
-    its module-scoped fixtures (a study run, trained models) run once. (``--dist loadgroup`` with
-    xdist_group marks did not group anything with pytest 9.2 and xdist 3.8: measured, tests of
-    one module ran on both workers and their module fixtures twice.)"""
+    ``make test`` runs ``pytest -n 2 --dist loadfile --no-loadscope-reorder``: each module runs
+    whole on one worker, so its module-scoped fixtures (a study run, trained models) run once, and
+    the modules are handed out in the order set here (xdist's default reorder, by number of tests,
+    would start the many quick unit modules first and leave the slow ones for the end)."""
     for item in items:
         if not any(item.get_closest_marker(m) for m in LONG_MARKS):
             item.add_marker(pytest.mark.unit)
-    # the longest modules first (Slurm, then those running Snakemake or subprocesses), so that two
-    # workers do not end waiting on one long module started last; a module's tests stay together
     rank: dict = {}
     for item in items:
-        r = 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("workflow") else 2
-        rank[item.module] = min(rank.get(item.module, 3), r)
-    items[:] = sorted(items, key=lambda item: rank[item.module])
+        name = item.module.__name__
+        if name in SLOWEST_FIRST:
+            r = SLOWEST_FIRST.index(name)
+        elif name in READERS_OF_SHARED_STUDIES:
+            r = 10_000
+        else:
+            r = 1000 + (0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("workflow") else 2)
+        rank[name] = min(rank.get(name, r), r)
+    items[:] = sorted(items, key=lambda item: rank[item.module.__name__])
 
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")

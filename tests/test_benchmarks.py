@@ -50,7 +50,7 @@ def test_clip_throughput_runs_the_backend_paths(tmp_path):
 
 def test_optimizer_benchmark_runs():
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "optimizer.py"), "--device", "cpu", "--steps", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / "optimizer.py"), "--device", "cpu", "--steps", "1", "--runs", "1"],
         capture_output=True,
         text=True,
         timeout=600,

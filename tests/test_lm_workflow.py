@@ -57,6 +57,9 @@ def lm_config(tmp):
         "finetune": {"epochs": 1, "lr": 0.01, "batch_size": 4, "seed": 0},
         "merge_eval": {"chunks": 2},
         "mixture": {"enabled": True, "max_candidates": 3},
+        # the 3 + 4 + 1 fine-tunes in 3 jobs instead of 8 (each job imports transformers and peft,
+        # about 7 s of CPU); embeddings stay one job each, so a changed target re-embeds only itself
+        "pack": {"finetune": 8},
         "analysis": {"figure_formats": ["png"]},
         "resources": {"threads": 1, "gpu": 0},
     }
