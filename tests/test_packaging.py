@@ -160,3 +160,22 @@ def test_the_workflow_start_imports_no_torch(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Job stats:" in r.stdout + r.stderr  # the DAG was built: every job planned
     assert "HEAVY []" in r.stdout, r.stdout[-2000:]
+
+
+def test_a_lazy_module_imports_on_first_read_and_keeps_what_it_read(tmp_path, monkeypatch):
+    from mergemix.lazy import LazyModule
+
+    (tmp_path / "lazy_probe.py").write_text("VALUE = 1\nOTHER = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_probe", raising=False)
+    probe = LazyModule("lazy_probe")
+    assert "lazy_probe" not in sys.modules and "not imported yet" in repr(probe)
+    assert probe.VALUE == 1 and "lazy_probe" in sys.modules
+    # kept on the stand-in: the next read is a plain attribute lookup, bound at the first read
+    assert vars(probe)["VALUE"] == 1 and "OTHER" not in vars(probe)
+    sys.modules["lazy_probe"].VALUE = 3
+    assert probe.VALUE == 1 and probe.OTHER == 2
+    with pytest.raises(AttributeError, match="read-only"):
+        probe.VALUE = 5
+    with pytest.raises(AttributeError):
+        getattr(probe, "MISSING")

@@ -42,9 +42,10 @@ from mergemix.lazy import LazyModule, no_grad
 from mergemix.settings import HParams
 
 torch = LazyModule("torch")  # imported by the first job that uses it, not by the Snakefile (mergemix.lazy)
-nn = LazyModule("torch.nn")
 F = LazyModule("torch.nn.functional")
 if TYPE_CHECKING:
+    from torch import nn
+
     from mergemix.backends.clip_net import ClipImageClassifier
 
 log = logging.getLogger("mergemix.clip")

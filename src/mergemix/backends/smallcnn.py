@@ -6,7 +6,7 @@ It is the model of the embedded ``digits`` study. All its parameters are fine-tu
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -18,7 +18,8 @@ from mergemix.settings import HParams
 
 torch = LazyModule("torch")  # imported by the first job that uses it, not by the Snakefile (mergemix.lazy)
 F = LazyModule("torch.nn.functional")
-nn = LazyModule("torch.nn")
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register_backend
