@@ -96,11 +96,12 @@ def finetune_seconds(folder: Path, datasets: list[str], runs: int = 3) -> float:
     return statistics.median(times)
 
 
-def vit_b32_shapes():
-    """The parameter shapes of open_clip's ViT-B/32 image encoder (12 blocks, width 768)."""
+def vit_b32_shapes(blocks: int = 12):
+    """The parameter shapes of open_clip's ViT-B/32 image encoder (12 blocks, width 768; fewer
+    ``blocks`` only for a smoke run)."""
     w = 768
     shapes = [(w, 3, 32, 32), (w,), (50, w), (w,), (w,)]
-    for _ in range(12):
+    for _ in range(blocks):
         shapes += [(w,), (w,), (3 * w, w), (3 * w,), (w, w), (w,), (w,), (w,), (4 * w, w), (4 * w,), (w, 4 * w), (w,)]
     return shapes + [(w,), (w,), (w, 512)]
 
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="ViT-B/32 steps per round (default: 20 on cuda, 5 on cpu)")
     ap.add_argument("--pack", type=int, default=16, help="fine-tunes per packed job (smallcnn's pack_size)")
     ap.add_argument("--runs", type=int, default=3, help="fresh interpreters and fine-tunes per median (1: a smoke run)")
+    ap.add_argument(
+        "--vit-blocks", type=int, default=12, help="ViT-B/32 blocks in the step-time table (12; fewer: a smoke run)"
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = args.steps or (20 if device.type == "cuda" else 5)
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
 
     shown = {
         "smallcnn (10 tensors)": (smallcnn_shapes(), 200),
-        f"ViT-B/32 ({len(vit_b32_shapes())} tensors)": (vit_b32_shapes(), steps),
+        f"ViT-B/32 ({len(vit_b32_shapes(args.vit_blocks))} tensors)": (vit_b32_shapes(args.vit_blocks), steps),
     }
     for name, (shapes, n) in shown.items():
         t = step_times(shapes, device, n)

@@ -79,8 +79,9 @@ def default_config():
     return copy.deepcopy(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
 
 
-def tiny_config(results_dir, study="tiny", n=4, mixture=True, chunks=3, epochs=1):
-    """A small real study: n digits domains, 1 epoch, for workflow tests."""
+def tiny_config(results_dir, study="tiny", n=4, mixture=True, chunks=2, epochs=1, figure_formats=("png",)):
+    """A small real study: n digits domains, 1 epoch, for workflow tests. Figures as PNG only unless
+    asked (the PDF copies add a second of plotting to every analyze job; the tiny study checks both)."""
     domains = ["rotate", "noise", "mirror", "squeeze", "thin"][:n]
     return {
         "study": study,
@@ -96,7 +97,7 @@ def tiny_config(results_dir, study="tiny", n=4, mixture=True, chunks=3, epochs=1
         "finetune": {"epochs": epochs, "lr": 0.005, "batch_size": 32, "schedule": "cosine", "seed": 0},
         "merge_eval": {"chunks": chunks},
         "mixture": {"enabled": mixture, "max_candidates": 4},
-        "analysis": {"figure_formats": ["png", "pdf"]},
+        "analysis": {"figure_formats": list(figure_formats)},
     }
 
 
@@ -166,4 +167,6 @@ def tiny_study(tmp_path_factory):
     """One run of the tiny study (4 digits domains, every mixture), shared by every test module that
     reads it (test_workflow, test_report), on whichever worker: (config, config file, results
     folder, snakemake output). Tests must not change its files."""
-    return shared_study(tmp_path_factory, "tiny-study", lambda folder: tiny_config(folder / "results"))
+    return shared_study(
+        tmp_path_factory, "tiny-study", lambda folder: tiny_config(folder / "results", figure_formats=("png", "pdf"))
+    )

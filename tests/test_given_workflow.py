@@ -23,6 +23,7 @@ def given_study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("given")
     cfg = tiny_config(tmp / "results", study="given", n=4, mixture=False, chunks=1)
     cfg["final"] = {"enabled": False}
+    cfg["targets"] = ["noise", "rotate"]  # two of the four: every candidate is still imported (each serves a target)
     out = tmp / "results" / "given"
     # the study's pre-trained model first (its pretrain rule), then "the user's own" fine-tunes of it,
     # written in mergemix's format somewhere outside the study
@@ -57,10 +58,12 @@ def test_selection_only_trains_nothing(given_study):
     sel = pd.read_csv(out / "selection.csv").set_index("target")
     assert sel["m2m_finetuned"].isna().all() and sel["oracle"].isna().all() and sel["all_datasets"].isna().all()
     ranks = pd.read_csv(out / "rankings.csv")
-    for t in cfg["datasets"]:
+    assert sorted(ranks["target"].unique()) == sorted(sel.index.drop("average")) == cfg["targets"]
+    for t in cfg["targets"]:
         r = ranks[ranks["target"] == t]
         assert list(r["rank"]) == list(range(1, 8)) and r["val_acc"].is_monotonic_decreasing
         assert r.iloc[0]["subset"] == sel.loc[t, "selected"]
+    for t in cfg["datasets"]:
         m = io.read_json(out / "models/finetuned" / t / "model.json")
         assert m["given"]["source"] == str(own[t].parent.resolve()) and m["given"]["format"] == "mergemix"
         assert m["given"]["files"]["model.safetensors"] == io.sha256_file(own[t])
