@@ -16,18 +16,18 @@ LONG_MARKS = ("workflow", "slurm", "slow")
 # worker of two): started first, so that the two workers do not end waiting on one long module.
 SLOWEST_FIRST = [
     "test_slurm",  # mostly waiting on Slurm's status checks
-    "test_clip_workflow",
     "test_workflow",  # builds tiny_study, which test_report reads
+    "test_clip_workflow",
     "test_lm_workflow",
-    "test_methods_workflow",
-    "test_benchmarks",
     "test_rules_hardening",
+    "test_methods_workflow",
+    "test_given_workflow",
+    "test_benchmarks",
     "test_search_workflow",
     "test_plugins",
-    "test_given_workflow",
     "test_lm_backend",
-    "test_packing",
     "test_docs",
+    "test_packing",
     "test_bad_inputs",
 ]
 # modules that only read a study another module builds (conftest.shared_study) go last, so that

@@ -57,9 +57,10 @@ def lm_config(tmp):
         "finetune": {"epochs": 1, "lr": 0.01, "batch_size": 4, "seed": 0},
         "merge_eval": {"chunks": 2},
         "mixture": {"enabled": True, "max_candidates": 3},
-        # the 3 + 4 + 1 fine-tunes in 3 jobs instead of 8 (each job imports transformers and peft,
-        # about 7 s of CPU); embeddings stay one job each, so a changed target re-embeds only itself
-        "pack": {"finetune": 8},
+        # the 3 + 4 + 1 fine-tunes in 3 jobs instead of 8 and the 4 embeddings in one (each job
+        # imports transformers and peft, about 6 s of CPU); the causal_lm default, one embedding a
+        # job (a changed target re-embeds only itself), is planned in test_lm_wide_config
+        "pack": {"finetune": 8, "embed": 4},
         "analysis": {"figure_formats": ["png"]},
         "resources": {"threads": 1, "gpu": 0},
     }
@@ -133,7 +134,7 @@ def test_lm_changing_a_benchmark_reruns_only_what_depends_on_the_target(study, t
     p = tmp_path / "bench.yaml"
     p.write_text(yaml.safe_dump(changed))
     jobs = planned_jobs(p)
-    assert jobs["prepare_data"] == 1 and jobs["embed"] == 1
+    assert jobs["prepare_data"] == 1 and jobs["embed"] == 1  # the pack of the four embeddings
     assert {"merge_eval", "mixture_eval", "eval_pretrained", "similarity", "analyze"} <= set(jobs)
     # the adapters do not depend on the target: nothing is downloaded, fetched or fine-tuned again
     assert not {"download_data", "fetch_pretrained", "finetune", "mixture_finetune"} & set(jobs)
