@@ -389,20 +389,42 @@ def test_benchmarks_source_splits_and_llm_jp_eval_conversion(tmp_path):
 
 
 # --- lm-evaluation-harness adapter (optional extra) --------------------------------------------
+def write_copy_mc_task(folder) -> list[dict]:
+    """A local multiple-choice lm-eval task, ``copy_mc``, in ``folder/tasks`` over a JSON-lines file; its rows."""
+    words = [w for _, w in lm_tiny.copying(12, seed=7)]
+    rows = [{"question": f"copy {w}", "choices": [w, w[::-1] + "x"], "label": 0} for w in words]
+    lm_tiny.write_jsonl(folder / "copy_mc.jsonl", rows)
+    (folder / "tasks").mkdir()
+    (folder / "tasks" / "copy_mc.yaml").write_text(
+        "task: copy_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'copy_mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return rows
+
+
+@pytest.mark.slow
+def test_lm_eval_indexes_only_the_local_tasks_when_they_are_all_there(tmp_path):
+    """The task index is built once per process, and lm-eval's own 14,000-odd tasks are indexed
+    only when a named task is not in the target's include_path."""
+    pytest.importorskip("lm_eval")
+    from mergemix.lm_eval_adapter import task_manager
+
+    write_copy_mc_task(tmp_path)
+    folder = str(tmp_path / "tasks")
+    local = task_manager(folder, ["copy_mc"])
+    assert "copy_mc" in local.all_tasks and "arc_easy" not in local.all_tasks
+    assert task_manager(folder, ["copy_mc"]) is local and task_manager([folder], ("copy_mc",)) is not None
+    both = task_manager(folder, ["copy_mc", "arc_easy"])  # a built-in task: lm-eval's own are indexed too
+    assert {"copy_mc", "arc_easy"} <= set(both.all_tasks)
+
+
 @pytest.mark.slow
 def test_lm_eval_target_scores_the_live_model(base_dir, pretrained, tmp_path):
     """A local multiple-choice task through lm-eval on the in-memory model, against a hand computation."""
     pytest.importorskip("lm_eval")
-    words = [w for _, w in lm_tiny.copying(12, seed=7)]
-    rows = [{"question": f"copy {w}", "choices": [w, w[::-1] + "x"], "label": 0} for w in words]
-    lm_tiny.write_jsonl(tmp_path / "copy_mc.jsonl", rows)
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "copy_mc.yaml").write_text(
-        "task: copy_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'copy_mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
+    rows = write_copy_mc_task(tmp_path)
     spec = {
         "source": "lm_eval",
         "tasks": [{"name": "copy_mc", "metric": "acc"}],
