@@ -94,18 +94,42 @@ def test_bad_permutations_are_refused(bad):
         D.label_permutation(bad)
 
 
+def test_label_map_labels_each_digit_as_listed(small):
+    imgs, labels = small
+    parity = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+    r = build({"domain": "shift", "label_map": parity}, 0)
+    np.testing.assert_array_equal(r.y, labels % 2)
+    np.testing.assert_array_equal(r.x, build({"domain": "shift"}, 0).x)  # the same images
+    assert r.info["label_map"] == parity and r.classes == [str(i) for i in range(10)]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"label_map": [0, 1]}, "ten labels 0-9"),
+        ({"label_map": [0] * 9 + [10]}, "ten labels 0-9"),
+        ({"label_map": [0] * 9 + [True]}, "ten labels 0-9"),
+        ({"label_map": "0101010101"}, "ten labels 0-9"),
+        ({"label_map": list(range(10)), "permute": [1, 2]}, "not both"),
+    ],
+)
+def test_bad_label_maps_are_refused_by_name(spec, message):
+    with pytest.raises(ValueError, match=message):
+        D.label_mapping(spec)
+
+
 def config(name):
     return yaml.safe_load((ROOT / "config" / name).read_text())
 
 
-def test_embedded_study_relabel_is_the_documented_fixed_permutation(base):
-    """config.yaml's relabel: every digit d is labelled (d + 1) mod 10, whatever the seed."""
+def test_embedded_study_relabel_labels_each_digit_by_its_parity(base):
+    """config.yaml's relabel: every digit d is labelled d mod 2 (0 even, 1 odd), whatever the seed."""
     cfg = config("config.yaml")
     spec = cfg["datasets"]["relabel"]
     imgs, labels = base
-    expected = (np.arange(10) + 1) % 10
-    np.testing.assert_array_equal(D.label_permutation(spec["permute"]), expected)
-    assert not (expected == np.arange(10)).any()  # a derangement: no digit keeps its label
+    expected = np.arange(10) % 2
+    np.testing.assert_array_equal(D.label_mapping(spec), expected)
+    assert (expected != np.arange(10)).sum() == 8  # only 0 and 1 keep their label
     ys = []
     for seed in (0, 1):
         r = D.digits(spec, seed)

@@ -7,8 +7,8 @@ split is in every domain's test split: no target's test image is seen, in any fo
 training set.
 
 Spec keys: ``domain`` (one of ``DOMAINS``, or ``mixed``: each image gets one transform drawn from
-``mix``), ``strength`` and ``permute`` (a fixed relabelling of some or all classes, the same for
-every seed), so a domain can look like others while its labels ask something else.
+``mix``), ``strength``, and ``permute`` or ``label_map`` (a fixed relabelling, the same for every
+seed), so a domain can look like others while its labels ask something else.
 """
 
 from __future__ import annotations
@@ -216,6 +216,26 @@ def label_permutation(permute) -> np.ndarray:
     return perm
 
 
+def label_mapping(spec: dict) -> np.ndarray:
+    """A digits spec's map true class -> label: ``permute`` (a cycle, :func:`label_permutation`),
+    or ``label_map``, a list of ten labels 0-9 (``label_map[d]`` is the label of digit ``d``; it
+    need not be a permutation: ``[0, 1, 0, 1, ...]`` labels each digit by its parity), or neither
+    (true labels). Fixed by the spec alone (the same for every seed)."""
+    if spec.get("label_map") is None:
+        return label_permutation(spec.get("permute"))
+    if spec.get("permute") is not None:
+        raise ValueError("digits: give `permute` or `label_map`, not both")
+    m = spec["label_map"]
+    if (
+        isinstance(m, (str, bytes, dict))
+        or not hasattr(m, "__iter__")
+        or len(list(m)) != 10
+        or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 9 for c in m)
+    ):
+        raise ValueError(f"digits label_map must list ten labels 0-9 (the label of digit 0, 1, ..., 9), got {m!r}")
+    return np.asarray(list(m), dtype=np.int64)
+
+
 def _mix_spec(mix) -> dict[str, float]:
     """``mix`` of a ``domain: mixed`` spec: a list of domains, or a mapping domain -> strength."""
     if isinstance(mix, dict):
@@ -239,12 +259,15 @@ def _mix_spec(mix) -> dict[str, float]:
 MIXED = "mixed"  # domain whose images each get one transform drawn from the spec's `mix`
 
 
-@register_source("digits", params={"domain": sorted([*DOMAINS, MIXED]), "strength": None, "permute": None, "mix": None})
+@register_source(
+    "digits",
+    params={"domain": sorted([*DOMAINS, MIXED]), "strength": None, "permute": None, "label_map": None, "mix": None},
+)
 def digits(spec: dict, seed: int, local_dir=None) -> RawDataset:
     """Spec keys: ``domain`` (a transform of ``DOMAINS``, or ``mixed``), ``strength`` (scales the
     transform, default 1), ``mix`` (for ``mixed`` only: the domains drawn from, uniformly per image,
-    as a list or a mapping domain -> strength) and ``permute`` (classes whose labels are cycled,
-    see :func:`label_permutation`)."""
+    as a list or a mapping domain -> strength), and ``permute`` (classes whose labels are cycled,
+    see :func:`label_permutation`) or ``label_map`` (each digit's label, see :func:`label_mapping`)."""
     domain = spec.get("domain", "clean")
     strength = float(spec.get("strength", 1.0))
     if domain not in DOMAINS and domain != MIXED:
@@ -253,7 +276,7 @@ def digits(spec: dict, seed: int, local_dir=None) -> RawDataset:
         raise ValueError(f"digits strength must be > 0, got {strength}")
     if (domain == MIXED) != ("mix" in spec):
         raise ValueError("digits: `mix` is required with domain: mixed and allowed only there")
-    perm = label_permutation(spec.get("permute"))
+    perm = label_mapping(spec)
     imgs, labels = _base_images()
     rng = np.random.default_rng(seed)
     info = {"domain": domain, "strength": strength, "base": "sklearn.load_digits"}
@@ -267,7 +290,7 @@ def digits(spec: dict, seed: int, local_dir=None) -> RawDataset:
         fn = DOMAINS[domain]
         out = np.stack([fn(im, rng, strength) for im in imgs])
     out = np.clip(out.astype(np.float32), 0.0, 1.0)[:, None]  # [N, 1, 16, 16]
-    if spec.get("permute") is not None:
+    if spec.get("permute") is not None or spec.get("label_map") is not None:
         info["label_map"] = perm.tolist()  # true class -> label used by this dataset
     return RawDataset(
         x=out,
