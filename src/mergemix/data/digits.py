@@ -226,14 +226,12 @@ def label_mapping(spec: dict) -> np.ndarray:
     if spec.get("permute") is not None:
         raise ValueError("digits: give `permute` or `label_map`, not both")
     m = spec["label_map"]
-    if (
-        isinstance(m, (str, bytes, dict))
-        or not hasattr(m, "__iter__")
-        or len(list(m)) != 10
-        or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 9 for c in m)
+    labels = [] if isinstance(m, (str, bytes, dict)) or not hasattr(m, "__iter__") else list(m)
+    if len(labels) != 10 or not all(
+        isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 9 for c in labels
     ):
         raise ValueError(f"digits label_map must list ten labels 0-9 (the label of digit 0, 1, ..., 9), got {m!r}")
-    return np.asarray(list(m), dtype=np.int64)
+    return np.asarray(labels, dtype=np.int64)
 
 
 def _mix_spec(mix) -> dict[str, float]:
