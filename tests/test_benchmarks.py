@@ -77,7 +77,7 @@ def test_engine_benchmark_reports_every_ratio(tmp_path):
     """CPU tables (smallcnn, tiny clip, tiny causal_lm) and the --gpu code paths at toy sizes on CPU:
     both runs of the script's main in one interpreter (its imports, about 8 s of CPU, paid once)."""
     runs = {tmp_path / f"engine{len(extra)}.json": extra for extra in ([], ["--gpu", "--device", "cpu", "--tiny"])}
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import engine; import json; " + "; ".join(
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import engine; " + "; ".join(
         f"assert engine.main({[*extra, '--quick', '--json', str(out)]!r}) == 0" for out, extra in runs.items()
     )
     with offline_env():

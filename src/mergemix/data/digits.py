@@ -192,6 +192,11 @@ DOMAINS = {
 }
 
 
+def _is_class(c) -> bool:
+    """A digit class as a spec may give it: an integer 0-9 (not a bool)."""
+    return isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 9
+
+
 def label_permutation(permute) -> np.ndarray:
     """The relabelling of a ``permute: [a, b, ..., z]`` spec as a map true class -> new label.
 
@@ -205,11 +210,7 @@ def label_permutation(permute) -> np.ndarray:
     if isinstance(permute, (str, bytes)) or not hasattr(permute, "__iter__"):
         raise ValueError(f"digits permute must be a list of classes 0-9, got {permute!r}")
     cyc = list(permute)
-    if (
-        len(cyc) < 2
-        or len(set(cyc)) != len(cyc)
-        or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 9 for c in cyc)
-    ):
+    if len(cyc) < 2 or len(set(cyc)) != len(cyc) or not all(map(_is_class, cyc)):
         raise ValueError(f"digits permute must list 2 to 10 distinct classes 0-9, got {permute!r}")
     for a, b in zip(cyc, cyc[1:] + cyc[:1]):
         perm[a] = b
@@ -227,9 +228,7 @@ def label_mapping(spec: dict) -> np.ndarray:
         raise ValueError("digits: give `permute` or `label_map`, not both")
     m = spec["label_map"]
     labels = [] if isinstance(m, (str, bytes, dict)) or not hasattr(m, "__iter__") else list(m)
-    if len(labels) != 10 or not all(
-        isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 9 for c in labels
-    ):
+    if len(labels) != 10 or not all(map(_is_class, labels)):
         raise ValueError(f"digits label_map must list ten labels 0-9 (the label of digit 0, 1, ..., 9), got {m!r}")
     return np.asarray(labels, dtype=np.int64)
 
