@@ -383,7 +383,19 @@ def test_optuna_concurrent_workers(tmp_path):
 
     score, _ = quadratic(6, seed=9)
     journal = tmp_path / "threads.log"
-    counting = [Counting(score), Counting(score)]
+    # Both workers meet at their first evaluation, so neither can drain the shared budget
+    # before the other has started (one thread finishing all 25 alone made this test flaky).
+    meet = threading.Barrier(2, timeout=120)
+
+    def rendezvous(w):
+        def score_w(mask, examples):
+            if not counting[w].calls[1:]:
+                meet.wait()
+            return score(mask, examples)
+
+        return score_w
+
+    counting = [Counting(rendezvous(0)), Counting(rendezvous(1))]
 
     def work(w):
         search("optuna", counting[w], 6, 100, 25, seed=w, journal=journal, worker=w, workers=2)
