@@ -420,6 +420,7 @@ def test_lm_eval_indexes_only_the_local_tasks_when_they_are_all_there(tmp_path):
     assert "copy_mc" in listed.all_tasks and "arc_easy" not in listed.all_tasks
     both = task_manager(folder, ["copy_mc", "arc_easy"])  # a built-in task: lm-eval's own are indexed too
     assert {"copy_mc", "arc_easy"} <= set(both.all_tasks)
+    assert task_manager(folder, ["arc_easy"]) is both  # one index per folder, whatever the names
 
 
 @pytest.mark.slow

@@ -21,30 +21,40 @@ def _require():
 
 
 def task_manager(include_path, names):
-    """lm-eval's task index for ``names``, built once per process (a merge-eval job evaluates many
-    merged models with it). Where ``include_path`` (a folder, or a list of them) holds every named
-    task, only that is indexed: indexing lm-eval's own 14,000-odd task files takes about 8 s, and a
-    local task of the same name as a built-in one is then the one used (with the built-ins indexed,
-    theirs wins)."""
-    if isinstance(include_path, list):
-        include_path = tuple(include_path)
-    return _task_manager(include_path, tuple(names))
+    """lm-eval's task index for ``names``, built once per process and folder (a merge-eval job
+    evaluates many merged models with it, a packed job several targets). Where ``include_path`` (a
+    folder, or a list of them) holds every named task, only that is indexed: indexing lm-eval's own
+    14,000-odd task files takes about 8 s, and a local task of the same name as a built-in one is
+    then the one used (with the built-ins indexed, theirs wins)."""
+    paths = tuple(include_path) if isinstance(include_path, list) else include_path  # hashable: a cache key
+    if paths:
+        local = _local_index(paths)
+        if local is not None and all(n in local.all_tasks for n in names):
+            return local
+    return _full_index(paths)
+
+
+def _include_path_arg(paths):
+    return list(paths) if isinstance(paths, tuple) else paths  # lm-eval takes a folder or a list
 
 
 @functools.lru_cache(maxsize=8)
-def _task_manager(include_path, names: tuple[str, ...]):
+def _local_index(paths):
+    """The index of ``paths`` alone; None on an lm-eval before ``include_defaults`` (0.4.3)."""
     from lm_eval.tasks import TaskManager
 
-    if isinstance(include_path, tuple):
-        include_path = list(include_path)
-    if include_path:
-        try:
-            local = TaskManager(include_path=include_path, include_defaults=False)
-        except TypeError:  # an lm-eval before include_defaults (0.4.3): index everything
-            local = None
-        if local is not None and all(n in local.all_tasks for n in names):
-            return local
-    return TaskManager(include_path=include_path)
+    try:
+        return TaskManager(include_path=_include_path_arg(paths), include_defaults=False)
+    except TypeError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _full_index(paths):
+    """The index of lm-eval's own tasks and ``paths`` (None: lm-eval's own only)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=_include_path_arg(paths))
 
 
 def evaluate_lm_eval(backend, model, record: dict) -> float:
